@@ -1,0 +1,7 @@
+"""``python -m tdfusion`` runs the command line."""
+
+import sys
+
+from tdfusion.cli import main
+
+sys.exit(main())

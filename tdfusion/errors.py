@@ -1,0 +1,34 @@
+"""Exception types: every error a user can act on derives from :class:`TDFusionError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "NonFiniteLossError",
+    "OptionalDependencyError",
+    "TDFusionError",
+]
+
+
+class TDFusionError(Exception):
+    """Base class of the errors tdfusion raises on purpose, with a message saying what to fix."""
+
+
+class DataError(TDFusionError, ValueError):
+    """A data problem the user can fix: a missing folder, an unreadable image, an unpaired name.
+
+    The message names the file (and line, for label files) and what was expected.
+    """
+
+
+class CheckpointError(TDFusionError, ValueError):
+    """A checkpoint that cannot be used: unknown format, missing or unexpected keys, wrong shapes."""
+
+
+class NonFiniteLossError(TDFusionError, FloatingPointError):
+    """Training produced a NaN or infinite loss; the message gives the step and the losses."""
+
+
+class OptionalDependencyError(TDFusionError, ImportError):
+    """An optional dependency (an extra such as ``seg`` or ``det``) is needed but not installed."""
