@@ -1,0 +1,1048 @@
+"""``MetaFusionTrainer``: the alternating meta-learning schedule of TDFusion (paper Algorithm 1)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tdfusion.errors import CheckpointError, NonFiniteLossError
+from tdfusion.losses import FusionLossTerms, LearnableFusionLoss
+from tdfusion.trainer.callbacks import Callback
+from tdfusion.trainer.checkpoint import (
+    TRAINER_CHECKPOINT_FORMAT,
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
+from tdfusion.trainer.meta import (
+    InnerOptimizerName,
+    call_functionally,
+    differentiable_step,
+    gradients,
+    make_inner_optimizer,
+    trainable_parameters,
+    vector_jacobian_product,
+)
+
+__all__ = ["Batch", "MetaFusionTrainer"]
+
+#: A training batch: ``(a, b, target)`` with ``a``, ``b`` of shape (N, C, H, W) in [0, 1] and
+#: ``target`` whatever the task loss takes.
+Batch = Sequence[Any]
+TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+GeneratorUpdate = Literal["normalized", "optimizer"]
+OnNonFinite = Literal["raise", "skip"]
+
+CHECKPOINT_VERSION = 1
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _model_description(model: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds a network of ours from a checkpoint: its class and constructor config."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    return {
+        "arch": getattr(model, "arch", None) or type(model).__name__,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": dict(config),
+    }
+
+
+def _move_target(target: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move every tensor in ``target`` to ``device``; floating tensors also take ``dtype``."""
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point():
+            return target.to(device=device, dtype=dtype)
+        return target.to(device=device)
+    if isinstance(target, Mapping):
+        return type(target)({k: _move_target(v, device, dtype) for k, v in target.items()})
+    if isinstance(target, tuple) and hasattr(target, "_fields"):  # named tuple
+        return type(target)(*(_move_target(v, device, dtype) for v in target))
+    if isinstance(target, (list, tuple)):
+        return type(target)(_move_target(v, device, dtype) for v in target)
+    return target
+
+
+def _finite(*values: torch.Tensor | None) -> bool:
+    return all(v is None or bool(torch.isfinite(v).all()) for v in values)
+
+
+class MetaFusionTrainer:
+    """Train a fusion network with a loss generator learned from a downstream task.
+
+    Three modules take part: the fusion network ``F(a, b) -> fused``, the loss generator
+    ``G(a, b) -> (w_a, w_b)`` that parameterises the fusion loss ``L_f``, and the task loss
+    ``L_t(fused, target)``. Training alternates (paper Algorithm 1):
+
+    1. ``meta_steps`` generator updates (:meth:`meta_step`): an inner, differentiable step moves
+       ``F`` to ``F'`` under ``L_f`` on a meta-train batch (and a trainable task network ``T`` to
+       ``T'`` under ``L_t``); the task loss of ``T'(F'(meta-test batch))`` is differentiated
+       through the inner step into ``G`` (the hypergradient), and ``G`` takes a step. ``F`` and
+       ``T`` are unchanged afterwards.
+    2. One pass of :meth:`fusion_step` over the data: ``F`` learns under ``L_f`` with ``G``'s
+       weights held fixed, and ``T`` learns under ``L_t`` on the detached fused images.
+
+    Parameters
+    ----------
+    fusion_model : torch.nn.Module
+        ``fusion_model(a, b)`` returns the fused image, e.g. :class:`~tdfusion.nets.ReFusionNet`.
+    task_loss : callable or torch.nn.Module
+        ``task_loss(fused, target)`` returns a scalar. An ``nn.Module`` with trainable parameters
+        is the task network ``T`` and is trained too; a plain callable (or a module whose
+        parameters are frozen) is a fixed task.
+    loss_generator : torch.nn.Module, optional
+        ``G(a, b)`` returning weights (N, 2, H, W); a default :class:`~tdfusion.LossGenerator`
+        when omitted.
+    fusion_loss : callable, optional
+        ``fusion_loss(fused, a, b, weights)`` returning a scalar; default
+        ``LearnableFusionLoss(alpha=1.0)``. A ``terms`` method returning
+        :class:`~tdfusion.losses.FusionLossTerms` is used for logging when present.
+    inner_lr : float
+        Step size ``eta_F'`` of the inner step (Eq. 4).
+    inner_optimizer : {"sgd", "adam"}
+        torchopt's differentiable SGD, or Adam (fresh moments each meta step, ``eps_root > 0``).
+    generator_lr : float
+        Step size of the generator update.
+    generator_update : {"normalized", "optimizer"}
+        ``"normalized"``: ``theta_G -= generator_lr * g / max|g|`` with the maximum over all of
+        G's parameters (the research code's rule; the raw hypergradient through one step of
+        size 1e-4 is tiny). ``"optimizer"``: Adam on the raw hypergradient.
+    fusion_lr, task_lr : float
+        Adam learning rates of ``F`` and ``T`` in the fusion phase.
+    device : str or torch.device, optional
+        Where to train; ``None`` picks CUDA when available, else the CPU. The models are moved
+        there and keep their dtype (float64 works, e.g. for gradient checks).
+    task_inner_lr : float, optional
+        Step size ``eta_T'`` of the task clone (Eq. 5); defaults to ``task_lr``. The clone uses
+        the same kind of step as ``inner_optimizer``.
+    fusion_crop : int or (int, int), optional
+        Random crop (same offsets for ``a`` and ``b``) on which the fusion loss is computed;
+        the task always sees the whole image. The paper uses 256.
+    task_size : (int, int), optional
+        ``(H, W)`` to which ``a`` and ``b`` are resized (bilinear) before they are fused for the
+        task loss, e.g. (240, 320) for MSRS; targets must match that size. ``None``: as given.
+    lr_scheduler : callable, optional
+        ``factory(optimizer) -> scheduler``, applied to the fusion, task and generator
+        optimisers and stepped after every epoch (e.g.
+        ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)`` as in the research code).
+        The inner step sizes follow the fusion schedule: they are scaled by the ratio of the
+        fusion optimiser's current to initial learning rate.
+    grad_clip : float, optional
+        Clip the gradient norm of ``F`` and ``T`` in the fusion phase to this value.
+    on_nonfinite : {"raise", "skip"}
+        What a NaN or infinite loss or hypergradient does: raise
+        :class:`~tdfusion.errors.NonFiniteLossError` naming the step and the losses, or skip
+        that update with a warning.
+    seed : int or torch.Generator, optional
+        Seed (or generator) for the crop offsets; saved and restored with checkpoints.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tdfusion import MetaFusionTrainer
+    >>> from tdfusion.nets import ReFusionNet
+    >>> def task_loss(fused, target):  # a fixed task: keep the infrared targets bright
+    ...     return torch.nn.functional.mse_loss(fused, target)
+    >>> trainer = MetaFusionTrainer(ReFusionNet(), task_loss, device="cpu")
+    >>> a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    >>> stats = trainer.meta_step((a, b, a), (b, a, b))
+    >>> sorted(stats)[:3]
+    ['fusion_gradient', 'fusion_intensity', 'fusion_loss']
+    """
+
+    def __init__(
+        self,
+        fusion_model: nn.Module,
+        task_loss: TaskLoss,
+        loss_generator: nn.Module | None = None,
+        fusion_loss: Callable[..., torch.Tensor] | None = None,
+        *,
+        inner_lr: float = 1e-4,
+        inner_optimizer: InnerOptimizerName = "sgd",
+        generator_lr: float = 1e-4,
+        generator_update: GeneratorUpdate = "normalized",
+        fusion_lr: float = 1e-4,
+        task_lr: float = 1e-4,
+        device: str | torch.device | None = None,
+        task_inner_lr: float | None = None,
+        fusion_crop: int | tuple[int, int] | None = None,
+        task_size: tuple[int, int] | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        grad_clip: float | None = None,
+        on_nonfinite: OnNonFinite = "raise",
+        seed: int | torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(fusion_model, nn.Module):
+            raise TypeError(f"fusion_model must be an nn.Module, got {type(fusion_model).__name__}")
+        if not callable(task_loss):
+            raise TypeError(f"task_loss must be callable, got {type(task_loss).__name__}")
+        if generator_update not in ("normalized", "optimizer"):
+            raise ValueError(
+                f"generator_update must be 'normalized' or 'optimizer', got {generator_update!r}"
+            )
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        for name, value in (
+            ("inner_lr", inner_lr),
+            ("generator_lr", generator_lr),
+            ("fusion_lr", fusion_lr),
+            ("task_lr", task_lr),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        make_inner_optimizer(inner_optimizer, inner_lr)  # validates the name early
+
+        if loss_generator is None:
+            from tdfusion.nets import LossGenerator
+
+            loss_generator = LossGenerator()
+        self.device = _resolve_device(device)
+        self.fusion_model = fusion_model.to(self.device)
+        self.dtype = _module_dtype(self.fusion_model)
+        self.loss_generator = loss_generator.to(self.device)
+        self.task_loss = (
+            task_loss.to(self.device) if isinstance(task_loss, nn.Module) else task_loss
+        )
+        self.fusion_loss = (
+            fusion_loss if fusion_loss is not None else LearnableFusionLoss(alpha=1.0)
+        )
+
+        self.inner_lr = float(inner_lr)
+        self.inner_optimizer = inner_optimizer
+        self.task_inner_lr = float(task_lr if task_inner_lr is None else task_inner_lr)
+        self.generator_lr = float(generator_lr)
+        self.generator_update = generator_update
+        self.fusion_lr = float(fusion_lr)
+        self.task_lr = float(task_lr)
+        self.fusion_crop = self._crop_size(fusion_crop)
+        self.task_size = None if task_size is None else (int(task_size[0]), int(task_size[1]))
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.on_nonfinite = on_nonfinite
+
+        if isinstance(seed, torch.Generator):
+            self.generator = seed
+        else:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(int(seed) if seed is not None else torch.initial_seed())
+
+        self.fusion_optimizer = torch.optim.Adam(
+            trainable_parameters(self.fusion_model).values(), lr=self.fusion_lr
+        )
+        self.task_optimizer = (
+            torch.optim.Adam(trainable_parameters(self.task_module).values(), lr=self.task_lr)
+            if self.task_module is not None
+            else None
+        )
+        generator_parameters = trainable_parameters(self.loss_generator).values()
+        if generator_update == "normalized":
+            self.generator_optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                generator_parameters, lr=self.generator_lr
+            )
+        else:
+            self.generator_optimizer = torch.optim.Adam(generator_parameters, lr=self.generator_lr)
+        self.schedulers: dict[str, Any] = {}
+        if lr_scheduler is not None:
+            for name, optimizer in self._optimizers().items():
+                self.schedulers[name] = lr_scheduler(optimizer)
+
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self._range_warned = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def task_module(self) -> nn.Module | None:
+        """The trainable task network ``T``, or ``None`` when the task loss is fixed."""
+        task = self.task_loss
+        if isinstance(task, nn.Module) and any(p.requires_grad for p in task.parameters()):
+            return task
+        return None
+
+    @property
+    def lr_scale(self) -> float:
+        """Current fusion learning rate divided by the initial one (1 without a schedule)."""
+        return self.fusion_optimizer.param_groups[0]["lr"] / self.fusion_lr
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = {"fusion": self.fusion_optimizer, "generator": self.generator_optimizer}
+        if self.task_optimizer is not None:
+            optimizers["task"] = self.task_optimizer
+        return optimizers
+
+    def config(self) -> dict[str, Any]:
+        """The trainer's hyper-parameters, as saved in checkpoints and used by :meth:`load`.
+
+        Returns
+        -------
+        dict
+            Constructor arguments (without the modules, device and scheduler factory).
+        """
+        return {
+            "inner_lr": self.inner_lr,
+            "inner_optimizer": self.inner_optimizer,
+            "task_inner_lr": self.task_inner_lr,
+            "generator_lr": self.generator_lr,
+            "generator_update": self.generator_update,
+            "fusion_lr": self.fusion_lr,
+            "task_lr": self.task_lr,
+            "fusion_crop": None if self.fusion_crop is None else list(self.fusion_crop),
+            "task_size": None if self.task_size is None else list(self.task_size),
+            "grad_clip": self.grad_clip,
+            "on_nonfinite": self.on_nonfinite,
+        }
+
+    # ------------------------------------------------------------------ batches
+    @staticmethod
+    def _crop_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is None:
+            return None
+        if isinstance(size, int):
+            size = (size, size)
+        height, width = (int(s) for s in size)
+        if height <= 0 or width <= 0:
+            raise ValueError(f"fusion_crop must be positive, got {size}")
+        return height, width
+
+    def _prepare(self, batch: Batch, where: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Check a batch and move it to the trainer's device and dtype."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+            found = f"a {type(batch).__name__}"
+            if isinstance(batch, (tuple, list)):
+                found += f" of length {len(batch)}"
+            raise ValueError(f"{where}: a batch must be a tuple (a, b, target), got {found}")
+        a, b, target = batch
+        for name, image in (("a", a), ("b", b)):
+            if not isinstance(image, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a tensor, got {type(image).__name__}")
+            if image.dim() != 4:
+                raise ValueError(
+                    f"{where}: {name} must have shape (N, C, H, W), got {tuple(image.shape)}"
+                )
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{where}: a and b must have the same shape, got a {tuple(a.shape)} and "
+                f"b {tuple(b.shape)}"
+            )
+        expected_channels = getattr(self.fusion_model, "in_channels", None)
+        if expected_channels is not None and a.shape[1] != expected_channels:
+            raise ValueError(
+                f"{where}: the fusion model takes {expected_channels}-channel sources, got a and b "
+                f"of shape {tuple(a.shape)} (use the Y channel of colour images)"
+            )
+        if self.task_size is None and isinstance(target, torch.Tensor) and target.dim() >= 3:
+            pass  # size agreement between images and dense targets is the task's business
+        a = a.to(device=self.device, dtype=self.dtype)
+        b = b.to(device=self.device, dtype=self.dtype)
+        if not self._range_warned:
+            low = float(torch.minimum(a.min(), b.min()))
+            high = float(torch.maximum(a.max(), b.max()))
+            if low < 0.0 or high > 1.0:
+                self._range_warned = True
+                warnings.warn(
+                    f"{where}: source images have values in [{low:.3g}, {high:.3g}]; tdfusion "
+                    "expects images scaled to [0, 1] (divide 8-bit images by 255)",
+                    stacklevel=3,
+                )
+        return a, b, _move_target(target, self.device, self.dtype)
+
+    def _fusion_input(
+        self, a: torch.Tensor, b: torch.Tensor, where: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random crop on which the fusion loss is computed (the whole image without one)."""
+        if self.fusion_crop is None:
+            return a, b
+        crop_h, crop_w = self.fusion_crop
+        height, width = a.shape[-2:]
+        if crop_h > height or crop_w > width:
+            raise ValueError(
+                f"{where}: fusion_crop {crop_h}x{crop_w} is larger than the images "
+                f"({height}x{width})"
+            )
+        top = int(torch.randint(height - crop_h + 1, (1,), generator=self.generator))
+        left = int(torch.randint(width - crop_w + 1, (1,), generator=self.generator))
+        return (
+            a[..., top : top + crop_h, left : left + crop_w],
+            b[..., top : top + crop_h, left : left + crop_w],
+        )
+
+    def _task_input(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sources as the task sees them: resized to ``task_size`` when set."""
+        if self.task_size is None or tuple(a.shape[-2:]) == self.task_size:
+            return a, b
+        return (
+            F.interpolate(a, size=self.task_size, mode="bilinear", align_corners=False),
+            F.interpolate(b, size=self.task_size, mode="bilinear", align_corners=False),
+        )
+
+    def _fusion_terms(
+        self, fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor
+    ) -> FusionLossTerms:
+        terms = getattr(self.fusion_loss, "terms", None)
+        if callable(terms):
+            return terms(fused, a, b, weights)
+        total = self.fusion_loss(fused, a, b, weights)
+        nan = torch.full_like(total, float("nan"))
+        return FusionLossTerms(total, nan, nan)
+
+    # ------------------------------------------------------------------ meta step
+    def _meta_graph(
+        self, meta_train: Batch, meta_test: Batch
+    ) -> tuple[dict[str, Any], Callable[[bool], torch.Tensor]]:
+        """Build the inner step and return its parts plus a function evaluating the outer loss.
+
+        Every module is called through :func:`call_functionally`, so buffers (batch-norm
+        statistics) of F, G and T are left as they were.
+
+        The returned ``outer(differentiable)`` computes ``L_t(T'(F'(x_mts)))``; with
+        ``differentiable=True`` the graph reaches ``theta_G`` through ``theta_F'``, otherwise
+        ``theta_F'`` enters as detached leaves (the two-phase hypergradient).
+        """
+        a_train, b_train, target_train = self._prepare(meta_train, "meta_train")
+        a_test, b_test, target_test = self._prepare(meta_test, "meta_test")
+        scale = self.lr_scale
+
+        # Inner step (Eq. 4): theta_F' = step(theta_F, dL_f/dtheta_F); keeps the graph to G.
+        fusion_params = trainable_parameters(self.fusion_model)
+        fusion_names, fusion_values = list(fusion_params), list(fusion_params.values())
+        crop_a, crop_b = self._fusion_input(a_train, b_train, "meta_train")
+        weights = call_functionally(self.loss_generator, (crop_a, crop_b))
+        fused_crop = call_functionally(self.fusion_model, (crop_a, crop_b))
+        terms = self._fusion_terms(fused_crop, crop_a, crop_b, weights)
+        inner_grads = gradients(terms.total, fusion_values, create_graph=True)
+        inner_step = make_inner_optimizer(self.inner_optimizer, self.inner_lr * scale)
+        adapted_fusion = differentiable_step(inner_step, fusion_values, inner_grads)
+
+        # Task clone (Eq. 5): theta_T' = step(theta_T, dL_t(F(x_mtr))/dtheta_T); no graph to G.
+        task = self.task_module
+        task_names: list[str] = []
+        adapted_task: tuple[torch.Tensor, ...] = ()
+        meta_train_task_loss = None
+        if task is not None:
+            task_a, task_b = self._task_input(a_train, b_train)
+            with torch.no_grad():
+                if task_a is crop_a and task_b is crop_b:  # no crop, no resize: reuse
+                    fused_train = fused_crop.detach()
+                else:
+                    fused_train = call_functionally(self.fusion_model, (task_a, task_b))
+            task_params = trainable_parameters(task)
+            task_names, task_values = list(task_params), list(task_params.values())
+            meta_train_task_loss = call_functionally(task, (fused_train, target_train))
+            task_grads = gradients(meta_train_task_loss, task_values)
+            task_step = make_inner_optimizer(self.inner_optimizer, self.task_inner_lr * scale)
+            with torch.no_grad():
+                adapted_task = differentiable_step(task_step, task_values, task_grads)
+            meta_train_task_loss = meta_train_task_loss.detach()
+
+        test_a, test_b = self._task_input(a_test, b_test)
+
+        def outer(fusion_values_prime: Sequence[torch.Tensor]) -> torch.Tensor:
+            fused_test = call_functionally(
+                self.fusion_model, (test_a, test_b), dict(zip(fusion_names, fusion_values_prime))
+            )
+            if task is not None:
+                return call_functionally(
+                    task, (fused_test, target_test), dict(zip(task_names, adapted_task))
+                )
+            return self.task_loss(fused_test, target_test)
+
+        parts = {
+            "terms": terms,
+            "weights": weights.detach(),
+            "adapted_fusion": adapted_fusion,
+            "meta_train_task_loss": meta_train_task_loss,
+        }
+        return parts, outer
+
+    def meta_loss(self, meta_train: Batch, meta_test: Batch) -> torch.Tensor:
+        """The outer objective ``L_t(T'(F'(x_mts)))`` as a differentiable function of ``theta_G``.
+
+        This builds the whole graph (outer forward on top of the inner step), so
+        ``torch.autograd.grad(trainer.meta_loss(...), G.parameters())`` is the hypergradient.
+        :meth:`hypergradient` computes the same value in two cheaper phases; this method is the
+        straightforward form, for checks and for custom outer objectives. Nothing is modified,
+        but the crop offsets (when ``fusion_crop`` is set) advance the trainer's generator.
+
+        Parameters
+        ----------
+        meta_train, meta_test : tuple
+            Batches ``(a, b, target)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar outer loss with a graph to the generator's parameters.
+        """
+        parts, outer = self._meta_graph(meta_train, meta_test)
+        return outer(parts["adapted_fusion"])
+
+    def _hypergradient(
+        self, meta_train: Batch, meta_test: Batch
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        parts, outer = self._meta_graph(meta_train, meta_test)
+        adapted = parts["adapted_fusion"]
+        adapted_leaves = [p.detach().requires_grad_(True) for p in adapted]
+        outer_loss = outer(adapted_leaves)
+        cotangents = gradients(outer_loss, adapted_leaves)
+        generator_params = trainable_parameters(self.loss_generator)
+        hypergradient = vector_jacobian_product(adapted, generator_params, cotangents)
+        terms: FusionLossTerms = parts["terms"]
+        stats = {
+            "fusion_loss": terms.total.detach(),
+            "fusion_intensity": terms.intensity.detach(),
+            "fusion_gradient": terms.gradient.detach(),
+            "task_loss": outer_loss.detach(),
+            "meta_train_task_loss": parts["meta_train_task_loss"],
+            "weight_a_mean": parts["weights"][:, 0].mean(),
+        }
+        return hypergradient, stats
+
+    def hypergradient(self, meta_train: Batch, meta_test: Batch) -> dict[str, torch.Tensor]:
+        """The exact gradient of the outer task loss w.r.t. the loss generator's parameters.
+
+        Computes ``dL_t(T'(F'(x_mts)))/dtheta_G`` (paper Eq. 7), where ``F'`` is ``F`` after one
+        differentiable inner step under the learnable fusion loss on ``meta_train`` and ``T'``
+        is ``T`` after one step under the task loss on ``meta_train`` (when the task is
+        trainable). Changes nothing: parameters, buffers, ``.grad`` fields, optimiser states and
+        the trainer's random generator are as before.
+
+        Parameters
+        ----------
+        meta_train, meta_test : tuple
+            Batches ``(a, b, target)``; ``a``, ``b`` of shape (N, C, H, W) in [0, 1].
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Generator parameter name -> hypergradient (detached, same shape).
+        """
+        generator_state = self.generator.get_state()
+        try:
+            hypergradient, _ = self._hypergradient(meta_train, meta_test)
+        finally:
+            self.generator.set_state(generator_state)
+        return {name: g.detach() for name, g in hypergradient.items()}
+
+    def meta_step(self, meta_train: Batch, meta_test: Batch) -> dict[str, float]:
+        """One generator update (paper Eq. 6) from a meta-train and a meta-test batch.
+
+        ``F`` and ``T`` are left as they were (parameters and buffers); only ``G`` changes.
+
+        Parameters
+        ----------
+        meta_train, meta_test : tuple
+            Two different batches ``(a, b, target)``.
+
+        Returns
+        -------
+        dict of str to float
+            ``task_loss`` (outer loss on the meta-test batch), ``meta_train_task_loss`` (when
+            ``T`` is trainable), ``fusion_loss`` / ``fusion_intensity`` / ``fusion_gradient``
+            (inner loss on the meta-train batch), ``hypergradient_max`` (``max|g|``),
+            ``weight_a_mean`` (mean ``w_a`` on the meta-train crop), ``generator_lr`` and
+            ``skipped`` (1.0 when a non-finite value skipped the update).
+        """
+        self.fusion_model.train()
+        self.loss_generator.train()
+        if isinstance(self.task_loss, nn.Module):
+            self.task_loss.train()
+        hypergradient, tensors = self._hypergradient(meta_train, meta_test)
+        grads = list(hypergradient.values())
+        largest = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)
+        stats = {k: float(v) for k, v in tensors.items() if v is not None}
+        stats["hypergradient_max"] = largest
+        stats["generator_lr"] = self.generator_optimizer.param_groups[0]["lr"]
+        finite = _finite(*tensors.values()) and math.isfinite(largest)
+        stats["skipped"] = 0.0 if finite else 1.0
+        if not finite:
+            self._non_finite("meta step", stats)
+            return stats
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        params = trainable_parameters(self.loss_generator)
+        for name, param in params.items():
+            grad = hypergradient[name]
+            if self.generator_update == "normalized":
+                grad = grad / largest if largest > 0 else torch.zeros_like(grad)
+            param.grad = grad.detach()
+        self.generator_optimizer.step()
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    # ------------------------------------------------------------------ fusion step
+    def fusion_step(self, batch: Batch) -> dict[str, float]:
+        """One update of ``F`` under the learnable fusion loss (Eq. 8) and of ``T`` (Eq. 9).
+
+        ``G``'s weights are computed without gradient. ``T``, when trainable, learns from the
+        task loss on ``F``'s output (before this step's update of ``F``, as Eq. 8 and 9 are
+        simultaneous), detached so that the task does not shape ``F`` directly.
+
+        Parameters
+        ----------
+        batch : tuple
+            ``(a, b, target)``.
+
+        Returns
+        -------
+        dict of str to float
+            ``fusion_loss``, ``fusion_intensity``, ``fusion_gradient``, ``weight_a_mean``,
+            ``task_loss`` (when ``T`` is trainable), ``fusion_lr`` and ``skipped``.
+        """
+        self.fusion_model.train()
+        self.loss_generator.eval()
+        a, b, target = self._prepare(batch, "batch")
+        crop_a, crop_b = self._fusion_input(a, b, "batch")
+        with torch.no_grad():
+            weights = self.loss_generator(crop_a, crop_b)
+        fused = self.fusion_model(crop_a, crop_b)
+        terms = self._fusion_terms(fused, crop_a, crop_b, weights)
+
+        task = self.task_module
+        task_loss = None
+        if task is not None:
+            task.train()
+            task_a, task_b = self._task_input(a, b)
+            with torch.no_grad():
+                if task_a is crop_a and task_b is crop_b:
+                    fused_task = fused.detach()
+                else:
+                    fused_task = self.fusion_model(task_a, task_b)
+            task_loss = task(fused_task, target)
+
+        stats = {
+            "fusion_loss": float(terms.total.detach()),
+            "fusion_intensity": float(terms.intensity.detach()),
+            "fusion_gradient": float(terms.gradient.detach()),
+            "weight_a_mean": float(weights[:, 0].mean()),
+            "fusion_lr": self.fusion_optimizer.param_groups[0]["lr"],
+        }
+        if task_loss is not None:
+            stats["task_loss"] = float(task_loss.detach())
+        finite = _finite(terms.total, task_loss)
+        stats["skipped"] = 0.0 if finite else 1.0
+        if not finite:
+            self._non_finite("fusion step", stats)
+            return stats
+
+        self.fusion_optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(
+                trainable_parameters(self.fusion_model).values(), self.grad_clip
+            )
+        self.fusion_optimizer.step()
+        if task is not None and self.task_optimizer is not None:
+            self.task_optimizer.zero_grad(set_to_none=True)
+            task_loss.backward()
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(trainable_parameters(task).values(), self.grad_clip)
+            self.task_optimizer.step()
+        return stats
+
+    def _non_finite(self, where: str, stats: Mapping[str, float]) -> None:
+        losses = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in stats.items()
+            if k.endswith("loss") or k.startswith("fusion_")
+        )
+        message = (
+            f"non-finite value in the {where} at epoch {self.epoch}, global step "
+            f"{self.global_step}: {losses}"
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                message + " (pass on_nonfinite='skip' to skip such updates with a warning)"
+            )
+        warnings.warn(message + "; update skipped", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        train_loader: Iterable[Batch],
+        epochs: int,
+        meta_steps: int = 200,
+        *,
+        fusion_steps: int | None = None,
+        resume: str | os.PathLike[str] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        callbacks: Sequence[Callback] = (),
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Train with the alternating schedule of the paper (Algorithm 1).
+
+        Per epoch: ``meta_steps`` generator updates, each drawing two consecutive (different)
+        batches from a fresh pass over ``train_loader`` (meta-train, meta-test; the pass
+        restarts when it runs out), then one pass of :meth:`fusion_step` over the loader. With
+        ``meta_steps=0`` the generator stays frozen (a default generator then gives the
+        ablation with ``w_a = w_b = 1/2`` only if it outputs 1/2; see the docs).
+
+        Parameters
+        ----------
+        train_loader : iterable
+            Yields batches ``(a, b, target)``, e.g. a :class:`torch.utils.data.DataLoader` with
+            ``shuffle=True``; it must yield at least two batches when ``meta_steps > 0``.
+        epochs : int
+            Total number of epochs; a resumed run continues up to this number.
+        meta_steps : int
+            Generator updates per epoch (``M``; the paper uses 200).
+        fusion_steps : int, optional
+            Cap on the fusion steps per epoch (``N``); default one full pass.
+        resume : str or os.PathLike, optional
+            Checkpoint to continue from (written by :meth:`save` or by ``checkpoint``).
+        checkpoint : str or os.PathLike, optional
+            File rewritten atomically after every epoch with everything needed to resume.
+        callbacks : sequence of Callback
+            Hooks called after each step and epoch (e.g. :class:`~tdfusion.trainer.CSVLogger`).
+        progress : bool
+            Show tqdm progress bars with running losses.
+
+        Returns
+        -------
+        list of dict
+            :attr:`history`: one summary per epoch (mean losses of each phase).
+        """
+        if epochs < 0 or meta_steps < 0:
+            raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume, map_location=self.device))
+        loader_generators = self._loader_generators(train_loader)
+        if resume is not None and self._resume_rng is not None:
+            restore_rng_state(self._resume_rng, self.generator, *loader_generators)
+            self._resume_rng = None
+        for callback in callbacks:
+            callback.on_fit_start(self)
+        while self.epoch < epochs:
+            summary = {"epoch": self.epoch}
+            summary.update(self._meta_phase(train_loader, meta_steps, epochs, callbacks, progress))
+            summary.update(
+                self._fusion_phase(train_loader, fusion_steps, epochs, callbacks, progress)
+            )
+            with warnings.catch_warnings():
+                # A generator frozen with meta_steps=0 never steps its optimiser; its schedule
+                # still advances with the epochs, which is what PyTorch warns about.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                for scheduler in self.schedulers.values():
+                    scheduler.step()
+            self.epoch += 1
+            self.history.append(summary)
+            if checkpoint is not None:
+                self.save(checkpoint, _loader_generators=loader_generators)
+            for callback in callbacks:
+                callback.on_epoch_end(self, summary)
+        for callback in callbacks:
+            callback.on_fit_end(self)
+        return self.history
+
+    @staticmethod
+    def _loader_generators(loader: Any) -> list[torch.Generator | None]:
+        """A data loader's own generators, whose states a checkpoint carries to resume exactly."""
+        found: list[torch.Generator | None] = []
+        for owner in (
+            loader,
+            getattr(loader, "sampler", None),
+            getattr(loader, "batch_sampler", None),
+        ):
+            generator = getattr(owner, "generator", None)
+            found.append(generator if isinstance(generator, torch.Generator) else None)
+        return found
+
+    def _run_phase(
+        self,
+        phase: str,
+        steps: Iterable[Callable[[], dict[str, float]]],
+        total: int | None,
+        epochs: int,
+        callbacks: Sequence[Callback],
+        progress: bool,
+    ) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        count = 0
+        label = "learn G" if phase == "meta" else "learn F+T"
+        bar = tqdm(
+            total=total,
+            desc=f"epoch {self.epoch + 1}/{epochs} {label}",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for step_index, step in enumerate(steps):
+                stats = step()
+                count += 1
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                record: dict[str, Any] = {
+                    "phase": phase,
+                    "epoch": self.epoch,
+                    "step": step_index,
+                    "global_step": self.global_step,
+                    **stats,
+                }
+                self.global_step += 1
+                for callback in callbacks:
+                    callback.on_step_end(self, record)
+                bar.update(1)
+                shown = (
+                    ("task_loss", "fusion_loss")
+                    if phase == "meta"
+                    else ("fusion_loss", "task_loss")
+                )
+                bar.set_postfix(
+                    {k: f"{sums[k] / count:.4g}" for k in shown if k in sums}, refresh=False
+                )
+        prefix = "meta_" if phase == "meta" else ""
+        summary = {f"{prefix}{k}": v / count for k, v in sums.items()} if count else {}
+        summary[f"{phase}_steps"] = count
+        return summary
+
+    def _meta_phase(
+        self,
+        loader: Iterable[Batch],
+        meta_steps: int,
+        epochs: int,
+        callbacks: Sequence[Callback],
+        progress: bool,
+    ) -> dict[str, float]:
+        if meta_steps == 0:
+            return {"meta_steps": 0}
+
+        def batch_pairs() -> Iterator[Callable[[], dict[str, float]]]:
+            iterator = iter(loader)
+            in_this_pass = 0
+            for _ in range(meta_steps):
+                pair: list[Batch] = []
+                while len(pair) < 2:
+                    try:
+                        pair.append(next(iterator))
+                        in_this_pass += 1
+                    except StopIteration:
+                        if in_this_pass < 2:
+                            raise ValueError(
+                                "train_loader must yield at least two batches for a meta step "
+                                "(meta-train and meta-test)"
+                            ) from None
+                        iterator, in_this_pass = iter(loader), 0
+                        pair.clear()  # a pair never straddles two passes
+                meta_train, meta_test = pair
+                yield lambda meta_train=meta_train, meta_test=meta_test: self.meta_step(
+                    meta_train, meta_test
+                )
+
+        return self._run_phase("meta", batch_pairs(), meta_steps, epochs, callbacks, progress)
+
+    def _fusion_phase(
+        self,
+        loader: Iterable[Batch],
+        fusion_steps: int | None,
+        epochs: int,
+        callbacks: Sequence[Callback],
+        progress: bool,
+    ) -> dict[str, float]:
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        if fusion_steps is not None:
+            total = fusion_steps if total is None else min(total, fusion_steps)
+
+        def steps() -> Iterator[Callable[[], dict[str, float]]]:
+            for index, batch in enumerate(loader):
+                if fusion_steps is not None and index >= fusion_steps:
+                    break
+                yield lambda batch=batch: self.fusion_step(batch)
+
+        return self._run_phase("fusion", steps(), total, epochs, callbacks, progress)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: models, optimisers, schedulers, loop position, RNG.
+
+        Returns
+        -------
+        dict
+            A checkpoint (only tensors, numbers, strings and containers of them).
+        """
+        return self._state_dict(loader_generators=())
+
+    def _state_dict(self, loader_generators: Sequence[torch.Generator | None]) -> dict[str, Any]:
+        task = self.task_loss if isinstance(self.task_loss, nn.Module) else None
+        return {
+            "format": TRAINER_CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "config": self.config(),
+            "models": {
+                "fusion_model": self.fusion_model.state_dict(),
+                "loss_generator": self.loss_generator.state_dict(),
+                "task": None if task is None else task.state_dict(),
+            },
+            "model_configs": {
+                "fusion_model": _model_description(self.fusion_model),
+                "loss_generator": _model_description(self.loss_generator),
+            },
+            "optimizers": {name: opt.state_dict() for name, opt in self._optimizers().items()},
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+            "history": copy.deepcopy(self.history),
+            "rng": capture_rng_state(self.generator, *loader_generators),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the RNG state is applied by :meth:`fit`).
+
+        Parameters
+        ----------
+        state : dict
+            A trainer checkpoint.
+
+        Raises
+        ------
+        CheckpointError
+            If the checkpoint does not fit these models (missing/unexpected keys, shapes).
+        """
+        if state.get("format") != TRAINER_CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"not a tdfusion trainer checkpoint: format {state.get('format')!r}"
+            )
+        models = state["models"]
+        self._load_module("fusion_model", self.fusion_model, models["fusion_model"])
+        self._load_module("loss_generator", self.loss_generator, models["loss_generator"])
+        if isinstance(self.task_loss, nn.Module) and models.get("task") is not None:
+            self._load_module("task", self.task_loss, models["task"])
+        elif self.task_module is not None:
+            raise CheckpointError(
+                "the checkpoint has no task network state, but task_loss is a trainable module"
+            )
+        saved_optimizers = state["optimizers"]
+        for name, optimizer in self._optimizers().items():
+            if name not in saved_optimizers:
+                raise CheckpointError(f"the checkpoint has no state for the {name} optimizer")
+            optimizer.load_state_dict(saved_optimizers[name])
+        for name, scheduler in self.schedulers.items():
+            if name in state.get("schedulers", {}):
+                scheduler.load_state_dict(state["schedulers"][name])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(copy.deepcopy(state.get("history", [])))
+        self._resume_rng = state.get("rng")
+
+    _resume_rng: dict[str, Any] | None = None
+
+    @staticmethod
+    def _load_module(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        own = module.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+            for k in own
+            if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        ]
+        if missing or unexpected or mismatched:
+            details = []
+            if missing:
+                details.append(f"missing keys {missing[:5]}")
+            if unexpected:
+                details.append(f"unexpected keys {unexpected[:5]}")
+            if mismatched:
+                details.append(f"shape mismatches (checkpoint vs model) {mismatched[:5]}")
+            raise CheckpointError(
+                f"the checkpoint's {name} does not fit the given module: " + "; ".join(details)
+            )
+        module.load_state_dict(state)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        _loader_generators: Sequence[torch.Generator | None] = (),
+    ) -> Path:
+        """Write a checkpoint atomically (temporary file + rename).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Destination file; parent folders are created.
+
+        Returns
+        -------
+        pathlib.Path
+            The written file.
+        """
+        return atomic_save(self._state_dict(_loader_generators), path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        fusion_model: nn.Module,
+        task_loss: TaskLoss,
+        loss_generator: nn.Module | None = None,
+        fusion_loss: Callable[..., torch.Tensor] | None = None,
+        **overrides: Any,
+    ) -> MetaFusionTrainer:
+        """Rebuild a trainer from a checkpoint.
+
+        The hyper-parameters saved in the checkpoint are used unless given in ``overrides``.
+        Without ``loss_generator``, a :class:`~tdfusion.LossGenerator` is built with the saved
+        configuration. Model, optimiser and scheduler states and the loop position are
+        restored; call :meth:`fit` with ``resume=path`` to also continue the random streams.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Checkpoint written by :meth:`save`.
+        fusion_model : torch.nn.Module
+            A module of the same architecture as the saved one.
+        task_loss : callable or torch.nn.Module
+            The task (a module of the saved architecture when the task was trainable).
+        loss_generator : torch.nn.Module, optional
+            The generator; rebuilt from the checkpoint when omitted.
+        fusion_loss : callable, optional
+            The fusion loss (default ``LearnableFusionLoss()``).
+        **overrides
+            Constructor arguments that replace the saved ones (``device``, ``lr_scheduler``, ...).
+
+        Returns
+        -------
+        MetaFusionTrainer
+            The restored trainer.
+        """
+        checkpoint = load_checkpoint(path)
+        config = dict(checkpoint.get("config", {}))
+        for key in ("fusion_crop", "task_size"):
+            if config.get(key) is not None:
+                config[key] = tuple(config[key])
+        config.update(overrides)
+        if loss_generator is None:
+            from tdfusion.nets import LossGenerator
+
+            description = checkpoint.get("model_configs", {}).get("loss_generator") or {}
+            loss_generator = LossGenerator(**description.get("config", {}))
+        trainer = cls(fusion_model, task_loss, loss_generator, fusion_loss, **config)
+        trainer.load_state_dict(checkpoint)
+        return trainer

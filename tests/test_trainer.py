@@ -1,0 +1,610 @@
+"""MetaFusionTrainer: exact hypergradients, side-effect-free meta steps, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tdfusion import LearnableFusionLoss, MetaFusionTrainer
+from tdfusion.errors import CheckpointError, NonFiniteLossError
+from tdfusion.trainer import CSVLogger, LambdaCallback, load_checkpoint
+
+
+class TinyFusion(nn.Module):
+    """A small convolutional fusion network: enough structure for second-order terms."""
+
+    in_channels = 1
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv2(torch.tanh(self.conv1(torch.cat([a, b], 1)))))
+
+
+class TinyGenerator(nn.Module):
+    """A small loss generator: softmax over two channels."""
+
+    def __init__(self, zero: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 2, 1)
+        if zero:  # constant 1/2 weights: the fixed-loss ablation
+            for p in self.parameters():
+                nn.init.zeros_(p)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.tanh(self.conv1(torch.cat([a, b], 1)))).softmax(dim=1)
+
+
+class TinySegmentation(nn.Module):
+    """A trainable task network T with a batch-norm buffer: per-pixel 3-class cross-entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.relu(self.norm(self.conv(fused))))
+        return F.cross_entropy(logits, masks)
+
+
+def reconstruct_a(fused: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A fixed task that needs one source: reproduce the target image."""
+    return F.mse_loss(fused, target)
+
+
+def make_batch(seed: int, n: int = 2, size: tuple[int, int] = (10, 12), dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, 1, *size, generator=generator, dtype=dtype)
+    b = torch.rand(n, 1, *size, generator=generator, dtype=dtype)
+    masks = torch.randint(0, 3, (n, *size), generator=generator)
+    return a, b, masks
+
+
+def make_trainer(task: str, inner_optimizer: str = "sgd", **kwargs) -> MetaFusionTrainer:
+    torch.manual_seed(0)
+    fusion = TinyFusion().double()
+    generator = TinyGenerator().double()
+    task_loss = TinySegmentation().double() if task == "module" else reconstruct_a
+    defaults = dict(inner_lr=0.3, task_lr=0.05, inner_optimizer=inner_optimizer, device="cpu")
+    defaults.update(kwargs)
+    return MetaFusionTrainer(fusion, task_loss, generator, **defaults)
+
+
+def task_batches(task: str):
+    meta_train, meta_test = make_batch(1), make_batch(2)
+    if task == "callable":  # the target is the first source
+        meta_train = (meta_train[0], meta_train[1], meta_train[0])
+        meta_test = (meta_test[0], meta_test[1], meta_test[0])
+    return meta_train, meta_test
+
+
+def outer_loss_at(trainer, meta_train, meta_test, direction, step):
+    params = dict(trainer.loss_generator.named_parameters())
+    with torch.no_grad():
+        for name, d in direction.items():
+            params[name].add_(step * d)
+    try:  # the inner step needs autograd, so no torch.no_grad() here
+        return trainer.meta_loss(meta_train, meta_test).item()
+    finally:
+        with torch.no_grad():
+            for name, d in direction.items():
+                params[name].sub_(step * d)
+
+
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("task", ["callable", "module"])
+def test_hypergradient_matches_central_finite_differences(task, inner_optimizer):
+    trainer = make_trainer(task, inner_optimizer)
+    meta_train, meta_test = task_batches(task)
+    hypergradient = trainer.hypergradient(meta_train, meta_test)
+    names = [n for n, _ in trainer.loss_generator.named_parameters()]
+    assert list(hypergradient) == names
+    assert any(g.abs().max() > 0 for g in hypergradient.values())
+
+    # Directional derivatives d(outer)/d(eps) at eps = 0 along unit directions d, which must equal
+    # <hypergradient, d>. The directions mix the hypergradient's own direction (largest signal,
+    # so float64 round-off stays far below 1e-6 relative) with random ones. Central differences
+    # with Richardson extrapolation: D = (4 D(h/2) - D(h)) / 3 has an O(h^4) error.
+    generator = torch.Generator().manual_seed(5)
+    norm = torch.sqrt(sum((g**2).sum() for g in hypergradient.values()))
+    for mix in (1.0, 0.7, 0.5):
+        direction = {}
+        for n, p in trainer.loss_generator.named_parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            direction[n] = mix * hypergradient[n] / norm + (1 - mix) * noise / math.sqrt(p.numel())
+
+        def central(step, direction=direction):
+            return (
+                outer_loss_at(trainer, meta_train, meta_test, direction, step)
+                - outer_loss_at(trainer, meta_train, meta_test, direction, -step)
+            ) / (2 * step)
+
+        numeric = (4 * central(5e-5) - central(1e-4)) / 3
+        analytic = sum((hypergradient[n] * d).sum() for n, d in direction.items()).item()
+        assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+def test_two_phase_hypergradient_equals_backprop_through_the_whole_graph(inner_optimizer):
+    trainer = make_trainer("module", inner_optimizer)
+    meta_train, meta_test = task_batches("module")
+    hypergradient = trainer.hypergradient(meta_train, meta_test)
+    params = dict(trainer.loss_generator.named_parameters())
+    full = torch.autograd.grad(trainer.meta_loss(meta_train, meta_test), list(params.values()))
+    for (name, _), expected in zip(params.items(), full):
+        torch.testing.assert_close(hypergradient[name], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_sgd_hypergradient_is_the_second_order_formula():
+    """Eq. 7 for SGD: dL_t/dtheta_G = -eta * d/dtheta_G <dL_f/dtheta_F, dL_t/dtheta_F'>."""
+    trainer = make_trainer("callable", "sgd", inner_lr=0.2)
+    meta_train, meta_test = task_batches("callable")
+    hypergradient = trainer.hypergradient(meta_train, meta_test)
+
+    fusion, generator = trainer.fusion_model, trainer.loss_generator
+    theta = list(fusion.parameters())
+    a, b, _ = meta_train
+    inner = LearnableFusionLoss()(fusion(a, b), a, b, generator(a, b))
+    inner_grads = torch.autograd.grad(inner, theta, create_graph=True)
+    adapted = {n: p - 0.2 * g for (n, p), g in zip(fusion.named_parameters(), inner_grads)}
+    leaves = {n: p.detach().requires_grad_() for n, p in adapted.items()}
+    a_t, b_t, target_t = meta_test
+    outer = reconstruct_a(torch.func.functional_call(fusion, leaves, (a_t, b_t)), target_t)
+    v = torch.autograd.grad(outer, list(leaves.values()))
+    inner_product = sum((g * vi).sum() for g, vi in zip(inner_grads, v))
+    expected = torch.autograd.grad(-0.2 * inner_product, list(generator.parameters()))
+    for (name, _), value in zip(generator.named_parameters(), expected):
+        torch.testing.assert_close(hypergradient[name], value, rtol=1e-10, atol=1e-14)
+
+
+def snapshot(trainer):
+    modules = {"F": trainer.fusion_model, "G": trainer.loss_generator}
+    if isinstance(trainer.task_loss, nn.Module):
+        modules["T"] = trainer.task_loss
+    return {
+        key: {
+            "tensors": {n: t for n, t in m.state_dict(keep_vars=True).items()},
+            "values": copy.deepcopy(m.state_dict()),
+            "grads": [p.grad for p in m.parameters()],
+        }
+        for key, m in modules.items()
+    }
+
+
+def test_hypergradient_changes_nothing():
+    trainer = make_trainer("module", fusion_crop=6)
+    meta_train, meta_test = task_batches("module")
+    before = snapshot(trainer)
+    rng_before = trainer.generator.get_state()
+    optimizer_before = copy.deepcopy(trainer.fusion_optimizer.state_dict())
+    trainer.hypergradient(meta_train, meta_test)
+    after = snapshot(trainer)
+    for key in before:
+        assert after[key]["tensors"].keys() == before[key]["tensors"].keys()
+        for name, tensor in after[key]["tensors"].items():
+            assert tensor is before[key]["tensors"][name], f"{key}.{name} was replaced"
+            assert torch.equal(tensor, before[key]["values"][name]), f"{key}.{name} changed"
+        assert all(g is None for g in after[key]["grads"])
+    assert torch.equal(trainer.generator.get_state(), rng_before)
+    assert trainer.fusion_optimizer.state_dict() == optimizer_before
+    # The batch-norm statistics of T were used in training mode but are restored.
+    assert trainer.task_loss.norm.num_batches_tracked.item() == 0
+
+
+def test_meta_step_changes_only_the_generator():
+    trainer = make_trainer("module")
+    meta_train, meta_test = task_batches("module")
+    before = snapshot(trainer)
+    stats = trainer.meta_step(meta_train, meta_test)
+    after = snapshot(trainer)
+    for key in ("F", "T"):
+        for name, tensor in after[key]["tensors"].items():
+            assert tensor is before[key]["tensors"][name]
+            assert torch.equal(tensor, before[key]["values"][name])
+    changed = [
+        name
+        for name, tensor in after["G"]["tensors"].items()
+        if not torch.equal(tensor, before["G"]["values"][name])
+    ]
+    assert changed
+    assert all(isinstance(v, float) for v in stats.values())
+    assert {"task_loss", "meta_train_task_loss", "fusion_loss", "hypergradient_max"} <= set(stats)
+
+
+def test_normalized_update_moves_the_largest_coordinate_by_the_learning_rate():
+    trainer = make_trainer("callable", generator_lr=1e-3)
+    meta_train, meta_test = task_batches("callable")
+    hypergradient = trainer.hypergradient(meta_train, meta_test)
+    largest = max(g.abs().max() for g in hypergradient.values())
+    before = {n: p.detach().clone() for n, p in trainer.loss_generator.named_parameters()}
+    trainer.meta_step(meta_train, meta_test)
+    for name, param in trainer.loss_generator.named_parameters():
+        expected = before[name] - 1e-3 * hypergradient[name] / largest
+        torch.testing.assert_close(param.detach(), expected, rtol=0, atol=1e-15)
+    moves = [
+        (p.detach() - before[n]).abs().max() for n, p in trainer.loss_generator.named_parameters()
+    ]
+    assert max(moves).item() == pytest.approx(1e-3)
+
+
+def test_optimizer_update_uses_adam_on_the_hypergradient():
+    trainer = make_trainer("callable", generator_update="optimizer", generator_lr=1e-3)
+    assert isinstance(trainer.generator_optimizer, torch.optim.Adam)
+    meta_train, meta_test = task_batches("callable")
+    hypergradient = trainer.hypergradient(meta_train, meta_test)
+    before = {n: p.detach().clone() for n, p in trainer.loss_generator.named_parameters()}
+    trainer.meta_step(meta_train, meta_test)
+    for name, param in trainer.loss_generator.named_parameters():
+        # Adam's first step: lr * g / (|g| + eps), bias corrections cancel, eps = 1e-8.
+        move = param.detach() - before[name]
+        grad = hypergradient[name]
+        expected = -1e-3 * grad / (grad.abs() + 1e-8)
+        torch.testing.assert_close(move, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_fusion_step_trains_fusion_and_task_but_not_the_generator():
+    trainer = make_trainer("module", fusion_lr=1e-2)
+    batch = make_batch(3)
+    generator_before = copy.deepcopy(trainer.loss_generator.state_dict())
+    fusion_before = copy.deepcopy(trainer.fusion_model.state_dict())
+    task_before = copy.deepcopy(trainer.task_loss.state_dict())
+    stats = trainer.fusion_step(batch)
+    assert {"fusion_loss", "fusion_intensity", "fusion_gradient", "task_loss"} <= set(stats)
+    for name, value in trainer.loss_generator.state_dict().items():
+        assert torch.equal(value, generator_before[name])
+    assert any(
+        not torch.equal(v, fusion_before[k]) for k, v in trainer.fusion_model.state_dict().items()
+    )
+    assert any(
+        not torch.equal(v, task_before[k]) for k, v in trainer.task_loss.state_dict().items()
+    )
+
+
+def test_fusion_step_gradient_is_the_fusion_loss_gradient_only():
+    """F must learn from L_f alone (the task loss reaches T on detached images)."""
+    trainer = make_trainer("module", fusion_lr=1e-2)
+    trainer.fusion_optimizer = torch.optim.SGD(trainer.fusion_model.parameters(), lr=0.1)
+    a, b, masks = make_batch(4)
+    fusion = copy.deepcopy(trainer.fusion_model)
+    weights = trainer.loss_generator(a, b).detach()
+    loss = LearnableFusionLoss()(fusion(a, b), a, b, weights)
+    expected_grads = torch.autograd.grad(loss, list(fusion.parameters()))
+    trainer.fusion_step((a, b, masks))
+    for (name, param), before, grad in zip(
+        trainer.fusion_model.named_parameters(), fusion.parameters(), expected_grads
+    ):
+        torch.testing.assert_close(param.detach(), before.detach() - 0.1 * grad, msg=name)
+
+
+def test_crop_and_task_size_feed_the_right_shapes():
+    seen = {}
+
+    def task_loss(fused, target):
+        seen["fused"] = tuple(fused.shape)
+        return F.mse_loss(fused, target)
+
+    class ShapeRecordingGenerator(TinyGenerator):
+        def forward(self, a, b):
+            seen["generator"] = tuple(a.shape)
+            return super().forward(a, b)
+
+    trainer = MetaFusionTrainer(
+        TinyFusion().double(),
+        task_loss,
+        ShapeRecordingGenerator().double(),
+        fusion_crop=(6, 8),
+        task_size=(5, 7),
+        device="cpu",
+    )
+    a, b, _ = make_batch(1, size=(10, 12))
+    target = torch.rand(2, 1, 5, 7, dtype=torch.float64)
+    trainer.meta_step((a, b, target), (b, a, target))
+    assert seen == {"generator": (2, 1, 6, 8), "fused": (2, 1, 5, 7)}
+    with pytest.raises(ValueError, match=r"fusion_crop 11x8 is larger than the images \(10x12\)"):
+        MetaFusionTrainer(
+            TinyFusion().double(),
+            task_loss,
+            TinyGenerator().double(),
+            fusion_crop=(11, 8),
+            device="cpu",
+        ).fusion_step((a, b, target))
+
+
+def test_dtype_and_device_are_kept_and_batches_converted():
+    trainer = make_trainer("callable")
+    assert trainer.device == torch.device("cpu")
+    assert next(trainer.fusion_model.parameters()).dtype == torch.float64
+    a, b, _ = make_batch(1, dtype=torch.float32)
+    stats = trainer.fusion_step((a, b, a))  # float32 batch on a float64 model
+    assert math.isfinite(stats["fusion_loss"])
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "message"),
+    [
+        ((torch.rand(2, 1, 8, 8),), ValueError, r"tuple \(a, b, target\), got a tuple of length 1"),
+        (
+            (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 9), None),
+            ValueError,
+            r"a \(2, 1, 8, 8\) and b \(2, 1, 8, 9\)",
+        ),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), None), ValueError, "1-channel sources"),
+        ((torch.rand(1, 8, 8), torch.rand(1, 8, 8), None), ValueError, r"\(N, C, H, W\)"),
+        (([1.0], torch.rand(1, 1, 8, 8), None), TypeError, "a must be a tensor"),
+    ],
+)
+def test_bad_batches_get_clear_errors(batch, error, message):
+    trainer = make_trainer("callable")
+    with pytest.raises(error, match=message):
+        trainer.fusion_step(batch)
+
+
+def test_values_outside_unit_range_warn_once():
+    trainer = make_trainer("callable")
+    a, b, _ = make_batch(1)
+    with pytest.warns(
+        UserWarning, match=r"values in \[0\.\d+, 255\]; tdfusion expects images scaled to \[0, 1\]"
+    ):
+        trainer.fusion_step((a * 255, b, a))
+    with warnings_as_errors():
+        trainer.fusion_step((a * 255, b, a))
+
+
+class warnings_as_errors:
+    def __enter__(self):
+        import warnings
+
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+def nan_task(fused, target):
+    return (fused * float("nan")).mean()
+
+
+def test_non_finite_loss_stops_with_step_and_losses():
+    trainer = make_trainer("callable")
+    trainer.task_loss = nan_task
+    a, b, _ = make_batch(1)
+    with pytest.raises(
+        NonFiniteLossError, match=r"meta step at epoch 0, global step 0: .*task_loss=nan"
+    ):
+        trainer.meta_step((a, b, a), (b, a, b))
+
+
+def test_non_finite_loss_can_be_skipped_with_a_warning():
+    trainer = make_trainer("callable", on_nonfinite="skip")
+    trainer.task_loss = nan_task
+    a, b, _ = make_batch(1)
+    before = copy.deepcopy(trainer.loss_generator.state_dict())
+    with pytest.warns(RuntimeWarning, match="update skipped"):
+        stats = trainer.meta_step((a, b, a), (b, a, b))
+    assert stats["skipped"] == 1.0
+    for name, value in trainer.loss_generator.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"inner_optimizer": "rmsprop"}, "inner_optimizer"),
+        ({"generator_update": "adam"}, "generator_update"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+        ({"inner_lr": 0.0}, "inner_lr must be positive"),
+        ({"fusion_crop": 0}, "fusion_crop must be positive"),
+    ],
+)
+def test_bad_configuration_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer("callable", **kwargs)
+
+
+# ---------------------------------------------------------------------- fit and resume
+def segmentation_loader(seed: int = 0, batches: int = 4) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.rand(2 * batches, 1, 12, 12, generator=generator, dtype=torch.float64)
+    b = torch.rand(2 * batches, 1, 12, 12, generator=generator, dtype=torch.float64)
+    masks = torch.randint(0, 3, (2 * batches, 12, 12), generator=generator)
+    return DataLoader(TensorDataset(a, b, masks), batch_size=2, shuffle=True)
+
+
+def resumable_trainer():
+    return make_trainer(
+        "module",
+        fusion_crop=8,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5),
+        seed=11,
+    )
+
+
+def test_fit_runs_the_schedule_and_reports_each_step(tmp_path):
+    trainer = resumable_trainer()
+    records = []
+    history = trainer.fit(
+        segmentation_loader(),
+        epochs=2,
+        meta_steps=3,
+        callbacks=[
+            LambdaCallback(on_step_end=lambda t, s: records.append(s)),
+            CSVLogger(tmp_path / "log.csv"),
+        ],
+        progress=False,
+    )
+    phases = [r["phase"] for r in records]
+    assert phases == (["meta"] * 3 + ["fusion"] * 4) * 2
+    assert [r["global_step"] for r in records] == list(range(14))
+    assert len(history) == 2 and history[1]["epoch"] == 1
+    assert {"meta_task_loss", "fusion_loss", "task_loss", "meta_steps", "fusion_steps"} <= set(
+        history[0]
+    )
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert len(rows) == 14 and rows[0]["phase"] == "meta" and rows[-1]["phase"] == "fusion"
+    # The schedule halves every learning rate after each epoch.
+    assert trainer.fusion_optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * 1e-4)
+    assert trainer.lr_scale == pytest.approx(0.25)
+
+
+def test_meta_steps_zero_freezes_the_generator():
+    trainer = resumable_trainer()
+    before = copy.deepcopy(trainer.loss_generator.state_dict())
+    trainer.fit(segmentation_loader(), epochs=1, meta_steps=0, progress=False)
+    for name, value in trainer.loss_generator.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_fit_needs_two_batches_for_meta_steps():
+    trainer = resumable_trainer()
+    with pytest.raises(ValueError, match="at least two batches"):
+        trainer.fit(segmentation_loader(batches=1), epochs=1, meta_steps=1, progress=False)
+
+
+def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
+    straight = resumable_trainer()
+    torch.manual_seed(123)
+    straight.fit(segmentation_loader(), epochs=2, meta_steps=2, progress=False)
+
+    first = resumable_trainer()
+    torch.manual_seed(123)
+    first.fit(
+        segmentation_loader(),
+        epochs=1,
+        meta_steps=2,
+        checkpoint=tmp_path / "ckpt.pt",
+        progress=False,
+    )
+    torch.manual_seed(999)  # whatever happens in between must not matter
+    resumed = make_trainer(
+        "module",
+        fusion_crop=8,
+        seed=0,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5),
+    )
+    resumed.fit(
+        segmentation_loader(), epochs=2, meta_steps=2, resume=tmp_path / "ckpt.pt", progress=False
+    )
+
+    for module in ("fusion_model", "loss_generator", "task_loss"):
+        expected = getattr(straight, module).state_dict()
+        for name, value in getattr(resumed, module).state_dict().items():
+            assert torch.equal(value, expected[name]), f"{module}.{name} differs after resume"
+    assert resumed.epoch == straight.epoch == 2
+    assert resumed.global_step == straight.global_step
+    assert len(resumed.history) == 2
+
+
+def test_checkpoint_is_written_atomically_and_loads_with_weights_only(tmp_path):
+    trainer = resumable_trainer()
+    trainer.fit(
+        segmentation_loader(),
+        epochs=1,
+        meta_steps=1,
+        checkpoint=tmp_path / "ckpt.pt",
+        progress=False,
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["format"] == "tdfusion.trainer" and checkpoint["epoch"] == 1
+    assert set(checkpoint["optimizers"]) == {"fusion", "generator", "task"}
+    assert set(checkpoint["schedulers"]) == {"fusion", "generator", "task"}
+
+
+def test_load_rebuilds_the_trainer(tmp_path):
+    trainer = make_trainer("module", inner_lr=0.123, fusion_crop=(6, 8))
+    trainer.fusion_step(make_batch(1))
+    trainer.save(tmp_path / "trainer.pt")
+    loaded = MetaFusionTrainer.load(
+        tmp_path / "trainer.pt",
+        TinyFusion().double(),
+        TinySegmentation().double(),
+        loss_generator=TinyGenerator().double(),
+    )
+    assert loaded.inner_lr == 0.123 and loaded.fusion_crop == (6, 8)
+    for name, value in loaded.fusion_model.state_dict().items():
+        assert torch.equal(value, trainer.fusion_model.state_dict()[name])
+    assert loaded.fusion_optimizer.state_dict()["state"].keys() == (
+        trainer.fusion_optimizer.state_dict()["state"].keys()
+    )
+
+
+def test_loading_into_a_different_architecture_names_the_keys(tmp_path):
+    trainer = make_trainer("callable")
+    trainer.save(tmp_path / "trainer.pt")
+    with pytest.raises(CheckpointError, match=r"fusion_model does not fit.*shape mismatches"):
+        MetaFusionTrainer.load(
+            tmp_path / "trainer.pt",
+            TinyFusion(width=5).double(),
+            reconstruct_a,
+            loss_generator=TinyGenerator().double(),
+        )
+
+
+def test_loading_something_else_is_refused(tmp_path):
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match="not a tdfusion trainer checkpoint"):
+        load_checkpoint(tmp_path / "weights.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------- behaviour
+def blob_images(count: int, seed: int, size: int = 24) -> torch.Tensor:
+    """Smooth random blobs: the informative source."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(count, 1, size // 4, size // 4, generator=generator)
+    return F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def train_and_evaluate(meta_steps: int) -> tuple[float, float]:
+    """Train on a pair where only ``a`` matters; return the held-out task loss and mean w_a."""
+    torch.manual_seed(0)
+    a = blob_images(16, seed=1)
+    b = torch.rand(16, 1, 24, 24, generator=torch.Generator().manual_seed(2))  # distracting texture
+    loader = DataLoader(
+        TensorDataset(a, b, a),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(3),
+    )
+    trainer = MetaFusionTrainer(
+        TinyFusion(width=8),
+        reconstruct_a,
+        TinyGenerator(zero=True),  # starts at w_a = w_b = 1/2
+        LearnableFusionLoss(alpha=0.1),
+        inner_lr=0.5,
+        generator_lr=0.1,
+        fusion_lr=1e-2,
+        device="cpu",
+        seed=0,
+    )
+    trainer.fit(loader, epochs=12, meta_steps=meta_steps, progress=False)
+    held_out_a = blob_images(8, seed=10)
+    held_out_b = torch.rand(8, 1, 24, 24, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        fused = trainer.fusion_model(held_out_a, held_out_b)
+        weight_a = trainer.loss_generator(held_out_a, held_out_b)[:, 0].mean().item()
+        return reconstruct_a(fused, held_out_a).item(), weight_a
+
+
+def test_learned_loss_beats_the_fixed_half_weights_on_a_task_that_needs_one_source():
+    fixed_loss, fixed_weight = train_and_evaluate(meta_steps=0)
+    learned_loss, learned_weight = train_and_evaluate(meta_steps=4)
+    assert fixed_weight == pytest.approx(0.5)  # meta_steps=0: the generator stayed frozen
+    assert learned_weight > 0.9  # the generator learned that the task needs source a
+    assert learned_loss < 0.6 * fixed_loss, f"learned {learned_loss:.4f} vs fixed {fixed_loss:.4f}"
