@@ -749,6 +749,8 @@ class MetaFusionTrainer:
                     scheduler.step()
             self.epoch += 1
             self.history.append(summary)
+            if progress:
+                tqdm.write(self._epoch_line(summary, epochs))
             if checkpoint is not None:
                 self.save(checkpoint, _loader_generators=loader_generators)
             for callback in callbacks:
@@ -756,6 +758,18 @@ class MetaFusionTrainer:
         for callback in callbacks:
             callback.on_fit_end(self)
         return self.history
+
+    def _epoch_line(self, summary: Mapping[str, Any], epochs: int) -> str:
+        shown = {
+            "meta_task_loss": "meta task",
+            "fusion_loss": "fusion",
+            "fusion_intensity": "int",
+            "fusion_gradient": "grad",
+            "task_loss": "task",
+            "weight_a_mean": "mean w_a",
+        }
+        parts = [f"{label} {summary[key]:.4g}" for key, label in shown.items() if key in summary]
+        return f"epoch {self.epoch}/{epochs}: " + ", ".join(parts)
 
     @staticmethod
     def _loader_generators(loader: Any) -> list[torch.Generator | None]:

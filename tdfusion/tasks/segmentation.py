@@ -1,0 +1,197 @@
+"""Semantic segmentation as the task network: SegFormer from segmentation-models-pytorch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdfusion.errors import DataError, OptionalDependencyError
+from tdfusion.tasks.base import check_fused_image, evaluation_mode, pad_to_multiple
+
+__all__ = ["SegmentationTask"]
+
+INSTALL_HINT = "pip install 'tdfusion[seg]'"
+
+
+def _build_segformer(
+    encoder: str, in_channels: int, num_classes: int, decoder_channels: int
+) -> nn.Module:
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as error:
+        raise OptionalDependencyError(
+            "the segmentation task needs segmentation-models-pytorch and timm, which could not be "
+            f"imported ({error}); install them with: {INSTALL_HINT}"
+        ) from error
+    try:
+        return smp.Segformer(
+            encoder_name=encoder,
+            encoder_weights=None,
+            in_channels=in_channels,
+            classes=num_classes,
+            decoder_segmentation_channels=decoder_channels,
+        )
+    except KeyError as error:
+        raise ValueError(
+            f"unknown SegFormer encoder {encoder!r}; use an encoder name of "
+            "segmentation-models-pytorch such as 'mit_b0'"
+        ) from error
+
+
+class SegmentationTask(nn.Module):
+    """SegFormer trained from scratch with pixel-wise cross-entropy (the paper's segmentation T).
+
+    The network is ``segmentation_models_pytorch.Segformer`` with random initialisation
+    (``encoder_weights=None``: nothing is downloaded). Images of any size are accepted: SegFormer
+    needs H and W divisible by 32, so the input is padded at the bottom/right by edge replication
+    and the logits are cropped back, then bilinearly resized to the mask size when it differs
+    (the paper upsamples the logits to the label size).
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of classes including background/unlabelled (MSRS 9, FMB 15).
+    encoder : str
+        segmentation-models-pytorch encoder; ``"mit_b0"`` is SegFormer-B0.
+    in_channels : int
+        Channels of the fused image (1 for the Y channel).
+    ignore_index : int or None
+        Mask value excluded from the loss (e.g. 255); ``None`` uses every pixel.
+    decoder_channels : int
+        Width of the all-MLP decoder (256 for SegFormer-B0).
+    check_targets : bool
+        Check that every mask value is a class index or ``ignore_index`` (one device-to-host
+        synchronisation per call) and raise :class:`~tdfusion.errors.DataError` otherwise,
+        instead of an opaque indexing error inside the loss.
+
+    Shape
+    -----
+    - fused: ``(N, in_channels, H, W)``, floating point (values in [0, 1]).
+    - masks: ``(N, H', W')``, integer class indices; ``(H', W')`` may differ from ``(H, W)``.
+    - output of ``forward``: scalar; of ``predict``: ``(N, H, W)`` int64.
+
+    Notes
+    -----
+    In training mode the MiT encoder applies stochastic depth (drop path 0.1), so two calls on the
+    same input give different losses; use evaluation mode where a deterministic loss is needed
+    (e.g. finite-difference checks). Requires the ``seg`` extra (timm and
+    segmentation-models-pytorch).
+
+    Example
+    -------
+    >>> task = SegmentationTask(num_classes=9)
+    >>> fused = torch.rand(2, 1, 240, 320, requires_grad=True)
+    >>> masks = torch.randint(0, 9, (2, 240, 320))
+    >>> task(fused, masks).backward()
+    >>> task.predict(fused).shape
+    torch.Size([2, 240, 320])
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        encoder: str = "mit_b0",
+        in_channels: int = 1,
+        ignore_index: int | None = None,
+        *,
+        decoder_channels: int = 256,
+        check_targets: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be at least 1, got {in_channels}")
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.ignore_index = ignore_index
+        self.check_targets = check_targets
+        self.network = _build_segformer(encoder, in_channels, num_classes, decoder_channels)
+        self.stride = int(self.network.encoder.output_stride)
+
+    def logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """Class scores at the input resolution.
+
+        Parameters
+        ----------
+        fused : torch.Tensor
+            Shape ``(N, in_channels, H, W)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(N, num_classes, H, W)``, unnormalised.
+        """
+        check_fused_image(fused, self.in_channels)
+        height, width = fused.shape[-2:]
+        padded = pad_to_multiple(fused, self.stride, mode="replicate")
+        return self.network(padded)[..., :height, :width]
+
+    def forward(self, fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the SegFormer logits against ``masks``.
+
+        Parameters
+        ----------
+        fused : torch.Tensor
+            Shape ``(N, in_channels, H, W)``.
+        masks : torch.Tensor
+            Shape ``(N, H', W')``, integer class indices (``ignore_index`` allowed).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss, averaged over the pixels that are not ignored.
+        """
+        check_fused_image(fused, self.in_channels)
+        masks = self._check_masks(fused, masks)
+        logits = self.logits(fused)
+        if logits.shape[-2:] != masks.shape[-2:]:
+            logits = F.interpolate(
+                logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
+            )
+        ignore_index = -100 if self.ignore_index is None else self.ignore_index
+        return F.cross_entropy(logits, masks, ignore_index=ignore_index)
+
+    def predict(self, fused: torch.Tensor) -> torch.Tensor:
+        """Label maps, computed in evaluation mode without gradients.
+
+        Parameters
+        ----------
+        fused : torch.Tensor
+            Shape ``(N, in_channels, H, W)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(N, H, W)``, int64 class indices.
+        """
+        with evaluation_mode(self), torch.no_grad():
+            return self.logits(fused).argmax(dim=1)
+
+    def _check_masks(self, fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if not isinstance(masks, torch.Tensor) or masks.ndim != 3:
+            shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks)
+            raise ValueError(f"masks must be an integer tensor (N, H, W), got {shape}")
+        if masks.is_floating_point() or masks.is_complex() or masks.dtype == torch.bool:
+            raise ValueError(f"masks must hold integer class indices, got dtype {masks.dtype}")
+        if masks.shape[0] != fused.shape[0]:
+            raise ValueError(
+                f"masks hold {masks.shape[0]} image(s) but fused holds {fused.shape[0]} "
+                f"(masks {tuple(masks.shape)}, fused {tuple(fused.shape)})"
+            )
+        masks = masks.long()
+        if self.check_targets:
+            valid = (masks >= 0) & (masks < self.num_classes)
+            if self.ignore_index is not None:
+                valid |= masks == self.ignore_index
+            if not bool(valid.all()):
+                bad = torch.unique(masks[~valid])[:5].tolist()
+                allowed = f"0..{self.num_classes - 1}"
+                if self.ignore_index is not None:
+                    allowed += f" or ignore_index {self.ignore_index}"
+                raise DataError(
+                    f"segmentation masks contain labels {bad}; expected {allowed} "
+                    "(set ignore_index for void labels such as 255)"
+                )
+        return masks
