@@ -104,10 +104,11 @@ def outer_loss_at(trainer, meta_train, meta_test, direction, step):
                 params[name].sub_(step * d)
 
 
+@pytest.mark.parametrize("method", ["forward", "backprop"])
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("task", ["callable", "module"])
-def test_hypergradient_matches_central_finite_differences(task, inner_optimizer):
-    trainer = make_trainer(task, inner_optimizer)
+def test_hypergradient_matches_central_finite_differences(task, inner_optimizer, method):
+    trainer = make_trainer(task, inner_optimizer, hypergradient_method=method)
     meta_train, meta_test = task_batches(task)
     hypergradient = trainer.hypergradient(meta_train, meta_test)
     names = [n for n, _ in trainer.loss_generator.named_parameters()]
@@ -137,12 +138,26 @@ def test_hypergradient_matches_central_finite_differences(task, inner_optimizer)
         assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.parametrize("weighting", ["linear", "squared"])
+@pytest.mark.parametrize("method", ["forward", "backprop"])
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
-def test_two_phase_hypergradient_equals_backprop_through_the_whole_graph(inner_optimizer):
-    trainer = make_trainer("module", inner_optimizer)
+def test_hypergradient_equals_backprop_through_the_whole_graph(inner_optimizer, method, weighting):
+    trainer = make_trainer(
+        "module",
+        inner_optimizer,
+        hypergradient_method=method,
+        fusion_loss=LearnableFusionLoss(weighting=weighting),
+        fusion_crop=(7, 9),
+        task_size=(8, 11),
+    )
     meta_train, meta_test = task_batches("module")
-    hypergradient = trainer.hypergradient(meta_train, meta_test)
+    # Masks at the task size: the task sees the sources resized to 8x11.
+    meta_train = (*meta_train[:2], meta_train[2][:, :8, :11])
+    meta_test = (*meta_test[:2], meta_test[2][:, :8, :11])
     params = dict(trainer.loss_generator.named_parameters())
+    trainer.generator.manual_seed(3)  # the same crop offsets for both computations
+    hypergradient = trainer.hypergradient(meta_train, meta_test)
+    trainer.generator.manual_seed(3)
     full = torch.autograd.grad(trainer.meta_loss(meta_train, meta_test), list(params.values()))
     for (name, _), expected in zip(params.items(), full):
         torch.testing.assert_close(hypergradient[name], expected, rtol=1e-10, atol=1e-14)
@@ -168,6 +183,60 @@ def test_sgd_hypergradient_is_the_second_order_formula():
     expected = torch.autograd.grad(-0.2 * inner_product, list(generator.parameters()))
     for (name, _), value in zip(generator.named_parameters(), expected):
         torch.testing.assert_close(hypergradient[name], value, rtol=1e-10, atol=1e-14)
+
+
+class NoForwardMode(torch.autograd.Function):
+    """An operation with a backward but no forward-mode rule (like some custom kernels)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class FusionWithCustomOp(TinyFusion):
+    def forward(self, a, b):
+        return NoForwardMode.apply(super().forward(a, b))
+
+
+def test_auto_method_falls_back_to_backprop_when_forward_mode_is_unsupported():
+    meta_train, meta_test = task_batches("callable")
+    torch.manual_seed(0)
+    auto = MetaFusionTrainer(
+        FusionWithCustomOp().double(),
+        reconstruct_a,
+        TinyGenerator().double(),
+        inner_lr=0.3,
+        device="cpu",
+    )
+    with pytest.warns(RuntimeWarning, match="second-order back-propagation instead"):
+        result = auto.hypergradient(meta_train, meta_test)
+    torch.manual_seed(0)
+    backprop = MetaFusionTrainer(
+        FusionWithCustomOp().double(),
+        reconstruct_a,
+        TinyGenerator().double(),
+        inner_lr=0.3,
+        device="cpu",
+        hypergradient_method="backprop",
+    )
+    expected = backprop.hypergradient(meta_train, meta_test)
+    for name, value in expected.items():
+        torch.testing.assert_close(result[name], value)
+    forward_only = MetaFusionTrainer(
+        FusionWithCustomOp().double(),
+        reconstruct_a,
+        TinyGenerator().double(),
+        device="cpu",
+        hypergradient_method="forward",
+    )
+    with pytest.raises(RuntimeError):
+        forward_only.hypergradient(meta_train, meta_test)
 
 
 def snapshot(trainer):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from tdfusion.errors import CheckpointError, NonFiniteLossError
@@ -44,6 +45,7 @@ TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 GeneratorUpdate = Literal["normalized", "optimizer"]
 OnNonFinite = Literal["raise", "skip"]
+HypergradientMethod = Literal["auto", "forward", "backprop"]
 
 CHECKPOINT_VERSION = 1
 
@@ -86,6 +88,10 @@ def _move_target(target: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if isinstance(target, (list, tuple)):
         return type(target)(_move_target(v, device, dtype) for v in target)
     return target
+
+
+class _ForwardModeUnsupported(Exception):
+    """Forward-mode differentiation of the fusion model failed (the cause says why)."""
 
 
 def _finite(*values: torch.Tensor | None) -> bool:
@@ -160,6 +166,12 @@ class MetaFusionTrainer:
         that update with a warning.
     seed : int or torch.Generator, optional
         Seed (or generator) for the crop offsets; saved and restored with checkpoints.
+    hypergradient_method : {"auto", "forward", "backprop"}
+        How the exact hypergradient is computed. ``"forward"``: one forward-mode derivative of
+        ``F`` and first-order backward passes only (fast, little memory; see
+        :meth:`hypergradient`). ``"backprop"``: second-order back-propagation through the inner
+        step (works for any ``F``). ``"auto"`` uses ``"forward"`` and falls back to
+        ``"backprop"``, with a warning, when ``F`` has an operation without forward-mode support.
 
     Examples
     --------
@@ -196,6 +208,7 @@ class MetaFusionTrainer:
         grad_clip: float | None = None,
         on_nonfinite: OnNonFinite = "raise",
         seed: int | torch.Generator | None = None,
+        hypergradient_method: HypergradientMethod = "auto",
     ) -> None:
         if not isinstance(fusion_model, nn.Module):
             raise TypeError(f"fusion_model must be an nn.Module, got {type(fusion_model).__name__}")
@@ -204,6 +217,11 @@ class MetaFusionTrainer:
         if generator_update not in ("normalized", "optimizer"):
             raise ValueError(
                 f"generator_update must be 'normalized' or 'optimizer', got {generator_update!r}"
+            )
+        if hypergradient_method not in ("auto", "forward", "backprop"):
+            raise ValueError(
+                "hypergradient_method must be 'auto', 'forward' or 'backprop', got "
+                f"{hypergradient_method!r}"
             )
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
@@ -243,6 +261,8 @@ class MetaFusionTrainer:
         self.task_size = None if task_size is None else (int(task_size[0]), int(task_size[1]))
         self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.on_nonfinite = on_nonfinite
+        self.hypergradient_method = hypergradient_method
+        self._resolved_method = "backprop" if hypergradient_method == "backprop" else "forward"
 
         if isinstance(seed, torch.Generator):
             self.generator = seed
@@ -315,6 +335,7 @@ class MetaFusionTrainer:
             "task_size": None if self.task_size is None else list(self.task_size),
             "grad_clip": self.grad_clip,
             "on_nonfinite": self.on_nonfinite,
+            "hypergradient_method": self.hypergradient_method,
         }
 
     # ------------------------------------------------------------------ batches
@@ -412,16 +433,17 @@ class MetaFusionTrainer:
 
     # ------------------------------------------------------------------ meta step
     def _meta_graph(
-        self, meta_train: Batch, meta_test: Batch
-    ) -> tuple[dict[str, Any], Callable[[bool], torch.Tensor]]:
+        self, meta_train: Batch, meta_test: Batch, differentiable: bool = True
+    ) -> tuple[dict[str, Any], Callable[[Sequence[torch.Tensor]], torch.Tensor]]:
         """Build the inner step and return its parts plus a function evaluating the outer loss.
 
         Every module is called through :func:`call_functionally`, so buffers (batch-norm
         statistics) of F, G and T are left as they were.
 
-        The returned ``outer(differentiable)`` computes ``L_t(T'(F'(x_mts)))``; with
-        ``differentiable=True`` the graph reaches ``theta_G`` through ``theta_F'``, otherwise
-        ``theta_F'`` enters as detached leaves (the two-phase hypergradient).
+        With ``differentiable=True`` the adapted parameters ``theta_F'`` keep their graph to
+        ``theta_G`` (second-order); otherwise they are plain tensors and the generator's weights
+        are computed without a graph. The returned ``outer(theta_F')`` computes
+        ``L_t(T'(F'(x_mts)))``.
         """
         a_train, b_train, target_train = self._prepare(meta_train, "meta_train")
         a_test, b_test, target_test = self._prepare(meta_test, "meta_test")
@@ -431,12 +453,19 @@ class MetaFusionTrainer:
         fusion_params = trainable_parameters(self.fusion_model)
         fusion_names, fusion_values = list(fusion_params), list(fusion_params.values())
         crop_a, crop_b = self._fusion_input(a_train, b_train, "meta_train")
-        weights = call_functionally(self.loss_generator, (crop_a, crop_b))
+        with torch.set_grad_enabled(differentiable):
+            weights = call_functionally(self.loss_generator, (crop_a, crop_b))
         fused_crop = call_functionally(self.fusion_model, (crop_a, crop_b))
         terms = self._fusion_terms(fused_crop, crop_a, crop_b, weights)
-        inner_grads = gradients(terms.total, fusion_values, create_graph=True)
+        inner_grads = gradients(terms.total, fusion_values, create_graph=differentiable)
         inner_step = make_inner_optimizer(self.inner_optimizer, self.inner_lr * scale)
-        adapted_fusion = differentiable_step(inner_step, fusion_values, inner_grads)
+        if differentiable:
+            adapted_fusion = differentiable_step(inner_step, fusion_values, inner_grads)
+        else:
+            with torch.no_grad():
+                adapted_fusion = differentiable_step(
+                    inner_step, [v.detach() for v in fusion_values], inner_grads
+                )
 
         # Task clone (Eq. 5): theta_T' = step(theta_T, dL_t(F(x_mtr))/dtheta_T); no graph to G.
         task = self.task_module
@@ -474,6 +503,12 @@ class MetaFusionTrainer:
         parts = {
             "terms": terms,
             "weights": weights.detach(),
+            "fused_crop": fused_crop.detach(),
+            "crop": (crop_a, crop_b),
+            "fusion_names": fusion_names,
+            "fusion_values": [v.detach() for v in fusion_values],
+            "inner_grads": inner_grads,
+            "inner_step": inner_step,
             "adapted_fusion": adapted_fusion,
             "meta_train_task_loss": meta_train_task_loss,
         }
@@ -503,16 +538,105 @@ class MetaFusionTrainer:
 
     def _hypergradient(
         self, meta_train: Batch, meta_test: Batch
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        parts, outer = self._meta_graph(meta_train, meta_test)
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        method = self._resolved_method
+        if method == "forward":
+            generator_state = self.generator.get_state()
+            try:
+                return self._hypergradient_forward(meta_train, meta_test)
+            except _ForwardModeUnsupported as error:
+                if self.hypergradient_method == "forward":
+                    raise error.__cause__ from None
+                warnings.warn(
+                    "the fusion model does not support forward-mode differentiation "
+                    f"({error.__cause__}); computing hypergradients by second-order "
+                    "back-propagation instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._resolved_method = "backprop"
+                self.generator.set_state(generator_state)
+        return self._hypergradient_backprop(meta_train, meta_test)
+
+    def _hypergradient_backprop(
+        self, meta_train: Batch, meta_test: Batch
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """Two phases: ``v = dL_t/dtheta_F'`` on leaves, then ``v^T dtheta_F'/dtheta_G``."""
+        parts, outer = self._meta_graph(meta_train, meta_test, differentiable=True)
         adapted = parts["adapted_fusion"]
         adapted_leaves = [p.detach().requires_grad_(True) for p in adapted]
         outer_loss = outer(adapted_leaves)
         cotangents = gradients(outer_loss, adapted_leaves)
         generator_params = trainable_parameters(self.loss_generator)
         hypergradient = vector_jacobian_product(adapted, generator_params, cotangents)
+        return hypergradient, self._meta_stats(parts, outer_loss)
+
+    def _hypergradient_forward(
+        self, meta_train: Batch, meta_test: Batch
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """The same hypergradient without a second-order graph through ``F``.
+
+        With ``g = dL_f/dtheta_F`` and ``theta_F' = step(theta_F, g)``, the hypergradient is
+        ``u^T dg/dtheta_G`` with ``u = (dstep/dg)^T v`` and ``v = dL_t/dtheta_F'``. Since ``L_f``
+        depends on ``theta_F`` only through the fused image ``f`` and on ``theta_G`` only
+        through the weights ``w``, ``u^T dg/dtheta_G = d/dtheta_G <dL_f/df (f, w), f_dot>``
+        where ``f_dot = (df/dtheta_F) u`` is one forward-mode derivative of ``F``. What is left
+        is a second derivative of the loss function alone (cheap, element-wise) and a
+        first-order backward through ``G``.
+        """
+        parts, outer = self._meta_graph(meta_train, meta_test, differentiable=False)
+        adapted_leaves = [p.detach().requires_grad_(True) for p in parts["adapted_fusion"]]
+        outer_loss = outer(adapted_leaves)
+        cotangents = gradients(outer_loss, adapted_leaves)
+        del adapted_leaves
+
+        # u = (d step / d g)^T v: the optimiser's own (element-wise) derivative, no network.
+        grad_leaves = [g.detach().requires_grad_(True) for g in parts["inner_grads"]]
+        with torch.enable_grad():
+            stepped = differentiable_step(parts["inner_step"], parts["fusion_values"], grad_leaves)
+        direction = vector_jacobian_product(
+            stepped, dict(enumerate(grad_leaves)), cotangents
+        ).values()
+
+        # f_dot = (df/dtheta_F) u by forward-mode differentiation of F on the meta-train crop.
+        crop_a, crop_b = parts["crop"]
+        buffers = {n: b.clone() for n, b in self.fusion_model.named_buffers()}
+        names = parts["fusion_names"]
+
+        def fused_from(*values: torch.Tensor) -> torch.Tensor:
+            substitutes = {**buffers, **dict(zip(names, values))}
+            return functional_call(self.fusion_model, substitutes, (crop_a, crop_b), strict=False)
+
+        try:
+            _, fused_tangent = torch.func.jvp(
+                fused_from, tuple(parts["fusion_values"]), tuple(direction)
+            )
+        except (RuntimeError, NotImplementedError) as error:
+            raise _ForwardModeUnsupported from error
+
+        # c = d/dw <dL_f/df (f, w), f_dot>: second derivative of the loss function only.
+        fused_leaf = parts["fused_crop"].detach().requires_grad_(True)
+        weights_leaf = parts["weights"].detach().requires_grad_(True)
+        loss = self._fusion_terms(fused_leaf, crop_a, crop_b, weights_leaf).total
+        (loss_gradient,) = torch.autograd.grad(loss, fused_leaf, create_graph=True)
+        (weights_cotangent,) = torch.autograd.grad(
+            (loss_gradient * fused_tangent).sum(), weights_leaf, allow_unused=True
+        )
+        if weights_cotangent is None:  # the loss does not couple the weights to the image
+            weights_cotangent = torch.zeros_like(weights_leaf)
+
+        # Back-propagate c through G.
+        generator_params = trainable_parameters(self.loss_generator)
+        weights = call_functionally(self.loss_generator, (crop_a, crop_b))
+        hypergradient = vector_jacobian_product([weights], generator_params, [weights_cotangent])
+        return hypergradient, self._meta_stats(parts, outer_loss)
+
+    @staticmethod
+    def _meta_stats(
+        parts: Mapping[str, Any], outer_loss: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
         terms: FusionLossTerms = parts["terms"]
-        stats = {
+        return {
             "fusion_loss": terms.total.detach(),
             "fusion_intensity": terms.intensity.detach(),
             "fusion_gradient": terms.gradient.detach(),
@@ -520,7 +644,6 @@ class MetaFusionTrainer:
             "meta_train_task_loss": parts["meta_train_task_loss"],
             "weight_a_mean": parts["weights"][:, 0].mean(),
         }
-        return hypergradient, stats
 
     def hypergradient(self, meta_train: Batch, meta_test: Batch) -> dict[str, torch.Tensor]:
         """The exact gradient of the outer task loss w.r.t. the loss generator's parameters.

@@ -1,0 +1,114 @@
+"""The research code's meta-step mechanics, re-implemented as the benchmark baseline.
+
+What makes the research code's meta step slow and leaky, reproduced on the same networks:
+
+- the inner step back-propagates the fusion loss with ``.backward(create_graph=True)`` into every
+  parameter's ``.grad`` (F's and G's), which keeps a graph that references the parameters
+  themselves (a reference cycle that the garbage collector frees late, so memory grows);
+- the fast weights ``theta - lr * theta.grad`` are written into the modules (the parameters are
+  replaced by the non-leaf tensors for the outer forward, then put back);
+- the task network's one-step clone is an ordinary optimiser step on the real network, which is
+  saved to disk before and reloaded from disk after every meta step;
+- the fused image for the task clone is computed with autograd on and then detached.
+
+Only the mechanics differ from :class:`tdfusion.MetaFusionTrainer`; the networks, the losses,
+the crops and the task input are the same, so timings compare like with like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdfusion.losses import learnable_fusion_loss
+
+
+@contextlib.contextmanager
+def fast_weights_written_into(module: nn.Module, fast: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Replace the named parameters of ``module`` by plain tensors for the duration of a block."""
+    originals = {}
+    for name, tensor in fast.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        originals[name] = (owner, attribute, owner._parameters.pop(attribute))
+        setattr(owner, attribute, tensor)
+    try:
+        yield
+    finally:
+        for owner, attribute, parameter in originals.values():
+            delattr(owner, attribute)
+            owner._parameters[attribute] = parameter
+
+
+class ResearchMechanics:
+    """Meta and fusion steps done the research code's way (see the module docstring)."""
+
+    def __init__(
+        self,
+        fusion: nn.Module,
+        generator: nn.Module,
+        task: nn.Module,
+        *,
+        inner_lr: float = 1e-4,
+        lr: float = 1e-4,
+        fusion_crop: int = 256,
+        task_size: tuple[int, int] = (240, 320),
+    ) -> None:
+        self.fusion, self.generator, self.task = fusion, generator, task
+        self.inner_lr, self.lr = inner_lr, lr
+        self.fusion_crop, self.task_size = fusion_crop, task_size
+        self.fusion_optimizer = torch.optim.Adam(fusion.parameters(), lr=lr)
+        self.task_optimizer = torch.optim.Adam(task.parameters(), lr=lr)
+        self.generator_optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+        self.folder = tempfile.mkdtemp(prefix="research-mechanics-")
+        self.crop_rng = torch.Generator().manual_seed(0)
+
+    def _crop(self, a, b):
+        height, width = a.shape[-2:]
+        top = int(torch.randint(height - self.fusion_crop + 1, (1,), generator=self.crop_rng))
+        left = int(torch.randint(width - self.fusion_crop + 1, (1,), generator=self.crop_rng))
+        window = (slice(None), slice(None), slice(top, top + self.fusion_crop),
+                  slice(left, left + self.fusion_crop))
+        return a[window], b[window]
+
+    def _resize(self, image):
+        return F.interpolate(image, size=self.task_size, mode="bilinear", align_corners=False)
+
+    def meta_step(self, meta_train, meta_test) -> float:
+        a, b, target = meta_train
+        interim = os.path.join(self.folder, "interim_task.pth")
+        torch.save(self.task.state_dict(), interim)
+        self.fusion_optimizer.zero_grad()
+        self.task_optimizer.zero_grad()
+        self.generator_optimizer.zero_grad()
+
+        crop_a, crop_b = self._crop(a, b)
+        fused = self.fusion(crop_a, crop_b)
+        weights = self.generator(crop_a, crop_b)
+        fusion_loss = learnable_fusion_loss(fused, crop_a, crop_b, weights)
+        fusion_loss.backward(create_graph=True, retain_graph=True)
+        fast = {n: p - self.inner_lr * p.grad for n, p in self.fusion.named_parameters()}
+
+        fused_train = self.fusion(self._resize(a), self._resize(b)).detach()
+        self.task(fused_train, target).backward()
+        self.task_optimizer.step()
+
+        test_a, test_b, test_target = meta_test
+        self.generator_optimizer.zero_grad()
+        with fast_weights_written_into(self.fusion, fast):
+            fused_test = self.fusion(self._resize(test_a), self._resize(test_b))
+            task_loss = self.task(fused_test, test_target)
+            task_loss.backward()
+        with torch.no_grad():  # the normalised generator update
+            largest = max(float(p.grad.abs().max()) for p in self.generator.parameters())
+            if largest > 0:
+                for p in self.generator.parameters():
+                    p.add_(-self.lr * p.grad / largest)
+        self.task.load_state_dict(torch.load(interim, weights_only=True))
+        return float(task_loss)
