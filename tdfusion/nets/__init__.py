@@ -1,0 +1,46 @@
+"""Networks: the fusion network F, the loss generator G, their blocks, registry and checkpoints.
+
+Example
+-------
+>>> import torch
+>>> from tdfusion.nets import LossGenerator, ReFusionNet, create_model
+>>> a, b = torch.rand(1, 1, 32, 40), torch.rand(1, 1, 32, 40)
+>>> ReFusionNet()(a, b).shape
+torch.Size([1, 1, 32, 40])
+>>> create_model("loss_generator")(a, b).shape
+torch.Size([1, 2, 32, 40])
+"""
+
+from __future__ import annotations
+
+from tdfusion.nets.generator import LossGenerator
+from tdfusion.nets.layers import (
+    ChannelAttention,
+    CrossAttentionFusion,
+    GatedFeedForward,
+    LayerNorm2d,
+    RestormerBlock,
+)
+from tdfusion.nets.pretrained import (
+    PretrainedMixin,
+    convert_research_state_dict,
+    load_pretrained,
+)
+from tdfusion.nets.refusion import ReFusionNet
+from tdfusion.nets.registry import create_model, list_models, register_model
+
+__all__ = [
+    "ChannelAttention",
+    "CrossAttentionFusion",
+    "GatedFeedForward",
+    "LayerNorm2d",
+    "LossGenerator",
+    "PretrainedMixin",
+    "ReFusionNet",
+    "RestormerBlock",
+    "convert_research_state_dict",
+    "create_model",
+    "list_models",
+    "load_pretrained",
+    "register_model",
+]

@@ -1,0 +1,735 @@
+"""Checkpoint reading, conversion and writing for the networks of :mod:`tdfusion.nets`.
+
+Four kinds of file are understood:
+
+- the authors' research checkpoints (ReFusion, TDFusion fusion networks and their loss
+  generator): plain state dicts that list every convolution weight twice, ``X.weight`` and
+  ``X.conv.weight``, possibly with DataParallel's ``module.`` prefix; they are translated by
+  :func:`convert_research_state_dict`;
+- files written by ``save_pretrained``: ``{"format": "tdfusion.nets", "version": 1, "arch",
+  "config", "state_dict"}``, whose config rebuilds the exact architecture;
+- plain state dicts of this package's networks (widths inferred from the tensor shapes);
+- trainer checkpoints (``"format": "tdfusion.trainer"``), from which each network takes its
+  own entry of ``"models"`` and ``"model_configs"``.
+
+Nothing is ever downloaded: a checkpoint is a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from tdfusion.errors import CheckpointError
+
+__all__ = [
+    "NETS_FORMAT",
+    "NETS_FORMAT_VERSION",
+    "TRAINER_FORMAT",
+    "PretrainedMixin",
+    "checkpoint_search_paths",
+    "convert_research_state_dict",
+    "infer_config",
+    "is_research_state_dict",
+    "load_checked_state_dict",
+    "load_pretrained",
+    "read_checkpoint",
+    "resolve_checkpoint_path",
+    "save_pretrained",
+    "strip_wrapper_prefix",
+]
+
+NETS_FORMAT = "tdfusion.nets"
+NETS_FORMAT_VERSION = 1
+TRAINER_FORMAT = "tdfusion.trainer"
+
+#: How many key names an error message lists before saying "and N more".
+_KEYS_SHOWN = 5
+
+#: Top-level module names of the research code -> ours (fusion network and loss generator).
+_RESEARCH_TOP_LEVEL = {
+    "project_in_1": "embed_a",
+    "project_in_2": "embed_b",
+    "patch_embed1": "embed_a",
+    "patch_embed2": "embed_b",
+    "encoder1": "encoder_a",
+    "encoder2": "encoder_b",
+    "encoder3": "decoder",
+    "FM": "fusion",
+    "project_out_0": "head_conv",
+    "project_out_1": "head_out",
+    "out1": "head_conv",
+    "out2": "head_act",
+    "out3": "head_out",
+}
+
+#: Names inside the research fusion block (``FM``) -> ours (:class:`CrossAttentionFusion`).
+_RESEARCH_FUSION_BLOCK = {
+    "temperature1": "temperature_a",
+    "temperature2": "temperature_b",
+    "qkv1": "qkv_a",
+    "qkv1_dwconv": "qkv_dwconv_a",
+    "qkv2": "qkv_b",
+    "qkv2_dwconv": "qkv_dwconv_b",
+    "project_mid1": "attn_project_a",
+    "project_mid2": "attn_project_b",
+    "project_E": "gate_in",
+    "project_E_d": "gate_dwconv",
+    "project_E1": "expand_a",
+    "project_E1_d": "expand_dwconv_a",
+    "project_E2": "expand_b",
+    "project_E2_d": "expand_dwconv_b",
+    "project_out1": "project_out_a",
+    "project_out2": "project_out_b",
+}
+
+#: Layer-norm names inside a research transformer block -> ours (:class:`RestormerBlock`).
+_RESEARCH_BLOCK_NORMS = {".norm1.body.": ".attn_norm.", ".norm2.body.": ".ffn_norm."}
+
+#: Key prefixes of DataParallel / DistributedDataParallel and of torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+_WRAPPED_CONV_KEY = re.compile(r"^(?P<owner>.+)\.conv\.(?P<leaf>weight|bias)$")
+
+_NetT = TypeVar("_NetT", bound=nn.Module)
+
+
+def _preview(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_KEYS_SHOWN])
+    more = len(keys) - _KEYS_SHOWN
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the prefixes that wrappers put on every key.
+
+    ``nn.DataParallel`` / DDP add ``module.``, ``torch.compile`` adds ``_orig_mod.``; nested
+    wrappers add several.
+
+    Parameters
+    ----------
+    state_dict : Mapping[str, torch.Tensor]
+        A state dict.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        The same tensors; keys without a prefix that every key had.
+
+    Example
+    -------
+    >>> list(strip_wrapper_prefix({"module._orig_mod.x.weight": torch.zeros(1)}))
+    ['x.weight']
+    """
+    stripped = dict(state_dict)
+    shared = _shared_wrapper_prefix(stripped)
+    while shared:
+        stripped = {key[len(shared) :]: value for key, value in stripped.items()}
+        shared = _shared_wrapper_prefix(stripped)
+    return stripped
+
+
+def _shared_wrapper_prefix(state_dict: Mapping[str, Any]) -> str | None:
+    for prefix in _WRAPPER_PREFIXES:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            return prefix
+    return None
+
+
+def is_research_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a state dict uses the authors' research-code names.
+
+    Parameters
+    ----------
+    state_dict : Mapping[str, Any]
+        A state dict, with or without the ``module.`` prefix.
+
+    Returns
+    -------
+    bool
+        True when a top-level name of the research code (``project_in_1``, ``FM``,
+        ``patch_embed1``, ...) or a wrapped convolution key (``X.conv.weight``) appears.
+
+    Example
+    -------
+    >>> is_research_state_dict({"project_in_1.weight": torch.zeros(1)})
+    True
+    """
+    for key in strip_wrapper_prefix(state_dict):
+        if key.split(".", 1)[0] in _RESEARCH_TOP_LEVEL or _WRAPPED_CONV_KEY.match(key):
+            return True
+    return False
+
+
+def _rename_research_key(key: str) -> str:
+    parts = key.split(".")
+    top = parts[0]
+    if top == "FM" and len(parts) > 1:
+        parts[1] = _RESEARCH_FUSION_BLOCK.get(parts[1], parts[1])
+    parts[0] = _RESEARCH_TOP_LEVEL.get(top, top)
+    renamed = ".".join(parts)
+    for research_name, our_name in _RESEARCH_BLOCK_NORMS.items():
+        renamed = renamed.replace(research_name, our_name)
+    return renamed
+
+
+def convert_research_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Translate a state dict of the authors' research code into this package's names.
+
+    The research code wraps every convolution in a module that registers the same weight
+    twice, so its state dicts hold ``X.weight`` and ``X.conv.weight``; the two must be
+    equal (the file is refused otherwise) and one is kept. Layer norms lose their ``.body``
+    level, DataParallel's ``module.`` prefix is dropped, and module names are mapped
+    (``project_in_1`` -> ``embed_a``, ``FM.qkv1`` -> ``fusion.qkv_a``, ``encoder3`` of the
+    loss generator -> ``decoder``, ...). Keys the mapping does not know are passed through
+    unchanged, so loading reports them as unexpected.
+
+    Parameters
+    ----------
+    state_dict : Mapping[str, torch.Tensor]
+        A research ``ReFusion`` (fusion network) or ``LPN`` (loss generator) state dict.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        A state dict for :class:`~tdfusion.nets.ReFusionNet` or
+        :class:`~tdfusion.nets.LossGenerator`.
+
+    Raises
+    ------
+    CheckpointError
+        When ``X.weight`` and ``X.conv.weight`` differ.
+
+    Example
+    -------
+    >>> weight = torch.ones(16, 1, 3, 3)
+    >>> converted = convert_research_state_dict(
+    ...     {"project_in_1.weight": weight, "project_in_1.conv.weight": weight}
+    ... )
+    >>> list(converted)
+    ['embed_a.weight']
+    """
+    state_dict = strip_wrapper_prefix(state_dict)
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        wrapped = _WRAPPED_CONV_KEY.match(key)
+        if wrapped:
+            alias = f"{wrapped['owner']}.{wrapped['leaf']}"
+            if alias in state_dict:
+                if not _same_tensor_values(state_dict[alias], value):
+                    raise CheckpointError(
+                        f"research checkpoint lists {alias} and {key} with different values; "
+                        "refusing to guess which one the network used"
+                    )
+                continue
+            key = alias
+        converted[_rename_research_key(key)] = value
+    return converted
+
+
+def _same_tensor_values(first: Any, second: Any) -> bool:
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        return False
+    return first.shape == second.shape and bool(torch.equal(first, second.to(first.device)))
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Read the architecture hyper-parameters of a network from its tensor shapes.
+
+    Works for :class:`~tdfusion.nets.ReFusionNet` and :class:`~tdfusion.nets.LossGenerator`
+    (both start with ``embed_a`` and ``encoder_a`` blocks). Whatever cannot be read is left
+    out, so the constructor's default applies and a strict load reports the mismatch.
+
+    Parameters
+    ----------
+    state_dict : Mapping[str, torch.Tensor]
+        A state dict in this package's names.
+
+    Returns
+    -------
+    dict[str, Any]
+        Some of ``dim``, ``num_blocks``, ``num_heads``, ``ffn_expansion``, ``bias``.
+
+    Example
+    -------
+    >>> infer_config({"embed_a.weight": torch.zeros(8, 1, 3, 3)})
+    {'dim': 8, 'bias': False}
+    """
+    config: dict[str, Any] = {}
+    embed = state_dict.get("embed_a.weight")
+    if not isinstance(embed, torch.Tensor) or embed.dim() != 4:
+        return config
+    dim = int(embed.shape[0])
+    config["dim"] = dim
+    block_indices = {
+        int(match[1])
+        for key in state_dict
+        if (match := re.match(r"^encoder_a\.(\d+)\.", key)) is not None
+    }
+    if block_indices:
+        config["num_blocks"] = max(block_indices) + 1
+    temperature = state_dict.get("encoder_a.0.attn.temperature")
+    if isinstance(temperature, torch.Tensor) and temperature.dim() == 3:
+        config["num_heads"] = int(temperature.shape[0])
+    expand = state_dict.get("encoder_a.0.ffn.project_in.weight")
+    if isinstance(expand, torch.Tensor) and expand.dim() == 4 and dim > 0:
+        hidden = int(expand.shape[0]) // 2
+        expansion = hidden / dim
+        if int(dim * expansion) != hidden:
+            expansion = (hidden + 0.5) / dim
+        config["ffn_expansion"] = expansion
+    config["bias"] = "embed_a.bias" in state_dict
+    return config
+
+
+def checkpoint_search_paths(name: str | os.PathLike[str]) -> list[Path]:
+    """Where a checkpoint is looked for, in order.
+
+    Parameters
+    ----------
+    name : str or os.PathLike
+        The path the user gave.
+
+    Returns
+    -------
+    list[Path]
+        The path itself, then ``$TDFUSION_HOME/weights/<file name>`` (when the variable is
+        set) and ``~/.cache/tdfusion/weights/<file name>``.
+
+    Example
+    -------
+    >>> checkpoint_search_paths("ReFusion_IVIF.pth")[0]
+    PosixPath('ReFusion_IVIF.pth')
+    """
+    given = Path(name).expanduser()
+    candidates = [given]
+    home = os.environ.get("TDFUSION_HOME")
+    if home:
+        candidates.append(Path(home).expanduser() / "weights" / given.name)
+    candidates.append(Path.home() / ".cache" / "tdfusion" / "weights" / given.name)
+    return candidates
+
+
+def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
+    """Find a checkpoint file on disk (see :func:`checkpoint_search_paths`).
+
+    Parameters
+    ----------
+    name : str or os.PathLike
+        A path, or the file name of a checkpoint kept in a weights folder.
+
+    Returns
+    -------
+    Path
+        The first existing file.
+
+    Raises
+    ------
+    FileNotFoundError
+        Listing every place looked at; nothing is downloaded.
+
+    Example
+    -------
+    >>> resolve_checkpoint_path("weights/ReFusion_IVIF.pth")  # doctest: +SKIP
+    PosixPath('weights/ReFusion_IVIF.pth')
+    """
+    candidates = checkpoint_search_paths(name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(candidate) for candidate in candidates)
+    raise FileNotFoundError(
+        f"checkpoint {os.fspath(name)!r} not found; looked in: {looked}. tdfusion downloads "
+        "nothing automatically: pass the path of a local file (or put it in "
+        "$TDFUSION_HOME/weights/)"
+    )
+
+
+def _load_file(file: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {file} as a weights-only torch file: {reason}"
+        ) from error
+
+
+def _as_state_dict(candidate: Any, file: Path, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(candidate, Mapping) or not candidate:
+        raise CheckpointError(f"checkpoint {file}: {what} is not a non-empty state dict")
+    not_tensors = [
+        str(key) for key, value in candidate.items() if not isinstance(value, torch.Tensor)
+    ]
+    if not_tensors:
+        raise CheckpointError(
+            f"checkpoint {file}: {what} holds entries that are not tensors: {_preview(not_tensors)}"
+        )
+    return dict(candidate)
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    arch: str,
+    role: str,
+    map_location: Any = "cpu",
+    arch_aliases: Collection[str] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
+    """Read the state dict (in this package's names) and config of one network from a file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint path or file name (see :func:`resolve_checkpoint_path`).
+    arch : str
+        Registry name of the network that will load it (``"refusion"``, ...); files written
+        for another architecture are refused.
+    role : str
+        Entry of a trainer checkpoint's ``"models"`` to take (``"fusion_model"`` or
+        ``"loss_generator"``).
+    map_location : Any
+        Passed to :func:`torch.load` (the research files were saved on CUDA).
+    arch_aliases : Collection[str]
+        Other names accepted for the architecture (the class name, for instance).
+
+    Returns
+    -------
+    state_dict : dict[str, torch.Tensor]
+        Converted to this package's names.
+    config : dict or None
+        Constructor keyword arguments stored in the file, None when it holds none.
+    file : Path
+        The file that was read.
+
+    Raises
+    ------
+    FileNotFoundError
+        When no file is found.
+    CheckpointError
+        When the file is not a checkpoint of a known kind or holds another architecture.
+
+    Example
+    -------
+    >>> state_dict, config, file = read_checkpoint(
+    ...     "ReFusion_IVIF.pth", arch="refusion", role="fusion_model"
+    ... )  # doctest: +SKIP
+    """
+    file = resolve_checkpoint_path(path)
+    payload = _load_file(file, map_location)
+    accepted = {arch, *arch_aliases}
+    config: dict[str, Any] | None = None
+    if isinstance(payload, Mapping) and payload.get("format") == NETS_FORMAT:
+        version = payload.get("version")
+        if version != NETS_FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {file} has {NETS_FORMAT!r} version {version!r}; this tdfusion "
+                f"reads version {NETS_FORMAT_VERSION}"
+            )
+        stored_arch = payload.get("arch")
+        if stored_arch not in accepted:
+            raise CheckpointError(
+                f"checkpoint {file} holds a {stored_arch!r} network, not a {arch!r} one"
+            )
+        state_dict = _as_state_dict(payload.get("state_dict"), file, "'state_dict'")
+        config = _as_config(payload.get("config"), file)
+    elif isinstance(payload, Mapping) and payload.get("format") == TRAINER_FORMAT:
+        models = payload.get("models")
+        if not isinstance(models, Mapping) or role not in models:
+            present = sorted(models) if isinstance(models, Mapping) else []
+            raise CheckpointError(
+                f"trainer checkpoint {file} has no models[{role!r}]; it holds {present}"
+            )
+        state_dict = _as_state_dict(models[role], file, f"models[{role!r}]")
+        model_configs = payload.get("model_configs")
+        entry = model_configs.get(role) if isinstance(model_configs, Mapping) else None
+        if entry is not None:
+            if not isinstance(entry, Mapping) or entry.get("arch") not in accepted:
+                stored_arch = entry.get("arch") if isinstance(entry, Mapping) else entry
+                raise CheckpointError(
+                    f"trainer checkpoint {file}: models[{role!r}] is a {stored_arch!r} "
+                    f"network, not a {arch!r} one"
+                )
+            config = _as_config(entry.get("config"), file)
+    elif isinstance(payload, Mapping) and "format" in payload:
+        raise CheckpointError(
+            f"checkpoint {file} has unknown format {payload['format']!r}; expected "
+            f"{NETS_FORMAT!r}, {TRAINER_FORMAT!r} or a plain state dict"
+        )
+    elif isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
+        state_dict = _as_state_dict(payload["state_dict"], file, "'state_dict'")
+    elif isinstance(payload, Mapping):
+        state_dict = _as_state_dict(payload, file, "the file")
+    else:
+        raise CheckpointError(
+            f"checkpoint {file} holds a {type(payload).__name__}, not a state dict or a "
+            "tdfusion checkpoint"
+        )
+    state_dict = strip_wrapper_prefix(state_dict)
+    if is_research_state_dict(state_dict):
+        try:
+            state_dict = convert_research_state_dict(state_dict)
+        except CheckpointError as error:
+            raise CheckpointError(f"checkpoint {file}: {error}") from error
+    return state_dict, config, file
+
+
+def _as_config(config: Any, file: Path) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if not isinstance(config, Mapping) or not all(isinstance(key, str) for key in config):
+        raise CheckpointError(f"checkpoint {file}: 'config' is not a dict of keyword arguments")
+    return dict(config)
+
+
+def load_checked_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    file: str | os.PathLike[str],
+    strict: bool = True,
+) -> None:
+    """Load a state dict into a model, with an actionable error when it does not fit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    state_dict : Mapping[str, torch.Tensor]
+        In the model's names.
+    file : str or os.PathLike
+        Named in messages.
+    strict : bool
+        When True, missing or unexpected keys are an error; when False they are reported
+        with a warning and the matching keys are loaded. Shape mismatches are always an error.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file, the first missing / unexpected keys and the shape mismatches.
+
+    Example
+    -------
+    >>> load_checked_state_dict(nn.Linear(2, 2), nn.Linear(2, 2).state_dict(), "x.pth")
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key} {tuple(state_dict[key].shape)} in the file vs {tuple(value.shape)} in the model"
+        for key, value in expected.items()
+        if key in state_dict and state_dict[key].shape != value.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_preview(mismatched)}")
+    owner = type(model).__name__
+    if mismatched or (strict and problems):
+        raise CheckpointError(f"checkpoint {file} does not fit {owner}: " + "; ".join(problems))
+    if problems:
+        warnings.warn(
+            f"checkpoint {file} loaded into {owner} non-strictly: " + "; ".join(problems),
+            stacklevel=3,
+        )
+    loadable = {key: value for key, value in state_dict.items() if key in expected}
+    model.load_state_dict(loadable, strict=False)
+
+
+def load_pretrained(
+    model: _NetT,
+    path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    strict: bool = True,
+) -> _NetT:
+    """Load a checkpoint into an existing network (its architecture is kept as built).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A network with ``arch`` and ``trainer_role`` attributes
+        (:class:`~tdfusion.nets.ReFusionNet`, :class:`~tdfusion.nets.LossGenerator`).
+    path : str or os.PathLike
+        Any checkpoint :func:`read_checkpoint` understands.
+    map_location : Any
+        Passed to :func:`torch.load`.
+    strict : bool
+        See :func:`load_checked_state_dict`.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, with the weights loaded.
+
+    Example
+    -------
+    >>> from tdfusion.nets import ReFusionNet
+    >>> net = load_pretrained(ReFusionNet(), "ReFusion_IVIF.pth")  # doctest: +SKIP
+    """
+    state_dict, _, file = read_checkpoint(
+        path,
+        arch=getattr(model, "arch", type(model).__name__),
+        role=getattr(model, "trainer_role", "fusion_model"),
+        map_location=map_location,
+        arch_aliases=_class_names(type(model)),
+    )
+    load_checked_state_dict(model, state_dict, file, strict)
+    return model
+
+
+def _class_names(cls: type) -> tuple[str, str]:
+    # Trainer checkpoints may describe a network by its class rather than its registry name.
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write a network, its architecture name and its config to one file, atomically.
+
+    The file holds ``{"format": "tdfusion.nets", "version": 1, "arch", "config",
+    "state_dict"}``; it is written to a temporary file in the same folder and renamed, so a
+    crash never leaves half a checkpoint behind.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A network with ``arch`` and ``config``.
+    path : str or os.PathLike
+        Destination; missing parent folders are created.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Example
+    -------
+    >>> from tdfusion.nets import ReFusionNet
+    >>> save_pretrained(ReFusionNet(dim=8), "fusion.pth")
+    PosixPath('fusion.pth')
+    """
+    destination = Path(path).expanduser()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": NETS_FORMAT,
+        "version": NETS_FORMAT_VERSION,
+        "arch": model.arch,
+        "config": dict(model.config),
+        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+    }
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return destination
+
+
+class PretrainedMixin:
+    """Adds ``from_pretrained`` / ``save_pretrained`` to an ``nn.Module`` network.
+
+    A network using it defines ``arch`` (its registry name), ``trainer_role`` (its
+    entry in trainer checkpoints) and a ``config`` property returning its constructor
+    keyword arguments.
+
+    Example
+    -------
+    >>> from tdfusion.nets import ReFusionNet
+    >>> path = ReFusionNet(dim=8).save_pretrained("fusion.pth")
+    >>> ReFusionNet.from_pretrained(path).config["dim"]
+    8
+    """
+
+    arch: ClassVar[str]
+    trainer_role: ClassVar[str]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments that rebuild this architecture."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_NetT],
+        path: str | os.PathLike[str],
+        map_location: Any = "cpu",
+        strict: bool = True,
+    ) -> _NetT:
+        """Build the network from a checkpoint file, in eval mode.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A ``save_pretrained`` file, a plain state dict of this network, a trainer
+            checkpoint (its entry for this network), or one of the authors' research
+            checkpoints (``ReFusion_IVIF.pth``, ``TDFusion_MSRS.pth``, ...). When the path
+            does not exist, the file name is looked up in ``$TDFUSION_HOME/weights/`` and
+            ``~/.cache/tdfusion/weights/``; nothing is downloaded.
+        map_location : Any
+            Passed to :func:`torch.load`; keep ``"cpu"`` (the default) for the research
+            files, which were saved on CUDA, and move the network afterwards.
+        strict : bool
+            When True (the default), missing or unexpected keys are an error.
+
+        Returns
+        -------
+        nn.Module
+            The network, with the architecture stored in (or inferred from) the file.
+
+        Raises
+        ------
+        FileNotFoundError
+            When the file is not found.
+        CheckpointError
+            When the file is unreadable, of an unknown kind, for another architecture, or
+            its keys or shapes do not fit (the message names them).
+        """
+        state_dict, config, file = read_checkpoint(
+            path,
+            arch=cls.arch,  # type: ignore[attr-defined]
+            role=cls.trainer_role,  # type: ignore[attr-defined]
+            map_location=map_location,
+            arch_aliases=_class_names(cls),
+        )
+        if config is None:
+            config = infer_config(state_dict)
+        try:
+            model = cls(**config)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {file}: config {config} does not build a {cls.__name__}: {error}"
+            ) from error
+        load_checked_state_dict(model, state_dict, file, strict)
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write this network to ``path`` (see :func:`save_pretrained`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Destination file.
+
+        Returns
+        -------
+        Path
+            The file written.
+        """
+        return save_pretrained(self, path)  # type: ignore[arg-type]
