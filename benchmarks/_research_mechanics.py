@@ -73,8 +73,12 @@ class ResearchMechanics:
         height, width = a.shape[-2:]
         top = int(torch.randint(height - self.fusion_crop + 1, (1,), generator=self.crop_rng))
         left = int(torch.randint(width - self.fusion_crop + 1, (1,), generator=self.crop_rng))
-        window = (slice(None), slice(None), slice(top, top + self.fusion_crop),
-                  slice(left, left + self.fusion_crop))
+        window = (
+            slice(None),
+            slice(None),
+            slice(top, top + self.fusion_crop),
+            slice(left, left + self.fusion_crop),
+        )
         return a[window], b[window]
 
     def _resize(self, image):

@@ -109,8 +109,18 @@ def child(mode: str, steps: int, data: Path, threads: int) -> dict:
 
 
 def run_child(mode: str, steps: int, data: Path, threads: int) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--steps", str(steps),
-               "--data", str(data), "--threads", str(threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--steps",
+        str(steps),
+        "--data",
+        str(data),
+        "--threads",
+        str(threads),
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -118,10 +128,18 @@ def run_child(mode: str, steps: int, data: Path, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--memory-steps", type=int, default=20,
-                        help="meta steps of our trainer for the memory figure")
-    parser.add_argument("--research-steps", type=int, default=5,
-                        help="meta steps of the research mechanics (each ~30 s on 2 cores)")
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=20,
+        help="meta steps of our trainer for the memory figure",
+    )
+    parser.add_argument(
+        "--research-steps",
+        type=int,
+        default=5,
+        help="meta steps of the research mechanics (each ~30 s on 2 cores)",
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 2)))
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -133,24 +151,35 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, CPU: {os.cpu_count()} cores")
     ours_meta = run_child("ours-meta", max(args.steps, args.memory_steps), args.data, args.threads)
     ours_fusion = run_child("ours-fusion", args.steps, args.data, args.threads)
-    research = run_child("research-meta", max(args.steps, args.research_steps), args.data,
-                         args.threads)
+    research = run_child(
+        "research-meta", max(args.steps, args.research_steps), args.data, args.threads
+    )
     meta = statistics.median(ours_meta["times"])
     fusion = statistics.median(ours_fusion["times"])
     baseline = statistics.median(research["times"])
     growth = ours_meta["rss"][-1] - ours_meta["rss"][1]
     research_growth = research["rss"][-1] - research["rss"][1]
-    for name, result in (("ours meta", ours_meta), ("ours fusion", ours_fusion),
-                         ("research meta", research)):
+    for name, result in (
+        ("ours meta", ours_meta),
+        ("ours fusion", ours_fusion),
+        ("research meta", research),
+    ):
         times = result["times"]
-        print(f"{name:14s} median {statistics.median(times):7.2f} s  over {len(times)} steps, "
-              f"peak RSS {result['peak']:.2f} GiB, RSS after each step "
-              + " ".join(f"{m:.2f}" for m in result["rss"]))
-    print(f"memory growth over the run: ours {growth:+.2f} GiB ({len(ours_meta['rss']) - 1} meta "
-          f"steps), research {research_growth:+.2f} GiB ({len(research['rss']) - 1} meta steps)")
-    print(f"meta step: ours {meta:.2f} s, research mechanics {baseline:.2f} s, speed-up "
-          f"{baseline / meta:.2f}x; ours meta/fusion {meta / fusion:.2f}x (fusion step {fusion:.2f} s); "
-          f"peak memory ours {ours_meta['peak']:.2f} GiB vs research {research['peak']:.2f} GiB")
+        print(
+            f"{name:14s} median {statistics.median(times):7.2f} s  over {len(times)} steps, "
+            f"peak RSS {result['peak']:.2f} GiB, RSS after each step "
+            + " ".join(f"{m:.2f}" for m in result["rss"])
+        )
+    print(
+        f"memory growth over the run: ours {growth:+.2f} GiB ({len(ours_meta['rss']) - 1} meta "
+        f"steps), research {research_growth:+.2f} GiB ({len(research['rss']) - 1} meta steps)"
+    )
+    print(
+        f"meta step: ours {meta:.2f} s, research mechanics {baseline:.2f} s, speed-up "
+        f"{baseline / meta:.2f}x; ours meta/fusion {meta / fusion:.2f}x "
+        f"(fusion step {fusion:.2f} s); "
+        f"peak memory ours {ours_meta['peak']:.2f} GiB vs research {research['peak']:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from tdfusion.errors import TDFusionError
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 #: Sub-command name -> module that defines it (kept in the order ``--help`` lists them).
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "evaluate": "tdfusion.cli.evaluate",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

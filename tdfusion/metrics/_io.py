@@ -1,0 +1,141 @@
+"""Reading images as 0..255 luma arrays and pairing fused and source folders by file stem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tdfusion.errors import DataError
+
+__all__ = ["IMAGE_SUFFIXES", "list_images", "pair_by_stem", "read_luma"]
+
+#: File suffixes (lower case) read as images.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# ITU-R BT.601 luma weights for R, G, B (those of the YCrCb conversion the field uses).
+_LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_luma(path: str | Path) -> np.ndarray:
+    """Read an image file as its BT.601 luma (Y) channel on the 0..255 scale.
+
+    Grey images stay grey, colour images give ``0.299 R + 0.587 G + 0.114 B`` (alpha is
+    ignored), 16-bit images are scaled by ``255 / 65535``. The result is rounded to integer
+    levels, as the field's evaluation code reads images (OpenCV grey conversion, rounded).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        Image file (PNG, JPEG, BMP, TIFF).
+
+    Returns
+    -------
+    numpy.ndarray, shape (H, W), dtype float64
+        Integer-valued luma in 0..255.
+
+    Raises
+    ------
+    DataError
+        If the file cannot be opened or decoded as an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            luma = _to_luma(image)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+    return np.clip(np.rint(luma), 0, 255)
+
+
+def _to_luma(image: Image.Image) -> np.ndarray:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float64)
+    if image.mode in ("L", "1", "LA", "La"):
+        return np.asarray(image.convert("L"), dtype=np.float64)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    red, green, blue = _LUMA_WEIGHTS
+    return red * rgb[..., 0] + green * rgb[..., 1] + blue * rgb[..., 2]
+
+
+def list_images(folder: str | Path, role: str = "image") -> dict[str, Path]:
+    """Map file stem to path for the image files directly inside ``folder``.
+
+    Parameters
+    ----------
+    folder : str or pathlib.Path
+        Folder to list (not recursive).
+    role : str
+        What the folder holds ("fused", "infrared", ...), for error messages.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        Stem -> file, sorted by stem.
+
+    Raises
+    ------
+    DataError
+        If the folder does not exist, holds no image, or holds two images with one stem.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{role} folder {folder} does not exist or is not a folder")
+    images: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in images:
+            raise DataError(
+                f"{role} folder {folder} holds two images named {path.stem!r}: "
+                f"{images[path.stem].name} and {path.name}"
+            )
+        images[path.stem] = path
+    if not images:
+        raise DataError(
+            f"{role} folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)} expected)"
+        )
+    return dict(sorted(images.items()))
+
+
+def pair_by_stem(
+    fused_folder: str | Path, ir_folder: str | Path, vis_folder: str | Path
+) -> list[tuple[Path, Path, Path]]:
+    """Pair each fused image with the infrared and visible images of the same file stem.
+
+    Parameters
+    ----------
+    fused_folder, ir_folder, vis_folder : str or pathlib.Path
+        Folders of fused, infrared and visible images.
+
+    Returns
+    -------
+    list of (pathlib.Path, pathlib.Path, pathlib.Path)
+        ``(fused, infrared, visible)`` files, sorted by stem.
+
+    Raises
+    ------
+    DataError
+        If a folder is missing or empty, or a name is not in all three folders (the message
+        names the unpaired files).
+    """
+    folders = {"fused": fused_folder, "infrared": ir_folder, "visible": vis_folder}
+    listings = {role: list_images(folder, role) for role, folder in folders.items()}
+    all_stems = set().union(*listings.values())
+    problems = []
+    for stem in sorted(all_stems):
+        missing = [role for role, images in listings.items() if stem not in images]
+        if missing:
+            present = next(images[stem] for images in listings.values() if stem in images)
+            problems.append(f"{present} has no {' or '.join(missing)} counterpart")
+    if problems:
+        shown = "; ".join(problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"unpaired images: {shown}{more}")
+    fused, infrared, visible = listings.values()
+    return [(fused[stem], infrared[stem], visible[stem]) for stem in fused]
