@@ -40,6 +40,15 @@ def _seed_everything() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use small tensors, for which one thread is fastest (no oversubscription)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def image_pair() -> tuple[torch.Tensor, torch.Tensor]:
     """A small deterministic pair of single-channel images in [0, 1], shape (2, 1, 24, 20)."""

@@ -203,7 +203,8 @@ def learnable_fusion_loss(
     >>> a, b = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
     >>> fused = torch.full((1, 1, 8, 8), 0.25)
     >>> weights = torch.full((1, 2, 8, 8), 0.5)
-    >>> round(learnable_fusion_loss(fused, a, b, weights).item(), 6)  # 0.5 * 0.0625 + 0.5 * 0.5625
+    >>> # Intensity term only (alpha=0): 0.5 * 0.25^2 + 0.5 * 0.75^2
+    >>> round(learnable_fusion_loss(fused, a, b, weights, alpha=0.0).item(), 6)
     0.3125
     """
     return learnable_fusion_loss_terms(fused, a, b, weights, alpha, weighting).total

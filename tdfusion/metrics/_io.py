@@ -8,11 +8,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tdfusion.errors import DataError
+from tdfusion.files import IMAGE_SUFFIXES, list_images, pair_folders
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "pair_by_stem", "read_luma"]
-
-#: File suffixes (lower case) read as images.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ITU-R BT.601 luma weights for R, G, B (those of the YCrCb conversion the field uses).
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -63,46 +61,6 @@ def _to_luma(image: Image.Image) -> np.ndarray:
     return red * rgb[..., 0] + green * rgb[..., 1] + blue * rgb[..., 2]
 
 
-def list_images(folder: str | Path, role: str = "image") -> dict[str, Path]:
-    """Map file stem to path for the image files directly inside ``folder``.
-
-    Parameters
-    ----------
-    folder : str or pathlib.Path
-        Folder to list (not recursive).
-    role : str
-        What the folder holds ("fused", "infrared", ...), for error messages.
-
-    Returns
-    -------
-    dict of str to pathlib.Path
-        Stem -> file, sorted by stem.
-
-    Raises
-    ------
-    DataError
-        If the folder does not exist, holds no image, or holds two images with one stem.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{role} folder {folder} does not exist or is not a folder")
-    images: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in images:
-            raise DataError(
-                f"{role} folder {folder} holds two images named {path.stem!r}: "
-                f"{images[path.stem].name} and {path.name}"
-            )
-        images[path.stem] = path
-    if not images:
-        raise DataError(
-            f"{role} folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)} expected)"
-        )
-    return dict(sorted(images.items()))
-
-
 def pair_by_stem(
     fused_folder: str | Path, ir_folder: str | Path, vis_folder: str | Path
 ) -> list[tuple[Path, Path, Path]]:
@@ -124,18 +82,5 @@ def pair_by_stem(
         If a folder is missing or empty, or a name is not in all three folders (the message
         names the unpaired files).
     """
-    folders = {"fused": fused_folder, "infrared": ir_folder, "visible": vis_folder}
-    listings = {role: list_images(folder, role) for role, folder in folders.items()}
-    all_stems = set().union(*listings.values())
-    problems = []
-    for stem in sorted(all_stems):
-        missing = [role for role, images in listings.items() if stem not in images]
-        if missing:
-            present = next(images[stem] for images in listings.values() if stem in images)
-            problems.append(f"{present} has no {' or '.join(missing)} counterpart")
-    if problems:
-        shown = "; ".join(problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"unpaired images: {shown}{more}")
-    fused, infrared, visible = listings.values()
-    return [(fused[stem], infrared[stem], visible[stem]) for stem in fused]
+    pairs = pair_folders({"fused": fused_folder, "infrared": ir_folder, "visible": vis_folder})
+    return [(files["fused"], files["infrared"], files["visible"]) for _, files in pairs]

@@ -28,7 +28,7 @@ def evaluate_files(
     ----------
     fused_path, ir_path, vis_path : str or pathlib.Path
         Image files; colour images are read as their BT.601 Y channel (see
-        :func:`tdfusion.metrics._io.read_luma`).
+        the metrics' own reader: BT.601 luma, rounded).
 
     Returns
     -------

@@ -173,6 +173,17 @@ class MetaFusionTrainer:
         step (works for any ``F``). ``"auto"`` uses ``"forward"`` and falls back to
         ``"backprop"``, with a warning, when ``F`` has an operation without forward-mode support.
 
+    Attributes
+    ----------
+    epoch : int
+        Completed epochs.
+    global_step : int
+        Meta and fusion steps taken so far.
+    history : list of dict
+        One summary per completed epoch (mean losses of each phase), kept in checkpoints.
+    fusion_optimizer, task_optimizer, generator_optimizer : torch.optim.Optimizer
+        The optimisers of F, T (``None`` for a fixed task) and G.
+
     Examples
     --------
     >>> import torch
@@ -846,7 +857,7 @@ class MetaFusionTrainer:
         Returns
         -------
         list of dict
-            :attr:`history`: one summary per epoch (mean losses of each phase).
+            ``history``: one summary per epoch (mean losses of each phase).
         """
         if epochs < 0 or meta_steps < 0:
             raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
