@@ -19,7 +19,10 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 #: Sub-command name -> module that defines it (kept in the order ``--help`` lists them).
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "tdfusion.cli.demo",
+    "fuse": "tdfusion.cli.fuse",
     "evaluate": "tdfusion.cli.evaluate",
+    "weights": "tdfusion.cli.weights",
 }
 
 

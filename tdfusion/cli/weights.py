@@ -1,0 +1,77 @@
+"""``tdfusion weights``: heat maps of the learned loss weight w_a from a trained generator."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tdfusion.errors import CheckpointError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``weights`` sub-command.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The top-level parser's sub-command registry.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The sub-command's parser, with ``handler`` set to :func:`run`.
+    """
+    parser = subparsers.add_parser(
+        "weights",
+        help="write heat maps of the learned loss weights (w_a) of a trained generator",
+        description=(
+            "For each infrared/visible pair (matched by file stem) write OUT/<stem>_wa.png, "
+            "a heat map of the weight w_a the loss generator gives the infrared image (dark: "
+            "the visible image dominates the loss, yellow: the infrared), and "
+            "OUT/<stem>_wa_overlay.png over the visible image."
+        ),
+    )
+    parser.add_argument("--ir", required=True, type=Path, help="folder of infrared images")
+    parser.add_argument("--vis", required=True, type=Path, help="folder of visible images")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a trainer checkpoint, or LossGenerator weights written by save_pretrained",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
+    )
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the weight maps for the folders named in ``args``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments of the ``weights`` sub-command.
+
+    Returns
+    -------
+    int
+        0 on success.
+    """
+    import torch
+
+    from tdfusion.inference import save_weight_maps
+    from tdfusion.nets import LossGenerator
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        generator = LossGenerator.from_pretrained(args.checkpoint).to(device).eval()
+    except FileNotFoundError as error:
+        raise CheckpointError(str(error)) from None
+    written = save_weight_maps(generator, args.ir, args.vis, args.out)
+    print(f"wrote {len(written)} file(s) to {args.out}")
+    return 0

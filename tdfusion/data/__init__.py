@@ -1,0 +1,1 @@
+"""Data: image reading (Y channel and chroma), datasets, paired transforms, bundled sample."""

@@ -1,0 +1,32 @@
+"""Inference: fusing pairs (in tiles when large, with colour), and loss-weight maps."""
+
+from tdfusion.inference.colour import blend_chroma, merge_chroma, to_uint8
+from tdfusion.inference.fuse import (
+    FolderReport,
+    fuse_files,
+    fuse_folders,
+    fuse_tensors,
+    load_fusion_model,
+    min_max_stretch,
+)
+from tdfusion.inference.tiling import blend_window, fuse_in_tiles, tile_starts
+from tdfusion.inference.weight_maps import colorize, loss_weights, overlay, save_weight_maps
+
+__all__ = [
+    "FolderReport",
+    "blend_chroma",
+    "blend_window",
+    "colorize",
+    "fuse_files",
+    "fuse_folders",
+    "fuse_in_tiles",
+    "fuse_tensors",
+    "load_fusion_model",
+    "loss_weights",
+    "merge_chroma",
+    "min_max_stretch",
+    "overlay",
+    "save_weight_maps",
+    "tile_starts",
+    "to_uint8",
+]

@@ -1,0 +1,303 @@
+"""Inference: tiling, colour, folder fusion and the fuse/weights command lines."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tdfusion.cli import main
+from tdfusion.inference import (
+    blend_chroma,
+    blend_window,
+    colorize,
+    fuse_files,
+    fuse_folders,
+    fuse_in_tiles,
+    fuse_tensors,
+    merge_chroma,
+    min_max_stretch,
+    tile_starts,
+)
+from tdfusion.nets import LossGenerator, ReFusionNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(("length", "tile", "overlap"), [(100, 40, 8), (64, 64, 8), (97, 32, 16)])
+def test_tiles_cover_the_image_with_the_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    covered = np.zeros(length, dtype=bool)
+    for start in starts:
+        assert 0 <= start <= length - min(tile, length)
+        covered[start : start + tile] = True
+    assert covered.all()
+    for first, second in itertools.pairwise(starts):
+        assert first + tile - second >= overlap
+
+
+def test_blend_window_is_positive_and_flat_inside():
+    window = blend_window(16, 20, 4, dtype=torch.float64, device="cpu")[0, 0]
+    assert (window > 0).all() and window.max() == 1.0
+    assert torch.all(window[4:-4, 4:-4] == 1.0)
+    assert window[0, 0] < window[1, 1] < window[3, 3]
+
+
+def test_tiling_a_pointwise_function_is_exact():
+    a, b = torch.rand(2, 1, 50, 70), torch.rand(2, 1, 50, 70)
+    fused = fuse_in_tiles(lambda x, y: 0.3 * x + 0.7 * y, a, b, tile=24, overlap=6)
+    torch.testing.assert_close(fused, 0.3 * a + 0.7 * b)
+
+
+def seam_step(difference: torch.Tensor) -> float:
+    """Largest jump between neighbouring pixels of a difference image (a seam shows as one)."""
+    rows = (difference[..., 1:, :] - difference[..., :-1, :]).abs().max()
+    cols = (difference[..., :, 1:] - difference[..., :, :-1]).abs().max()
+    return float(max(rows, cols))
+
+
+def smooth_pair(height: int = 96, width: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    a = (0.5 + 0.4 * torch.sin(6 * x) * torch.cos(4 * y))[None, None]
+    b = (0.5 + 0.4 * torch.cos(5 * x + 3 * y))[None, None]
+    return a, b
+
+
+def test_blended_tiles_have_no_seams_where_hard_tiles_do():
+    torch.manual_seed(0)
+    net = ReFusionNet().eval()
+    a, b = smooth_pair()
+    whole = fuse_tensors(net, a, b)
+    blended = fuse_tensors(net, a, b, tile=64, overlap=24)
+    hard = fuse_tensors(net, a, b, tile=64, overlap=0)
+    assert blended.shape == whole.shape
+    # The network's attention is global, so a tile differs slightly from the whole image; the
+    # blend turns those differences into smooth ramps instead of steps at the tile borders.
+    assert seam_step(blended - whole) < 0.3 * seam_step(hard - whole)
+    assert (blended - whole).abs().mean() < (hard - whole).abs().mean()
+
+
+def test_tiled_and_whole_outputs_agree_closely_with_trained_weights(shared_data):
+    net = ReFusionNet.from_pretrained(shared_data / "weights" / "ReFusion" / "ReFusion_IVIF.pth")
+    from tdfusion.data.io import read_luma
+
+    source = shared_data / "MSRS" / "example"
+    luma_a, _ = read_luma(source / "ir" / "00004N.png")
+    luma_b, _ = read_luma(source / "vi" / "00004N.png")
+    a = torch.from_numpy(luma_a[:160, :224].copy())[None, None]
+    b = torch.from_numpy(luma_b[:160, :224].copy())[None, None]
+    whole = fuse_tensors(net, a, b)
+    tiled = fuse_tensors(net, a, b, tile=96, overlap=32)
+    difference = tiled - whole
+    assert difference.abs().mean() < 0.02  # on the [0, 1] scale: about 5 grey levels at most
+    assert seam_step(difference) < 0.05
+
+
+def test_large_images_are_tiled_automatically():
+    calls = []
+
+    def record(x, y):
+        calls.append(tuple(x.shape))
+        return x
+
+    a = torch.rand(1, 1, 140, 150)
+    fuse_tensors(record, a, a, max_pixels=100 * 100)
+    assert len(calls) > 1 and all(shape[-2] * shape[-1] <= 100 * 100 for shape in calls)
+
+
+def test_blend_chroma_prefers_the_saturated_source():
+    grey = np.full((2, 2, 2), 128.0)
+    red = np.full((2, 2, 2), 200.0)
+    assert np.allclose(blend_chroma(grey, red), 200.0)
+    assert np.allclose(blend_chroma(grey, grey), 128.0)
+    mixed = blend_chroma(np.full((1, 1, 2), 138.0), np.full((1, 1, 2), 98.0))
+    assert mixed[0, 0, 0] == pytest.approx((138 * 10 + 98 * 30) / 40)
+
+
+def test_merge_chroma_gray_and_colour():
+    luma = np.full((3, 4), 100.4)
+    assert merge_chroma(luma, None, None).dtype == np.uint8
+    assert merge_chroma(luma, None, None).shape == (3, 4)
+    rgb = merge_chroma(luma, None, np.full((3, 4, 2), 128.0))
+    assert rgb.shape == (3, 4, 3) and np.all(rgb == 100)
+
+
+def test_min_max_stretch():
+    image = np.array([[0.2, 0.4], [0.6, 0.3]])
+    stretched = min_max_stretch(image)
+    assert stretched.min() == 0.0 and stretched.max() == 1.0
+    assert np.array_equal(min_max_stretch(np.full((2, 2), 0.5)), np.full((2, 2), 0.5))
+
+
+def test_colorize_is_ordered():
+    heat = colorize(np.array([[0.0, 0.5, 1.0]]))
+    assert heat.shape == (1, 3, 3) and heat.dtype == np.uint8
+    brightness = heat.astype(int).sum(axis=-1)[0]
+    assert brightness[0] < brightness[1] < brightness[2]
+
+
+def write_pair(folder, name, size=(40, 52), colour=True, seed=0):
+    rng = np.random.default_rng(seed)
+    (folder / "ir").mkdir(parents=True, exist_ok=True)
+    (folder / "vi").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / "ir" / f"{name}.png")
+    visible = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    image = Image.fromarray(visible) if colour else Image.fromarray(visible[..., 0])
+    image.save(folder / "vi" / f"{name}.png")
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "weights" / "refusion.pt"
+    ReFusionNet(dim=8, num_heads=4, num_blocks=1).save_pretrained(path)
+    return path
+
+
+def test_fuse_folders_writes_colour_at_input_size_and_batches(tmp_path, weights_file):
+    write_pair(tmp_path, "one", size=(33, 47))
+    write_pair(tmp_path, "two", size=(33, 47), seed=1)
+    write_pair(tmp_path, "grey", size=(20, 21), colour=False, seed=2)
+    model = ReFusionNet.from_pretrained(weights_file)
+    report = fuse_folders(
+        model, tmp_path / "ir", tmp_path / "vi", tmp_path / "out", batch=2, progress=False
+    )
+    assert sorted(p.name for p in report.written) == ["grey.png", "one.png", "two.png"]
+    one = np.asarray(Image.open(tmp_path / "out" / "one.png"))
+    assert one.shape == (33, 47, 3)
+    assert np.asarray(Image.open(tmp_path / "out" / "grey.png")).shape == (20, 21)
+    single = fuse_files(model, tmp_path / "ir" / "one.png", tmp_path / "vi" / "one.png")
+    assert np.abs(single.astype(int) - one.astype(int)).max() <= 1  # batched == single
+
+
+def test_fuse_cli_end_to_end_and_bad_pairs(tmp_path, weights_file, capsys):
+    write_pair(tmp_path, "good")
+    write_pair(tmp_path, "small", size=(30, 30))
+    Image.fromarray(np.zeros((31, 30), dtype=np.uint8)).save(tmp_path / "vi" / "small.png")
+    (tmp_path / "ir" / "lonely.png").write_bytes((tmp_path / "ir" / "good.png").read_bytes())
+    arguments = [
+        "fuse",
+        "--ir",
+        str(tmp_path / "ir"),
+        "--vis",
+        str(tmp_path / "vi"),
+        "--out",
+        str(tmp_path / "out"),
+        "--weights",
+        str(weights_file),
+        "--device",
+        "cpu",
+    ]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("tdfusion fuse: error: unpaired images:") and "lonely.png" in error
+    assert len(error.splitlines()) == 1
+
+    assert main([*arguments, "--skip-bad"]) == 1
+    captured = capsys.readouterr()
+    assert "fused 1 pair(s)" in captured.out
+    assert "small" in captured.err and "size mismatch" in captured.err
+    assert (tmp_path / "out" / "good.png").is_file()
+
+
+def test_fuse_cli_refuses_to_write_into_an_input_folder(tmp_path, weights_file, capsys):
+    write_pair(tmp_path, "good")
+    code = main(
+        [
+            "fuse",
+            "--ir",
+            str(tmp_path / "ir"),
+            "--vis",
+            str(tmp_path / "vi"),
+            "--out",
+            str(tmp_path / "vi"),
+            "--weights",
+            str(weights_file),
+        ]
+    )
+    assert code == 2 and "is an input folder" in capsys.readouterr().err
+
+
+def test_fuse_cli_names_a_missing_weights_file(tmp_path, capsys):
+    write_pair(tmp_path, "good")
+    code = main(
+        [
+            "fuse",
+            "--ir",
+            str(tmp_path / "ir"),
+            "--vis",
+            str(tmp_path / "vi"),
+            "--out",
+            str(tmp_path / "out"),
+            "--weights",
+            str(tmp_path / "nope.pth"),
+        ]
+    )
+    assert code == 2 and "nope.pth" in capsys.readouterr().err
+
+
+def test_fuse_cli_with_the_authors_weights_on_real_pairs(shared_data, tmp_path):
+    weights = shared_data / "weights" / "ReFusion" / "ReFusion_IVIF.pth"
+    ir, vis = tmp_path / "ir", tmp_path / "vi"
+    ir.mkdir()
+    vis.mkdir()
+    source = shared_data / "MSRS" / "example"
+    for name in ("00004N.png",):  # crop to keep the test fast; the network is size-agnostic
+        Image.open(source / "ir" / name).crop((0, 0, 160, 120)).save(ir / name)
+        Image.open(source / "vi" / name).crop((0, 0, 160, 120)).save(vis / name)
+    assert (
+        main(
+            [
+                "fuse",
+                "--ir",
+                str(ir),
+                "--vis",
+                str(vis),
+                "--out",
+                str(tmp_path / "out"),
+                "--weights",
+                str(weights),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    fused = np.asarray(Image.open(tmp_path / "out" / "00004N.png"))
+    assert fused.shape == (120, 160, 3) and fused.std() > 5
+
+
+def test_weights_cli_writes_heat_maps(tmp_path):
+    write_pair(tmp_path, "one")
+    torch.manual_seed(0)
+    LossGenerator(dim=8, num_heads=4, num_blocks=1).save_pretrained(tmp_path / "g.pt")
+    assert (
+        main(
+            [
+                "weights",
+                "--ir",
+                str(tmp_path / "ir"),
+                "--vis",
+                str(tmp_path / "vi"),
+                "--checkpoint",
+                str(tmp_path / "g.pt"),
+                "--out",
+                str(tmp_path / "maps"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    heat = np.asarray(Image.open(tmp_path / "maps" / "one_wa.png"))
+    assert heat.shape == (40, 52, 3)
+    assert (tmp_path / "maps" / "one_wa_overlay.png").is_file()
