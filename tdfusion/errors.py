@@ -23,7 +23,7 @@ class DataError(TDFusionError, ValueError):
 
 
 class CheckpointError(TDFusionError, ValueError):
-    """A checkpoint that cannot be used: unknown format, missing or unexpected keys, wrong shapes."""
+    """A checkpoint that cannot be used: unknown format, missing or unexpected keys, bad shapes."""
 
 
 class NonFiniteLossError(TDFusionError, FloatingPointError):

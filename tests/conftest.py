@@ -1,4 +1,4 @@
-"""Shared fixtures: the real sample data beside the checkout, seeded RNGs and small synthetic pairs."""
+"""Shared fixtures: the real sample data beside the checkout, seeded RNGs, one torch thread."""
 
 from __future__ import annotations
 

@@ -1,0 +1,455 @@
+"""Datasets of aligned image pairs: any folder pair, and the MSRS, FMB, M3FD and LLVIP layouts.
+
+Every dataset yields ``(a, b, target)``: ``a`` (infrared) and ``b`` (visible) are float32
+tensors (1, H, W) in [0, 1] (the BT.601 Y channel), and ``target`` is an int64 mask (H, W)
+for segmentation, float boxes (M, 5) ``[class, x_center, y_center, width, height]``
+(normalised) for detection, or the file stem for unlabelled pairs. Batch detection samples with
+:func:`~tdfusion.data.detection_collate`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from tdfusion.data.io import read_luma
+from tdfusion.data.labels import read_mask, read_voc_boxes, read_yolo_boxes
+from tdfusion.errors import DataError
+from tdfusion.files import pair_folders
+
+__all__ = [
+    "DetectionPairDataset",
+    "FMBDataset",
+    "LLVIPDataset",
+    "M3FDDataset",
+    "MSRSDataset",
+    "PairedImageDataset",
+    "SegmentationPairDataset",
+]
+
+Transform = Callable[
+    [tuple[torch.Tensor, torch.Tensor, Any]], tuple[torch.Tensor, torch.Tensor, Any]
+]
+
+MSRS_SEGMENTATION_CLASSES = (
+    "unlabelled",
+    "car",
+    "person",
+    "bike",
+    "curve",
+    "car stop",
+    "guardrail",
+    "color cone",
+    "bump",
+)
+MSRS_DETECTION_CLASSES = ("person", "bicycle", "car")
+FMB_CLASSES = (
+    "unlabelled",
+    "road",
+    "sidewalk",
+    "building",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "sky",
+    "person",
+    "car",
+    "truck",
+    "bus",
+    "motorcycle",
+    "bicycle",
+    "pole",
+)
+M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
+LLVIP_CLASSES = ("person",)
+
+
+def _require_folder(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} folder {path} does not exist")
+    return path
+
+
+class PairedImageDataset(Dataset):
+    """Aligned image pairs from two folders, matched by file stem.
+
+    Parameters
+    ----------
+    ir_dir, vis_dir : str or os.PathLike
+        Folders of the first (infrared) and second (visible) sources.
+    transform : callable, optional
+        Paired transform applied to ``(a, b, target)`` (see :mod:`tdfusion.data.transforms`).
+    names : sequence of str, optional
+        Restrict to these stems (in this order).
+
+    Raises
+    ------
+    DataError
+        For a missing or empty folder, or names present in one folder only (the first few are
+        listed); an unreadable image or a size mismatch is reported, with the file names, when
+        that item is read.
+
+    Example
+    -------
+    >>> dataset = PairedImageDataset("MSRS/test/ir", "MSRS/test/vi")  # doctest: +SKIP
+    >>> a, b, name = dataset[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        ir_dir: str | os.PathLike[str],
+        vis_dir: str | os.PathLike[str],
+        *,
+        transform: Transform | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        pairs = dict(pair_folders({"infrared": ir_dir, "visible": vis_dir}))
+        if names is not None:
+            unknown = [n for n in names if n not in pairs]
+            if unknown:
+                raise DataError(f"no image pair named {unknown[:3]} in {ir_dir} and {vis_dir}")
+            pairs = {n: pairs[n] for n in names}
+        self.names = list(pairs)
+        self.files = pairs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two sources of item ``index`` as (1, H, W) tensors in [0, 1]."""
+        files = self.files[self.names[index]]
+        luma_a, _ = read_luma(files["infrared"])
+        luma_b, _ = read_luma(files["visible"])
+        if luma_a.shape != luma_b.shape:
+            raise DataError(
+                f"size mismatch within a pair: {files['infrared']} is "
+                f"{luma_a.shape[1]}x{luma_a.shape[0]} but {files['visible']} is "
+                f"{luma_b.shape[1]}x{luma_b.shape[0]} (width x height)"
+            )
+        return torch.from_numpy(luma_a)[None], torch.from_numpy(luma_b)[None]
+
+    def target(self, index: int, size: tuple[int, int]) -> Any:
+        """The target of item ``index`` for images of ``size`` (here: the file stem)."""
+        return self.names[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        a, b = self.read_pair(index)
+        sample = (a, b, self.target(index, tuple(a.shape[-2:])))
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class DetectionPairDataset(PairedImageDataset):
+    """Image pairs with detection boxes (YOLO ``.txt`` files or VOC ``.xml`` annotations).
+
+    Parameters
+    ----------
+    ir_dir, vis_dir : str or os.PathLike
+        Source folders.
+    label_dir : str or os.PathLike
+        Folder of ``<stem>.txt`` (YOLO) or ``<stem>.xml`` (VOC) files; a missing file means no
+        object.
+    classes : sequence of str
+        Class names (index = class id).
+    label_format : {"yolo", "voc"}
+        File format of the labels.
+    transform, names
+        As in :class:`PairedImageDataset`.
+    """
+
+    def __init__(
+        self,
+        ir_dir: str | os.PathLike[str],
+        vis_dir: str | os.PathLike[str],
+        label_dir: str | os.PathLike[str],
+        classes: Sequence[str],
+        *,
+        label_format: str = "yolo",
+        transform: Transform | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        if label_format not in ("yolo", "voc"):
+            raise ValueError(f"label_format must be 'yolo' or 'voc', got {label_format!r}")
+        super().__init__(ir_dir, vis_dir, transform=transform, names=names)
+        self.label_dir = _require_folder(Path(label_dir), "label")
+        self.classes = tuple(classes)
+        self.label_format = label_format
+
+    def target(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        stem = self.names[index]
+        if self.label_format == "yolo":
+            return read_yolo_boxes(self.label_dir / f"{stem}.txt", len(self.classes))
+        path = self.label_dir / f"{stem}.xml"
+        if not path.is_file():
+            return torch.zeros((0, 5))
+        return read_voc_boxes(path, self.classes)
+
+
+class SegmentationPairDataset(PairedImageDataset):
+    """Image pairs with segmentation masks (``<stem>.png`` of class indices).
+
+    Parameters
+    ----------
+    ir_dir, vis_dir : str or os.PathLike
+        Source folders.
+    mask_dir : str or os.PathLike
+        Folder of label images.
+    num_classes : int
+        Number of classes (values must be below it; 255 is allowed as "ignore").
+    mask_size : (int, int), optional
+        Resize masks (nearest) to this ``(height, width)``, e.g. the trainer's ``task_size``.
+    transform, names
+        As in :class:`PairedImageDataset`.
+    """
+
+    def __init__(
+        self,
+        ir_dir: str | os.PathLike[str],
+        vis_dir: str | os.PathLike[str],
+        mask_dir: str | os.PathLike[str],
+        num_classes: int,
+        *,
+        mask_size: tuple[int, int] | None = None,
+        transform: Transform | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(ir_dir, vis_dir, transform=transform, names=names)
+        self.mask_dir = _require_folder(Path(mask_dir), "segmentation label")
+        self.num_classes = int(num_classes)
+        self.mask_size = None if mask_size is None else (int(mask_size[0]), int(mask_size[1]))
+
+    def target(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        path = self.mask_dir / f"{self.names[index]}.png"
+        mask = read_mask(path, self.num_classes)
+        if tuple(mask.shape) != size:
+            raise DataError(
+                f"segmentation label {path} is {mask.shape[1]}x{mask.shape[0]} but its images are "
+                f"{size[1]}x{size[0]} (width x height)"
+            )
+        if self.mask_size is not None and tuple(mask.shape) != self.mask_size:
+            mask = F.interpolate(mask[None, None].float(), size=self.mask_size, mode="nearest")
+            mask = mask[0, 0].long()
+        return mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        a, b = self.read_pair(index)
+        mask = self.target(index, tuple(a.shape[-2:]))
+        sample = (a, b, mask)
+        return self.transform(sample) if self.transform is not None else sample
+
+
+def _first_folder(candidates: Sequence[Path], what: str) -> Path:
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise DataError(f"no {what} folder found; looked for " + ", ".join(str(c) for c in candidates))
+
+
+def MSRSDataset(
+    root: str | os.PathLike[str],
+    split: str | None = "train",
+    task: str = "segmentation",
+    *,
+    label_set: str = "fusion",
+    mask_size: tuple[int, int] | None = None,
+    transform: Transform | None = None,
+) -> PairedImageDataset:
+    """MSRS (1083 train / 361 test pairs, 480x640) for segmentation or detection.
+
+    Layout: ``root/{split}/{ir,vi}/NAME.png``; segmentation labels
+    ``root/{split}/Segmentation_labels/NAME.png`` (9 classes: unlabelled, car, person, bike,
+    curve, car stop, guardrail, color cone, bump); detection labels in YOLO format (person,
+    bicycle, car) from the first of ``root/{split}/labels``,
+    ``root/{split}/label/{label_set}``, ``root/label/{label_set}/{split}``,
+    ``root/label/{label_set}``. With ``split=None`` the images are ``root/{ir,vi}`` (as in a
+    folder of examples).
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Dataset root.
+    split : {"train", "test"} or None
+        Sub-folder of the split.
+    task : {"segmentation", "detection"}
+        Which labels to return.
+    label_set : {"fusion", "infrared", "visible"}
+        Which detection annotation set (the MSRS detection labels come in three).
+    mask_size : (int, int), optional
+        Resize masks to this size (e.g. 240x320, the paper's task input).
+    transform : callable, optional
+        Paired transform.
+
+    Returns
+    -------
+    PairedImageDataset
+        A :class:`SegmentationPairDataset` or :class:`DetectionPairDataset`.
+    """
+    root = Path(root)
+    base = root / split if split else root
+    ir_dir, vis_dir = (
+        _require_folder(base / "ir", "MSRS infrared"),
+        _require_folder(base / "vi", "MSRS visible"),
+    )
+    if task == "segmentation":
+        return SegmentationPairDataset(
+            ir_dir,
+            vis_dir,
+            base / "Segmentation_labels",
+            len(MSRS_SEGMENTATION_CLASSES),
+            mask_size=mask_size,
+            transform=transform,
+        )
+    if task == "detection":
+        candidates = [base / "labels", base / "label" / label_set]
+        if split:
+            candidates.append(root / "label" / label_set / split)
+        candidates.append(root / "label" / label_set)
+        label_dir = _first_folder(candidates, "MSRS detection label")
+        return DetectionPairDataset(
+            ir_dir, vis_dir, label_dir, MSRS_DETECTION_CLASSES, transform=transform
+        )
+    raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
+
+
+def FMBDataset(
+    root: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    mask_size: tuple[int, int] | None = None,
+    transform: Transform | None = None,
+) -> SegmentationPairDataset:
+    """FMB (1220 train / 280 test pairs, 600x800, 15 classes) for segmentation.
+
+    Layout: ``root/{split}/{Infrared,Visible,Label}/NAME.png``.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Dataset root.
+    split : {"train", "test"}
+        Split folder.
+    mask_size : (int, int), optional
+        Resize masks to this size (the paper's task input is 300x400).
+    transform : callable, optional
+        Paired transform.
+
+    Returns
+    -------
+    SegmentationPairDataset
+        The dataset.
+    """
+    base = Path(root) / split
+    return SegmentationPairDataset(
+        _require_folder(base / "Infrared", "FMB infrared"),
+        _require_folder(base / "Visible", "FMB visible"),
+        base / "Label",
+        len(FMB_CLASSES),
+        mask_size=mask_size,
+        transform=transform,
+    )
+
+
+def M3FDDataset(
+    root: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    train_size: int = 3150,
+    seed: int = 0,
+    transform: Transform | None = None,
+) -> DetectionPairDataset:
+    """M3FD (4200 pairs, 768x1024, 6 classes) for detection, with the paper's 3150/1050 split.
+
+    Layout: ``root/{Ir,Vis}/NAME.png`` and ``root/Annotation/NAME.xml`` (VOC; People, Car,
+    Bus, Motorcycle, Lamp, Truck). The paper's split was not published; this one is
+    deterministic: the sorted names are permuted with ``torch.Generator().manual_seed(seed)``
+    and the first ``train_size`` are the training split (for smaller folders, the first 75%).
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Dataset root.
+    split : {"train", "test", "all"}
+        Which part.
+    train_size : int
+        Training pairs (3150 in the paper).
+    seed : int
+        Seed of the permutation.
+    transform : callable, optional
+        Paired transform.
+
+    Returns
+    -------
+    DetectionPairDataset
+        The dataset.
+    """
+    root = Path(root)
+    full = DetectionPairDataset(
+        _require_folder(root / "Ir", "M3FD infrared"),
+        _require_folder(root / "Vis", "M3FD visible"),
+        root / "Annotation",
+        M3FD_CLASSES,
+        label_format="voc",
+        transform=transform,
+    )
+    if split == "all":
+        return full
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    names = sorted(full.names)
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = train_size if len(names) > train_size else int(0.75 * len(names))
+    chosen = order[:cut] if split == "train" else order[cut:]
+    full.names = [names[i] for i in sorted(chosen)]
+    return full
+
+
+def LLVIPDataset(
+    root: str | os.PathLike[str],
+    split: str | None = "train",
+    *,
+    stride: int = 1,
+    transform: Transform | None = None,
+) -> DetectionPairDataset:
+    """LLVIP (1024x1280, pedestrians) for detection.
+
+    Layout: ``root/infrared/{split}/``, ``root/visible/{split}/`` (or without the split
+    sub-folder) and ``root/Annotations/NAME.xml`` (VOC, class ``person``). The paper keeps
+    every 10th pair (``stride=10``: 1203 train / 347 test).
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Dataset root.
+    split : {"train", "test"} or None
+        Split sub-folder, or None for flat folders.
+    stride : int
+        Keep every ``stride``-th pair (sorted by name).
+    transform : callable, optional
+        Paired transform.
+
+    Returns
+    -------
+    DetectionPairDataset
+        The dataset.
+    """
+    root = Path(root)
+    ir_dir = root / "infrared" / split if split else root / "infrared"
+    vis_dir = root / "visible" / split if split else root / "visible"
+    dataset = DetectionPairDataset(
+        _require_folder(ir_dir, "LLVIP infrared"),
+        _require_folder(vis_dir, "LLVIP visible"),
+        root / "Annotations",
+        LLVIP_CLASSES,
+        label_format="voc",
+        transform=transform,
+    )
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    dataset.names = sorted(dataset.names)[::stride]
+    return dataset
