@@ -20,6 +20,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 #: Sub-command name -> module that defines it (kept in the order ``--help`` lists them).
 SUBCOMMANDS: dict[str, str] = {
     "demo": "tdfusion.cli.demo",
+    "train": "tdfusion.cli.train",
     "fuse": "tdfusion.cli.fuse",
     "evaluate": "tdfusion.cli.evaluate",
     "weights": "tdfusion.cli.weights",

@@ -1,0 +1,140 @@
+"""Recipes, ``tdfusion train`` and the examples' smoke runs, end to end on the bundled sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdfusion.cli import main
+from tdfusion.errors import DataError
+from tdfusion.recipes import RECIPES, build_dataset, load_recipe, make_smoke_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_recipes_hold_the_paper_settings():
+    msrs = RECIPES["msrs-segmentation"]
+    assert (msrs.num_classes, msrs.task_size, msrs.fusion_crop) == (9, (240, 320), 256)
+    assert (msrs.epochs, msrs.meta_steps, msrs.lr, msrs.batch_size, msrs.swap) == (
+        50,
+        200,
+        1e-4,
+        1,
+        True,
+    )
+    assert RECIPES["fmb-segmentation"].task_size == (300, 400)
+    assert RECIPES["m3fd-detection"].num_classes == 6
+    assert RECIPES["llvip-detection"].stride == 10
+
+
+def test_load_recipe_merges_config_and_overrides(tmp_path):
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"name": "m3fd-detection", "epochs": 3, "lr": 5e-4}))
+    recipe = load_recipe(config=config, epochs=7, meta_steps=None)
+    assert (recipe.name, recipe.epochs, recipe.lr, recipe.meta_steps) == (
+        "m3fd-detection",
+        7,
+        5e-4,
+        200,
+    )
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="unknown recipe settings"):
+        load_recipe("m3fd-detection", colour="red")
+    config.write_text("{not json")
+    with pytest.raises(DataError, match="cannot read recipe config"):
+        load_recipe(config=config)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_smoke_datasets_load_in_every_layout(name, tmp_path):
+    recipe = RECIPES[name].replace(stride=1, task_size=(96, 128))
+    root = make_smoke_dataset(recipe, tmp_path)
+    dataset = build_dataset(recipe, root)
+    a, b, target = dataset[0]
+    assert a.shape == b.shape and a.shape[0] == 1
+    if recipe.task == "segmentation":
+        assert target.shape == (96, 128) and target.dtype == torch.int64 and target.max() > 0
+    else:
+        assert target.shape[1] == 5
+
+
+def run_example(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / script),
+            "--smoke",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=900,
+    )
+
+
+@pytest.mark.parametrize("script", ["msrs_segmentation.py", "m3fd_detection.py"])
+def test_example_smoke_runs_end_to_end_and_resume(script, tmp_path):
+    out = tmp_path / "run"
+    first = run_example(script, out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained" in first.stdout
+    for name in (
+        "recipe.json",
+        "checkpoint.pt",
+        "training_log.csv",
+        "fusion_model.pt",
+        "loss_generator.pt",
+    ):
+        assert (out / name).is_file(), name
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    # Asking for a second epoch continues from the checkpoint instead of starting over.
+    second = run_example(script, out, "--epochs", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    rows = (out / "training_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 3  # header, then 1 meta + 2 fusion steps per epoch
+
+
+def test_train_needs_data_or_smoke(tmp_path, capsys):
+    assert main(["train", "--recipe", "msrs-segmentation", "--out", str(tmp_path)]) == 2
+    assert "--data-root is required" in capsys.readouterr().err
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "msrs-segmentation",
+            "--data-root",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2 and "MSRS infrared folder" in capsys.readouterr().err
+
+
+def test_custom_task_example_runs(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "custom_task.py"), "1"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean w_a after training" in result.stdout
+    assert len((REPO / "examples" / "custom_task.py").read_text().splitlines()) < 60
