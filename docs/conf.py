@@ -61,6 +61,7 @@ tdfusion_api_packages = [
     "tdfusion.tasks",
     "tdfusion.data",
     "tdfusion.inference",
+    "tdfusion.recipes",
     "tdfusion.metrics",
     "tdfusion.files",
     "tdfusion.errors",

@@ -8,19 +8,14 @@ import torch
 from PIL import Image
 
 from tdfusion.data import (
-    Compose,
     DetectionPairDataset,
     FMBDataset,
     LLVIPDataset,
     M3FDDataset,
     MSRSDataset,
     PairedImageDataset,
-    RandomCrop,
     RandomHorizontalFlip,
-    RandomVerticalFlip,
     Resize,
-    SwapSources,
-    detection_collate,
     read_image,
     read_luma,
     read_mask,
@@ -29,7 +24,6 @@ from tdfusion.data import (
     rgb_to_ycrcb,
     sample_dataset,
     sample_folders,
-    swap_sources,
     write_image,
     ycrcb_to_rgb,
 )
@@ -87,11 +81,18 @@ def test_write_image_rounds_and_clips(tmp_path):
 
 
 def test_every_real_image_reads(shared_data):
-    for path in sorted((shared_data / "MSRS" / "example").glob("*/*.png")) + sorted(
-        (shared_data / "LLVIP" / "example").glob("*/*.jpg")
-    ):
-        luma, _ = read_luma(path)
+    paths = sorted((shared_data / "MSRS" / "example").glob("*/*.png"))
+    paths += sorted((shared_data / "LLVIP" / "example").glob("*/*.jpg"))
+    assert len(paths) == 24
+    for path in paths:
+        luma, chroma = read_luma(path)
         assert luma.shape in ((480, 640), (1024, 1280)), path
+        assert luma.dtype == np.float32 and 0 <= luma.min() and luma.max() <= 1, path
+        assert 0 < luma.std(), path
+        # Infrared is grey (LLVIP stores it as 3 equal planes); visible is colour.
+        assert (chroma is None) == (path.parent.name == "ir"), path
+        if chroma is not None:
+            assert chroma.shape == (*luma.shape, 2)
 
 
 # ---------------------------------------------------------------------- labels
@@ -101,6 +102,8 @@ def test_yolo_labels_and_their_errors(tmp_path):
     boxes = read_yolo_boxes(path, num_classes=3)
     assert boxes.shape == (2, 5) and boxes[1, 0] == 2
     assert read_yolo_boxes(tmp_path / "none.txt").shape == (0, 5)
+    path.write_bytes(b"\xef\xbb\xbf1 0.5 0.5 0.2 0.3\r\n")  # a byte-order mark, CRLF endings
+    assert read_yolo_boxes(path, num_classes=3).tolist()[0][0] == 1.0
     cases = {
         "0 0.5 0.5 0.2\n": "a.txt:1: expected 5 fields",
         "0 0.5 0.5 0.2 0.2\n0 x 0.5 0.2 0.2\n": "a.txt:2: fields must be numbers",
@@ -170,10 +173,17 @@ def test_paired_dataset_reads_pairs_and_names_problems(tmp_path):
     assert a.shape == b.shape == (1, 24, 32) and name == "a" and a.dtype == torch.float32
     with pytest.raises(DataError, match="infrared folder .*nothing.* does not exist"):
         PairedImageDataset(tmp_path / "nothing", tmp_path / "vi")
-    (tmp_path / "ir" / "c.png").write_bytes((tmp_path / "ir" / "a.png").read_bytes())
-    with pytest.raises(DataError, match=r"unpaired images: .*c.png has no visible counterpart"):
+    for name in ("c", "d", "e", "f"):
+        (tmp_path / "ir" / f"{name}.png").write_bytes((tmp_path / "ir" / "a.png").read_bytes())
+    (tmp_path / "vi" / "z.png").write_bytes((tmp_path / "vi" / "a.png").read_bytes())
+    with pytest.raises(DataError, match=r"unpaired images") as error:
         PairedImageDataset(tmp_path / "ir", tmp_path / "vi")
-    (tmp_path / "ir" / "c.png").unlink()
+    message = str(error.value)
+    assert "4 only in" in message and "(c.png, d.png, e.png, ...)" in message
+    assert "1 only in" in message and "(z.png)" in message and "f.png" not in message
+    for name in ("c", "d", "e", "f"):
+        (tmp_path / "ir" / f"{name}.png").unlink()
+    (tmp_path / "vi" / "z.png").unlink()
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(tmp_path / "vi" / "b.png")
     dataset = PairedImageDataset(tmp_path / "ir", tmp_path / "vi")
     with pytest.raises(
@@ -251,83 +261,6 @@ def test_bundled_sample():
     assert (ir_dir.parent / "LICENSE-SuperFusion.txt").is_file()
 
 
-# ---------------------------------------------------------------------- transforms
-def box_sample(size=(40, 60)):
-    """Images with one bright rectangle and its box."""
-    height, width = size
-    image = torch.zeros(1, height, width)
-    image[:, 10:20, 30:50] = 1.0  # rows 10-19, columns 30-49
-    box = torch.tensor([[1.0, 40 / width, 15 / height, 20 / width, 10 / height]])
-    return image, image.clone(), box
-
-
-def box_region(image, box):
-    height, width = image.shape[-2:]
-    _, xc, yc, w, h = box.tolist()
-    x0, x1 = round((xc - w / 2) * width), round((xc + w / 2) * width)
-    y0, y1 = round((yc - h / 2) * height), round((yc + h / 2) * height)
-    return image[..., y0:y1, x0:x1]
-
-
-@pytest.mark.parametrize(
-    "transform",
-    [
-        RandomHorizontalFlip(p=1.0),
-        RandomVerticalFlip(p=1.0),
-        Resize((20, 30)),
-        RandomCrop((30, 45), generator=torch.Generator().manual_seed(1)),
-        Compose(
-            [RandomHorizontalFlip(1.0), RandomCrop(32, generator=torch.Generator().manual_seed(2))]
-        ),
-    ],
-)
-def test_boxes_follow_geometric_transforms(transform):
-    a, b, boxes = transform(box_sample())
-    assert torch.equal(a, b)
-    assert len(boxes) == 1
-    inside = box_region(a, boxes[0])
-    assert inside.numel() > 0 and inside.mean() > 0.9  # the box still covers the rectangle
-    assert a.sum() > 0 and inside.sum() >= 0.8 * a.sum()
-
-
-def test_crop_drops_boxes_that_leave_the_window_and_masks_follow():
-    image, _, boxes = box_sample()
-    mask = (image[0] > 0).long()
-    crop = RandomCrop((10, 25), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    for _ in range(20):
-        a, _, cropped = crop((image, image, boxes))
-        if a.sum() == 0:
-            assert len(cropped) == 0
-        _, _, cropped_mask = crop((image, image, mask))
-        assert cropped_mask.shape == (10, 25)
-    flipped = RandomHorizontalFlip(1.0)((image, image, mask))
-    assert torch.equal(flipped[2].float(), flipped[0][0])
-
-
-def test_swap_sources_and_collate():
-    samples = [box_sample(), box_sample()]
-    samples[1] = (samples[1][0] * 0.5, samples[1][1], samples[1][2])
-    a, b, targets = detection_collate(samples)
-    assert a.shape == (2, 1, 40, 60) and targets.shape == (2, 6)
-    assert targets[:, 0].tolist() == [0.0, 1.0]
-    swapped_a, swapped_b, doubled = swap_sources((a, b, targets))
-    assert (
-        swapped_a.shape[0] == 4 and torch.equal(swapped_a[2:], b) and torch.equal(swapped_b[2:], a)
-    )
-    assert doubled[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
-    masks = torch.zeros(2, 4, 4, dtype=torch.long)
-    assert swap_sources((a, b, masks))[2].shape == (4, 4, 4)
-    assert swap_sources((a, b, ["x", "y"]))[2] == ["x", "y", "x", "y"]
-    with pytest.raises(ValueError, match="cannot duplicate the target"):
-        swap_sources((a, b, 3))
-    loader = torch.utils.data.DataLoader(
-        samples, batch_size=2, collate_fn=SwapSources(detection_collate)
-    )
-    batch = next(iter(loader))
-    assert batch[0].shape[0] == 4 and batch[2].shape == (4, 6)
-
-
 def test_detection_dataset_with_transform(tmp_path):
     write_pairs(tmp_path, ["a"], size=(40, 60))
     (tmp_path / "labels").mkdir()
@@ -342,3 +275,238 @@ def test_detection_dataset_with_transform(tmp_path):
     a, b, boxes = dataset[0]
     assert a.shape == (1, 20, 30)
     torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.5, 0.5, 0.2, 0.2]]))
+
+
+# ---------------------------------------------------------------------- more image storages
+def test_palette_and_luminance_alpha_images(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    palette = Image.fromarray(rgb).quantize(colors=16)
+    palette.save(tmp_path / "palette.png")
+    expanded = np.asarray(palette.convert("RGB"), dtype=np.float64)
+    luma, chroma = read_luma(tmp_path / "palette.png")
+    np.testing.assert_allclose(luma * 255, expanded @ [0.299, 0.587, 0.114], atol=1e-3)
+    np.testing.assert_allclose(chroma, rgb_to_ycrcb(expanded)[..., 1:], atol=1e-6)
+    grey = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 9)]), mode="LA").save(tmp_path / "la.png")
+    luma, chroma = read_luma(tmp_path / "la.png")
+    np.testing.assert_allclose(luma * 255, grey, atol=1e-3)
+    assert chroma is None
+
+
+def test_sixteen_bit_full_range_and_clipping(tmp_path):
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    luma, _ = read_luma(tmp_path / "deep.png")
+    np.testing.assert_allclose(luma, values / 65535.0, atol=1e-6)
+    Image.fromarray(np.array([[-5.0, 100.0, 400.0]], dtype=np.float32)).save(tmp_path / "f.tif")
+    assert read_image(tmp_path / "f.tif").tolist() == [[0.0, 100.0, 255.0]]
+
+
+def test_colour_round_trip_through_files(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    luma, chroma = read_luma(tmp_path / "colour.png")
+    back = ycrcb_to_rgb(np.dstack([luma.astype(np.float64) * 255, chroma]))
+    written = write_image(tmp_path / "back.png", back)
+    np.testing.assert_array_equal(np.asarray(Image.open(written)), rgb)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_truncated_and_damaged_files_name_the_file(tmp_path, suffix):
+    rgb = np.random.default_rng(3).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    good = tmp_path / f"good{suffix}"
+    Image.fromarray(rgb).save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError, match=f"cannot read image .*truncated{suffix}"):
+        read_image(truncated)
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=f"empty{suffix}"):
+        read_luma(empty)
+
+
+def test_write_image_errors_and_single_channel(tmp_path):
+    path = write_image(tmp_path / "one.png", np.full((2, 3, 1), 7.2))
+    assert np.asarray(Image.open(path)).tolist() == [[7, 7, 7], [7, 7, 7]]
+    with pytest.raises(DataError, match=r"expected an \(H, W\) or \(H, W, 3\) image"):
+        write_image(tmp_path / "bad.png", np.zeros((2, 3, 5)))
+    with pytest.raises(DataError, match=r"cannot write image .*x\.unknownformat"):
+        write_image(tmp_path / "x.unknownformat", np.zeros((2, 3)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png"]  # no temporary left
+
+
+# ---------------------------------------------------------------------- labels: more cases
+def test_voc_boxes_use_the_image_size_when_given(tmp_path):
+    path = tmp_path / "nosize.xml"
+    path.write_text(
+        "<annotation><object><name>person</name><bndbox><xmin>10</xmin><ymin>20</ymin>"
+        "<xmax>30</xmax><ymax>60</ymax></bndbox></object></annotation>"
+    )
+    with pytest.raises(DataError, match=r"nosize.xml: missing or bad <size>"):
+        read_voc_boxes(path, ["person"])
+    boxes = read_voc_boxes(path, ["person"], image_size=(80, 40))
+    torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.5]]))
+    voc(path, [("person", (-10, 5, 20, 500))], size=(100, 200))  # clipped to the image
+    torch.testing.assert_close(
+        read_voc_boxes(path, ["person"]), torch.tensor([[0.0, 0.05, 0.525, 0.1, 0.95]])
+    )
+    voc(path, [("person", (1, 2, "x", 4))])
+    with pytest.raises(DataError, match=r"object 1 \(person\) has a missing or bad <bndbox>"):
+        read_voc_boxes(path, ["person"])
+
+
+def test_every_shared_msrs_label_file_parses(shared_data):
+    files = sorted((shared_data / "MSRS" / "example" / "label").glob("*/*.txt"))
+    assert len(files) == 18
+    for path in files:
+        boxes = read_yolo_boxes(path, num_classes=3)
+        assert boxes.shape[1] == 5 and len(boxes) > 0, path
+
+
+# ---------------------------------------------------------------------- datasets: more cases
+def test_extensions_select_files(tmp_path):
+    write_pairs(tmp_path, ["a", "b"])
+    write_pairs(tmp_path, ["c"], suffix=".jpg")
+    assert PairedImageDataset(tmp_path / "ir", tmp_path / "vi").names == ["a", "b", "c"]
+    only_png = PairedImageDataset(tmp_path / "ir", tmp_path / "vi", extensions=["png"])
+    assert only_png.names == ["a", "b"]
+    with pytest.raises(ValueError, match=r"unsupported image extensions \['\.gif'\]"):
+        PairedImageDataset(tmp_path / "ir", tmp_path / "vi", extensions=[".gif"])
+    with pytest.raises(DataError, match=r"infrared folder .* holds no \.bmp image"):
+        PairedImageDataset(tmp_path / "ir", tmp_path / "vi", extensions=[".bmp"])
+
+
+def test_empty_folder_and_unknown_names(tmp_path):
+    write_pairs(tmp_path, ["a"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"visible folder .*empty holds no image"):
+        PairedImageDataset(tmp_path / "ir", tmp_path / "empty")
+    with pytest.raises(DataError, match=r"no image pair named \['zz'\]"):
+        PairedImageDataset(tmp_path / "ir", tmp_path / "vi", names=["zz"])
+
+
+def test_a_label_folder_matching_no_image_is_an_error(tmp_path):
+    write_pairs(tmp_path, ["a", "b"])
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "other.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DataError, match=r"labels holds no \.txt file for any of the 2 image pairs"):
+        DetectionPairDataset(tmp_path / "ir", tmp_path / "vi", tmp_path / "labels", ["person"])
+    with pytest.raises(DataError, match=r"label folder .*nowhere does not exist"):
+        DetectionPairDataset(tmp_path / "ir", tmp_path / "vi", tmp_path / "nowhere", ["person"])
+
+
+def test_bad_label_line_is_reported_when_the_item_is_read(tmp_path):
+    write_pairs(tmp_path, ["a"])
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n3 0.5 0.5 0.1 0.1\n")
+    dataset = DetectionPairDataset(
+        tmp_path / "ir", tmp_path / "vi", tmp_path / "labels", ["person", "car"]
+    )
+    with pytest.raises(DataError, match=r"a\.txt:2: class 3 is out of range for 2 classes"):
+        dataset[0]
+
+
+def test_segmentation_mask_problems_name_the_file(tmp_path):
+    write_pairs(tmp_path / "train", ["a", "b"])
+    labels = tmp_path / "train" / "Segmentation_labels"
+    labels.mkdir()
+    Image.fromarray(np.zeros((12, 16), dtype=np.uint8)).save(labels / "a.png")
+    dataset = MSRSDataset(tmp_path, "train")
+    with pytest.raises(DataError, match=r"a\.png is 16x12 but its images are 32x24"):
+        dataset[0]
+    with pytest.raises(DataError, match=r"segmentation label .*b\.png does not exist"):
+        dataset[1]
+
+
+def test_msrs_fusion_task_and_missing_folders(tmp_path):
+    write_pairs(tmp_path / "test", ["x"])
+    a, b, name = MSRSDataset(tmp_path, "test", task="fusion")[0]
+    assert name == "x" and a.shape == (1, 24, 32)
+    with pytest.raises(DataError, match=r"MSRS infrared folder .*train.ir does not exist"):
+        MSRSDataset(tmp_path, "train")
+    with pytest.raises(ValueError, match="task must be"):
+        MSRSDataset(tmp_path, "test", task="classification")
+
+
+@pytest.mark.parametrize("label_set", ["fusion", "infrared", "visible"])
+def test_msrs_example_folder_every_label_set(shared_data, label_set):
+    dataset = MSRSDataset(
+        shared_data / "MSRS" / "example", split=None, task="detection", label_set=label_set
+    )
+    assert dataset.label_dir.name == label_set and len(dataset) == 6
+    for index in range(len(dataset)):
+        assert dataset[index][2].shape[1] == 5
+
+
+def test_llvip_example_folder_from_the_shared_data(shared_data):
+    root = shared_data / "LLVIP" / "example"
+    dataset = LLVIPDataset(root, split=None, task="fusion", stride=2)
+    assert dataset.names == ["190001", "190003", "190005"]
+    a, b, name = dataset[0]
+    assert a.shape == b.shape == (1, 1024, 1280) and name == "190001"
+    assert not torch.equal(a, b)
+    with pytest.raises(DataError, match=r"label folder .*Annotations does not exist"):
+        LLVIPDataset(root, split=None)
+    with pytest.raises(DataError, match=r"no LLVIP infrared folder found; looked for .*train"):
+        LLVIPDataset(root, split="train", task="fusion")
+
+
+def test_m3fd_split_is_disjoint_complete_and_seeded(tmp_path):
+    names = [f"{i:05d}" for i in range(12)]
+    write_pairs(tmp_path, names, size=(8, 8), ir="Ir", vis="Vis")
+    (tmp_path / "Annotation").mkdir()
+    for name in names:
+        voc(tmp_path / "Annotation" / f"{name}.xml", [("Lamp", (1, 1, 4, 4))], (8, 8))
+    train = M3FDDataset(tmp_path, "train", train_size=8)
+    test = M3FDDataset(tmp_path, "test", train_size=8)
+    assert len(train) == 8 and len(test) == 4
+    assert sorted(train.names + test.names) == names
+    assert M3FDDataset(tmp_path, "train", train_size=8, seed=1).names != train.names
+    assert len(M3FDDataset(tmp_path, "all")) == 12
+    assert train[0][2][0, 0] == 4  # Lamp
+
+
+def test_bundled_sample_is_the_documented_pairs(shared_data):
+    ir_dir, vis_dir = sample_folders()
+    names = sorted(p.stem for p in ir_dir.glob("*.png"))
+    assert names == ["00004N", "00036N", "00055D", "00091D"]
+    for name in names:  # byte-identical copies of the MIT-licensed SuperFusion pairs
+        for folder, shared in ((ir_dir, "ir"), (vis_dir, "vi")):
+            original = shared_data / "MSRS" / "example" / shared / f"{name}.png"
+            assert (folder / f"{name}.png").read_bytes() == original.read_bytes()
+
+
+def test_bundled_sample_boxes_are_sane_and_on_warm_objects():
+    dataset = sample_dataset()
+    classes = (sample_folders()[0].parent / "classes.txt").read_text().split()
+    assert classes == ["person", "bicycle", "car"]
+    for index in range(len(dataset)):
+        a, _, boxes = dataset[index]
+        assert len(boxes) > 0
+        corners = torch.cat([boxes[:, 1:3] - boxes[:, 3:] / 2, boxes[:, 1:3] + boxes[:, 3:] / 2])
+        assert corners.min() >= 0 and corners.max() <= 1
+        # A person box is warmer, on average, than the infrared image as a whole.
+        for box in boxes[boxes[:, 0] == 0]:
+            height, width = a.shape[-2:]
+            x0, x1 = int((box[1] - box[3] / 2) * width), int((box[1] + box[3] / 2) * width)
+            y0, y1 = int((box[2] - box[4] / 2) * height), int((box[2] + box[4] / 2) * height)
+            assert a[0, y0:y1, x0:x1].mean() > a.mean(), (dataset.names[index], box)
+    fusion = sample_dataset(task="fusion")
+    assert fusion[0][2] == "00004N"
+    with pytest.raises(ValueError, match="detection boxes only"):
+        sample_dataset(task="segmentation")
+
+
+def test_mask_size_applies_after_the_transform(tmp_path):
+    write_pairs(tmp_path / "train", ["a"], size=(40, 60))
+    (tmp_path / "train" / "Segmentation_labels").mkdir()
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[:, 30:] = 5  # right half
+    Image.fromarray(mask).save(tmp_path / "train" / "Segmentation_labels" / "a.png")
+    flip = RandomHorizontalFlip(1.0)
+    a, _, small = MSRSDataset(tmp_path, "train", mask_size=(20, 30), transform=flip)[0]
+    assert a.shape == (1, 40, 60) and small.shape == (20, 30)
+    assert (small[:, :15] == 5).all() and (small[:, 15:] == 0).all()  # flipped, then resized

@@ -211,20 +211,23 @@ def _plot_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
     except ImportError:
         return None
     epochs = [entry["epoch"] + 1 for entry in history]
-    series = {
-        "fusion loss (F)": "fusion_loss",
-        "task loss (T)": "task_loss",
-        "meta-test task loss (G)": "meta_task_loss",
+    panels = {
+        "fusion network F (its loss moves as G learns)": {"learnable fusion loss": "fusion_loss"},
+        "task and loss generator": {
+            "task loss (T, fusion phase)": "task_loss",
+            "meta-test task loss (G's objective)": "meta_task_loss",
+        },
     }
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
-    for label, key in series.items():
-        values = [entry.get(key) for entry in history]
-        if any(v is not None for v in values):
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for axis, (title, series) in zip(axes, panels.items()):
+        for label, key in series.items():
+            values = [entry.get(key, float("nan")) for entry in history]
             axis.plot(epochs, values, marker="o", label=label)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("mean loss")
-    axis.set_title("TDFusion demo: training curve")
-    axis.legend()
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("mean loss")
+        axis.legend()
+    figure.suptitle("TDFusion demo: training curves")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from tdfusion.data.io import read_luma
 from tdfusion.data.labels import read_mask, read_voc_boxes, read_yolo_boxes
 from tdfusion.errors import DataError
-from tdfusion.files import pair_folders
+from tdfusion.files import IMAGE_SUFFIXES, list_images
 
 __all__ = [
     "DetectionPairDataset",
@@ -31,10 +31,6 @@ __all__ = [
     "MSRSDataset",
     "PairedImageDataset",
     "SegmentationPairDataset",
-]
-
-Transform = Callable[
-    [tuple[torch.Tensor, torch.Tensor, Any]], tuple[torch.Tensor, torch.Tensor, Any]
 ]
 
 MSRS_SEGMENTATION_CLASSES = (
@@ -76,6 +72,45 @@ def _require_folder(path: Path, what: str) -> Path:
     return path
 
 
+def _images_with_suffix(
+    folder: Path, role: str, extensions: Sequence[str] | None
+) -> dict[str, Path]:
+    images = list_images(folder, role)
+    if extensions is None:
+        return images
+    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    unsupported = sorted(wanted - set(IMAGE_SUFFIXES))
+    if unsupported:
+        raise ValueError(
+            f"unsupported image extensions {unsupported}; supported: {', '.join(IMAGE_SUFFIXES)}"
+        )
+    images = {stem: path for stem, path in images.items() if path.suffix.lower() in wanted}
+    if not images:
+        raise DataError(f"{role} folder {folder} holds no {', '.join(sorted(wanted))} image")
+    return images
+
+
+def _first_few(names: Sequence[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def _pair_by_stem(
+    ir_dir: Path, vis_dir: Path, extensions: Sequence[str] | None
+) -> dict[str, dict[str, Path]]:
+    infrared = _images_with_suffix(ir_dir, "infrared", extensions)
+    visible = _images_with_suffix(vis_dir, "visible", extensions)
+    only_infrared = [infrared[s].name for s in infrared if s not in visible]
+    only_visible = [visible[s].name for s in visible if s not in infrared]
+    if only_infrared or only_visible:
+        sides = [
+            f"{len(files)} only in {folder} ({_first_few(files)})"
+            for files, folder in ((only_infrared, ir_dir), (only_visible, vis_dir))
+            if files
+        ]
+        raise DataError("unpaired images (pairs are matched by file stem): " + "; ".join(sides))
+    return {stem: {"infrared": infrared[stem], "visible": visible[stem]} for stem in infrared}
+
+
 class PairedImageDataset(Dataset):
     """Aligned image pairs from two folders, matched by file stem.
 
@@ -84,16 +119,19 @@ class PairedImageDataset(Dataset):
     ir_dir, vis_dir : str or os.PathLike
         Folders of the first (infrared) and second (visible) sources.
     transform : callable, optional
-        Paired transform applied to ``(a, b, target)`` (see :mod:`tdfusion.data.transforms`).
+        Paired transform applied to ``(a, b, target)`` (such as :class:`~tdfusion.data.Compose`).
     names : sequence of str, optional
         Restrict to these stems (in this order).
+    extensions : sequence of str, optional
+        Only read files with these suffixes (e.g. ``[".png"]``); default: every image suffix of
+        :data:`tdfusion.files.IMAGE_SUFFIXES`.
 
     Raises
     ------
     DataError
-        For a missing or empty folder, or names present in one folder only (the first few are
-        listed); an unreadable image or a size mismatch is reported, with the file names, when
-        that item is read.
+        For a missing or empty folder, or names present in one folder only (the first few of
+        each side are listed); an unreadable image or a size mismatch is reported, with the
+        file names, when that item is read.
 
     Example
     -------
@@ -106,10 +144,11 @@ class PairedImageDataset(Dataset):
         ir_dir: str | os.PathLike[str],
         vis_dir: str | os.PathLike[str],
         *,
-        transform: Transform | None = None,
+        transform: Callable[[tuple], tuple] | None = None,
         names: Sequence[str] | None = None,
+        extensions: Sequence[str] | None = None,
     ) -> None:
-        pairs = dict(pair_folders({"infrared": ir_dir, "visible": vis_dir}))
+        pairs = _pair_by_stem(Path(ir_dir), Path(vis_dir), extensions)
         if names is not None:
             unknown = [n for n in names if n not in pairs]
             if unknown:
@@ -154,13 +193,20 @@ class DetectionPairDataset(PairedImageDataset):
         Source folders.
     label_dir : str or os.PathLike
         Folder of ``<stem>.txt`` (YOLO) or ``<stem>.xml`` (VOC) files; a missing file means no
-        object.
+        object (but a folder with no file for any of the images is an error).
     classes : sequence of str
         Class names (index = class id).
     label_format : {"yolo", "voc"}
         File format of the labels.
-    transform, names
+    transform, names, extensions
         As in :class:`PairedImageDataset`.
+
+    Example
+    -------
+    >>> dataset = DetectionPairDataset(  # doctest: +SKIP
+    ...     "data/ir", "data/vi", "data/labels", ["person", "bicycle", "car"]
+    ... )
+    >>> a, b, boxes = dataset[0]  # doctest: +SKIP
     """
 
     def __init__(
@@ -171,15 +217,23 @@ class DetectionPairDataset(PairedImageDataset):
         classes: Sequence[str],
         *,
         label_format: str = "yolo",
-        transform: Transform | None = None,
+        transform: Callable[[tuple], tuple] | None = None,
         names: Sequence[str] | None = None,
+        extensions: Sequence[str] | None = None,
     ) -> None:
         if label_format not in ("yolo", "voc"):
             raise ValueError(f"label_format must be 'yolo' or 'voc', got {label_format!r}")
-        super().__init__(ir_dir, vis_dir, transform=transform, names=names)
+        super().__init__(ir_dir, vis_dir, transform=transform, names=names, extensions=extensions)
         self.label_dir = _require_folder(Path(label_dir), "label")
         self.classes = tuple(classes)
         self.label_format = label_format
+        suffix = ".txt" if label_format == "yolo" else ".xml"
+        if not any((self.label_dir / f"{name}{suffix}").is_file() for name in self.names):
+            # A wrong label folder would otherwise read as "no object anywhere".
+            raise DataError(
+                f"label folder {self.label_dir} holds no {suffix} file for any of the "
+                f"{len(self.names)} image pairs (expected e.g. {self.names[0]}{suffix})"
+            )
 
     def target(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         stem = self.names[index]
@@ -188,7 +242,7 @@ class DetectionPairDataset(PairedImageDataset):
         path = self.label_dir / f"{stem}.xml"
         if not path.is_file():
             return torch.zeros((0, 5))
-        return read_voc_boxes(path, self.classes)
+        return read_voc_boxes(path, self.classes, image_size=size)
 
 
 class SegmentationPairDataset(PairedImageDataset):
@@ -203,9 +257,17 @@ class SegmentationPairDataset(PairedImageDataset):
     num_classes : int
         Number of classes (values must be below it; 255 is allowed as "ignore").
     mask_size : (int, int), optional
-        Resize masks (nearest) to this ``(height, width)``, e.g. the trainer's ``task_size``.
-    transform, names
+        Resize masks (nearest) to this ``(height, width)``, e.g. the trainer's ``task_size``;
+        applied after ``transform``, so geometric transforms see full-size masks.
+    transform, names, extensions
         As in :class:`PairedImageDataset`.
+
+    Example
+    -------
+    >>> dataset = SegmentationPairDataset(  # doctest: +SKIP
+    ...     "MSRS/train/ir", "MSRS/train/vi", "MSRS/train/Segmentation_labels", 9
+    ... )
+    >>> a, b, mask = dataset[0]  # doctest: +SKIP
     """
 
     def __init__(
@@ -216,10 +278,11 @@ class SegmentationPairDataset(PairedImageDataset):
         num_classes: int,
         *,
         mask_size: tuple[int, int] | None = None,
-        transform: Transform | None = None,
+        transform: Callable[[tuple], tuple] | None = None,
         names: Sequence[str] | None = None,
+        extensions: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(ir_dir, vis_dir, transform=transform, names=names)
+        super().__init__(ir_dir, vis_dir, transform=transform, names=names, extensions=extensions)
         self.mask_dir = _require_folder(Path(mask_dir), "segmentation label")
         self.num_classes = int(num_classes)
         self.mask_size = None if mask_size is None else (int(mask_size[0]), int(mask_size[1]))
@@ -232,16 +295,18 @@ class SegmentationPairDataset(PairedImageDataset):
                 f"segmentation label {path} is {mask.shape[1]}x{mask.shape[0]} but its images are "
                 f"{size[1]}x{size[0]} (width x height)"
             )
-        if self.mask_size is not None and tuple(mask.shape) != self.mask_size:
-            mask = F.interpolate(mask[None, None].float(), size=self.mask_size, mode="nearest")
-            mask = mask[0, 0].long()
         return mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         a, b = self.read_pair(index)
-        mask = self.target(index, tuple(a.shape[-2:]))
-        sample = (a, b, mask)
-        return self.transform(sample) if self.transform is not None else sample
+        sample = (a, b, self.target(index, tuple(a.shape[-2:])))
+        if self.transform is not None:
+            sample = self.transform(sample)
+        a, b, mask = sample
+        if self.mask_size is not None and tuple(mask.shape) != self.mask_size:
+            mask = F.interpolate(mask[None, None].float(), size=self.mask_size, mode="nearest")
+            mask = mask[0, 0].long()
+        return a, b, mask
 
 
 def _first_folder(candidates: Sequence[Path], what: str) -> Path:
@@ -258,7 +323,7 @@ def MSRSDataset(
     *,
     label_set: str = "fusion",
     mask_size: tuple[int, int] | None = None,
-    transform: Transform | None = None,
+    transform: Callable[[tuple], tuple] | None = None,
 ) -> PairedImageDataset:
     """MSRS (1083 train / 361 test pairs, 480x640) for segmentation or detection.
 
@@ -267,8 +332,9 @@ def MSRSDataset(
     curve, car stop, guardrail, color cone, bump); detection labels in YOLO format (person,
     bicycle, car) from the first of ``root/{split}/labels``,
     ``root/{split}/label/{label_set}``, ``root/label/{label_set}/{split}``,
-    ``root/label/{label_set}``. With ``split=None`` the images are ``root/{ir,vi}`` (as in a
-    folder of examples).
+    ``root/label/{label_set}`` (the layout of the public MSRS detection labels). With
+    ``split=None`` the images are ``root/{ir,vi}`` (as in a folder of examples, or the bundled
+    sample).
 
     Parameters
     ----------
@@ -276,8 +342,8 @@ def MSRSDataset(
         Dataset root.
     split : {"train", "test"} or None
         Sub-folder of the split.
-    task : {"segmentation", "detection"}
-        Which labels to return.
+    task : {"segmentation", "detection", "fusion"}
+        Which labels to return (``"fusion"``: none, the target is the file stem).
     label_set : {"fusion", "infrared", "visible"}
         Which detection annotation set (the MSRS detection labels come in three).
     mask_size : (int, int), optional
@@ -288,14 +354,27 @@ def MSRSDataset(
     Returns
     -------
     PairedImageDataset
-        A :class:`SegmentationPairDataset` or :class:`DetectionPairDataset`.
+        A :class:`SegmentationPairDataset`, a :class:`DetectionPairDataset` or, for
+        ``task="fusion"``, a :class:`PairedImageDataset`.
+
+    Example
+    -------
+    >>> from tdfusion.data import sample_root
+    >>> dataset = MSRSDataset(sample_root(), split=None, task="detection")
+    >>> a, b, boxes = dataset[0]
+    >>> tuple(a.shape), boxes.shape[1]
+    ((1, 480, 640), 5)
     """
+    if task not in ("segmentation", "detection", "fusion"):
+        raise ValueError(f"task must be 'segmentation', 'detection' or 'fusion', got {task!r}")
     root = Path(root)
     base = root / split if split else root
     ir_dir, vis_dir = (
         _require_folder(base / "ir", "MSRS infrared"),
         _require_folder(base / "vi", "MSRS visible"),
     )
+    if task == "fusion":
+        return PairedImageDataset(ir_dir, vis_dir, transform=transform)
     if task == "segmentation":
         return SegmentationPairDataset(
             ir_dir,
@@ -305,16 +384,14 @@ def MSRSDataset(
             mask_size=mask_size,
             transform=transform,
         )
-    if task == "detection":
-        candidates = [base / "labels", base / "label" / label_set]
-        if split:
-            candidates.append(root / "label" / label_set / split)
-        candidates.append(root / "label" / label_set)
-        label_dir = _first_folder(candidates, "MSRS detection label")
-        return DetectionPairDataset(
-            ir_dir, vis_dir, label_dir, MSRS_DETECTION_CLASSES, transform=transform
-        )
-    raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
+    candidates = [base / "labels", base / "label" / label_set]
+    if split:
+        candidates.append(root / "label" / label_set / split)
+    candidates.append(root / "label" / label_set)
+    label_dir = _first_folder(candidates, "MSRS detection label")
+    return DetectionPairDataset(
+        ir_dir, vis_dir, label_dir, MSRS_DETECTION_CLASSES, transform=transform
+    )
 
 
 def FMBDataset(
@@ -322,7 +399,7 @@ def FMBDataset(
     split: str = "train",
     *,
     mask_size: tuple[int, int] | None = None,
-    transform: Transform | None = None,
+    transform: Callable[[tuple], tuple] | None = None,
 ) -> SegmentationPairDataset:
     """FMB (1220 train / 280 test pairs, 600x800, 15 classes) for segmentation.
 
@@ -361,7 +438,7 @@ def M3FDDataset(
     *,
     train_size: int = 3150,
     seed: int = 0,
-    transform: Transform | None = None,
+    transform: Callable[[tuple], tuple] | None = None,
 ) -> DetectionPairDataset:
     """M3FD (4200 pairs, 768x1024, 6 classes) for detection, with the paper's 3150/1050 split.
 
@@ -412,15 +489,18 @@ def M3FDDataset(
 def LLVIPDataset(
     root: str | os.PathLike[str],
     split: str | None = "train",
+    task: str = "detection",
     *,
     stride: int = 1,
-    transform: Transform | None = None,
-) -> DetectionPairDataset:
+    transform: Callable[[tuple], tuple] | None = None,
+) -> PairedImageDataset:
     """LLVIP (1024x1280, pedestrians) for detection.
 
-    Layout: ``root/infrared/{split}/``, ``root/visible/{split}/`` (or without the split
-    sub-folder) and ``root/Annotations/NAME.xml`` (VOC, class ``person``). The paper keeps
-    every 10th pair (``stride=10``: 1203 train / 347 test).
+    Layout: ``root/infrared/{split}/``, ``root/visible/{split}/`` and
+    ``root/Annotations/NAME.xml`` (VOC, class ``person``). With ``split=None`` the images are
+    ``root/infrared/`` and ``root/visible/``. The short folder names ``ir`` and ``vi`` are
+    accepted too (as in a folder of examples). The paper keeps every 10th pair (``stride=10``:
+    1203 train / 347 test). For any other layout use :class:`DetectionPairDataset`.
 
     Parameters
     ----------
@@ -428,6 +508,8 @@ def LLVIPDataset(
         Dataset root.
     split : {"train", "test"} or None
         Split sub-folder, or None for flat folders.
+    task : {"detection", "fusion"}
+        ``"fusion"``: no annotations needed, the target is the file stem.
     stride : int
         Keep every ``stride``-th pair (sorted by name).
     transform : callable, optional
@@ -435,21 +517,37 @@ def LLVIPDataset(
 
     Returns
     -------
-    DetectionPairDataset
-        The dataset.
+    PairedImageDataset
+        A :class:`DetectionPairDataset`, or a :class:`PairedImageDataset` for
+        ``task="fusion"``.
+
+    Example
+    -------
+    >>> dataset = LLVIPDataset("LLVIP", "train", stride=10)  # doctest: +SKIP
+    >>> a, b, boxes = dataset[0]  # doctest: +SKIP
     """
-    root = Path(root)
-    ir_dir = root / "infrared" / split if split else root / "infrared"
-    vis_dir = root / "visible" / split if split else root / "visible"
-    dataset = DetectionPairDataset(
-        _require_folder(ir_dir, "LLVIP infrared"),
-        _require_folder(vis_dir, "LLVIP visible"),
-        root / "Annotations",
-        LLVIP_CLASSES,
-        label_format="voc",
-        transform=transform,
-    )
+    if task not in ("detection", "fusion"):
+        raise ValueError(f"task must be 'detection' or 'fusion', got {task!r}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    root = Path(root)
+
+    def source_folder(names: tuple[str, str], what: str) -> Path:
+        candidates = [root / name / split if split else root / name for name in names]
+        return _first_folder(candidates, what)
+
+    ir_dir = source_folder(("infrared", "ir"), "LLVIP infrared")
+    vis_dir = source_folder(("visible", "vi"), "LLVIP visible")
+    if task == "fusion":
+        dataset = PairedImageDataset(ir_dir, vis_dir, transform=transform)
+    else:
+        dataset = DetectionPairDataset(
+            ir_dir,
+            vis_dir,
+            root / "Annotations",
+            LLVIP_CLASSES,
+            label_format="voc",
+            transform=transform,
+        )
     dataset.names = sorted(dataset.names)[::stride]
     return dataset

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,17 @@ from tdfusion.errors import DataError
 __all__ = ["read_image", "read_luma", "rgb_to_ycrcb", "write_image", "ycrcb_to_rgb"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# What Pillow's decoders raise for damaged files (truncated data, broken chunks and headers).
+_DECODE_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -21,7 +34,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
     8-bit images keep their values; 16-bit images are scaled by ``255 / 65535``; an alpha
     channel is dropped; palette images are expanded; a colour image whose three planes are
-    equal is returned as grey.
+    equal is returned as grey. Values outside [0, 255] (32-bit integer or float files) are
+    clipped.
 
     Parameters
     ----------
@@ -37,6 +51,14 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     ------
     DataError
         If the file is missing, unreadable or not an image (the message names it).
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> Image.fromarray(np.full((2, 3, 4), 200, dtype=np.uint8)).save("rgba.png")
+    >>> read_image("rgba.png").shape  # alpha dropped, equal planes read as grey
+    (2, 3)
     """
     path = Path(path)
     try:
@@ -45,7 +67,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             array = _to_array(image)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+    except _DECODE_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}") from None
     if (
         array.ndim == 3
@@ -53,7 +75,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         and np.array_equal(array[..., 1], array[..., 2])
     ):
         array = array[..., 0]
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=np.float32)
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
@@ -107,6 +129,13 @@ def ycrcb_to_rgb(ycrcb: np.ndarray) -> np.ndarray:
     -------
     numpy.ndarray
         (..., 3) float64 RGB.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> rgb = np.array([10.0, 200.0, 30.0])
+    >>> np.allclose(ycrcb_to_rgb(rgb_to_ycrcb(rgb)), rgb)
+    True
     """
     ycrcb = np.asarray(ycrcb, dtype=np.float64)
     luma = ycrcb[..., 0]
@@ -135,6 +164,15 @@ def read_luma(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | No
     ------
     DataError
         If the file cannot be read.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> Image.fromarray(np.full((2, 3, 3), (255, 0, 0), dtype=np.uint8)).save("red.png")
+    >>> luma, chroma = read_luma("red.png")
+    >>> round(float(luma[0, 0]) * 255, 3), chroma.shape
+    (76.245, (2, 3, 2))
     """
     image = read_image(path)
     if image.ndim == 2:
@@ -153,25 +191,49 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     path : str or os.PathLike
         Destination; the format follows the suffix (PNG recommended). Folders are created.
     image : numpy.ndarray
-        (H, W) or (H, W, 3).
+        (H, W), (H, W, 1) or (H, W, 3).
 
     Returns
     -------
     pathlib.Path
         The written file.
+
+    Raises
+    ------
+    DataError
+        For another shape, an unknown file suffix or a folder that cannot be written.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> write_image("out/grey.png", np.array([[-4.0, 127.6, 300.0]])).name
+    'grey.png'
     """
     path = Path(path)
     array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise DataError(
+            f"cannot write {path}: expected an (H, W) or (H, W, 3) image, got shape "
+            f"{tuple(array.shape)}"
+        )
     if array.dtype != np.uint8:
         array = np.clip(np.rint(array.astype(np.float64)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
+        )
+    except OSError as error:
+        raise DataError(f"cannot write image {path}: {error}") from None
     os.close(handle)
     try:
         Image.fromarray(array).save(temporary)
         os.replace(temporary, path)
+    except (OSError, ValueError, KeyError) as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise DataError(f"cannot write image {path}: {error}") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

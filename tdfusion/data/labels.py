@@ -39,13 +39,20 @@ def read_yolo_boxes(path: str | os.PathLike[str], num_classes: int | None = None
     ------
     DataError
         For a bad line, naming the file and line number and saying what was expected.
+
+    Example
+    -------
+    >>> from pathlib import Path
+    >>> _ = Path("boxes.txt").write_text("2 0.5 0.5 0.25 0.1\\n")
+    >>> read_yolo_boxes("boxes.txt", num_classes=3).tolist()
+    [[2.0, 0.5, 0.5, 0.25, 0.10000000149011612]]
     """
     path = Path(path)
     if not path.is_file():
         return torch.zeros((0, 5), dtype=torch.float32)
     rows = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read label file {path}: {error}") from None
     for number, line in enumerate(lines, start=1):
@@ -79,7 +86,11 @@ def read_yolo_boxes(path: str | os.PathLike[str], num_classes: int | None = None
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
 
 
-def read_voc_boxes(path: str | os.PathLike[str], classes: Sequence[str]) -> torch.Tensor:
+def read_voc_boxes(
+    path: str | os.PathLike[str],
+    classes: Sequence[str],
+    image_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Read a Pascal VOC xml annotation as normalised YOLO-style boxes.
 
     Parameters
@@ -89,6 +100,10 @@ def read_voc_boxes(path: str | os.PathLike[str], classes: Sequence[str]) -> torc
         ``object/bndbox/{xmin,ymin,xmax,ymax}`` in pixels).
     classes : sequence of str
         Class names; an object's class index is its name's position (case-insensitive).
+    image_size : (int, int), optional
+        ``(height, width)`` of the annotated image. When given, boxes are normalised by it
+        (the pixels are the truth) and ``<size>`` may be absent; otherwise ``<size>`` is
+        required.
 
     Returns
     -------
@@ -100,6 +115,17 @@ def read_voc_boxes(path: str | os.PathLike[str], classes: Sequence[str]) -> torc
     DataError
         For unreadable xml, a missing size or box field, or an unknown class name (naming the
         file and the object).
+
+    Example
+    -------
+    >>> from pathlib import Path
+    >>> _ = Path("00000.xml").write_text(
+    ...     "<annotation><size><width>200</width><height>100</height></size><object>"
+    ...     "<name>Car</name><bndbox><xmin>20</xmin><ymin>10</ymin><xmax>60</xmax>"
+    ...     "<ymax>50</ymax></bndbox></object></annotation>"
+    ... )
+    >>> read_voc_boxes("00000.xml", ["People", "Car"]).tolist()
+    [[1.0, 0.20000000298023224, 0.30000001192092896, 0.20000000298023224, 0.4000000059604645]]
     """
     path = Path(path)
     lookup = {name.lower(): index for index, name in enumerate(classes)}
@@ -107,11 +133,14 @@ def read_voc_boxes(path: str | os.PathLike[str], classes: Sequence[str]) -> torc
         root = ElementTree.parse(path).getroot()
     except (OSError, ElementTree.ParseError) as error:
         raise DataError(f"cannot read annotation {path}: {error}") from None
-    try:
-        width = float(root.findtext("size/width"))
-        height = float(root.findtext("size/height"))
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: missing or bad <size><width>/<height>") from None
+    if image_size is not None:
+        height, width = float(image_size[0]), float(image_size[1])
+    else:
+        try:
+            width = float(root.findtext("size/width"))
+            height = float(root.findtext("size/height"))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: missing or bad <size><width>/<height>") from None
     if width <= 0 or height <= 0:
         raise DataError(f"{path}: image size must be positive, got {width}x{height}")
     rows = []
@@ -164,6 +193,14 @@ def read_mask(path: str | os.PathLike[str], num_classes: int | None = None) -> t
     ------
     DataError
         If the file cannot be read, has colour channels, or holds out-of-range classes.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> Image.fromarray(np.array([[0, 2], [8, 255]], dtype=np.uint8)).save("mask.png")
+    >>> read_mask("mask.png", num_classes=9).tolist()
+    [[0, 2], [8, 255]]
     """
     path = Path(path)
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from tdfusion.data.datasets import DetectionPairDataset, PairedImageDataset, Transform
+from tdfusion.data.datasets import DetectionPairDataset, PairedImageDataset
 
 __all__ = ["sample_dataset", "sample_folders", "sample_root"]
 
@@ -40,7 +41,7 @@ def sample_folders() -> tuple[Path, Path]:
 
 
 def sample_dataset(
-    task: str = "detection", transform: Transform | None = None
+    task: str = "detection", transform: Callable[[tuple], tuple] | None = None
 ) -> PairedImageDataset:
     """A dataset over the bundled sample.
 
@@ -71,7 +72,7 @@ def sample_dataset(
             "the sample has detection boxes only: task must be 'detection' or 'fusion', "
             f"got {task!r}"
         )
-    classes = (root / "classes.txt").read_text().split("\n")
+    classes = (root / "classes.txt").read_text(encoding="utf-8").split("\n")
     return DetectionPairDataset(
         root / "ir", root / "vi", root / "labels", [c for c in classes if c], transform=transform
     )
