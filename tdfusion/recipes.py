@@ -48,7 +48,7 @@ class Recipe:
     name : str
         Recipe name.
     dataset : {"msrs", "fmb", "m3fd", "llvip"}
-        Dataset layout (see :mod:`tdfusion.data.datasets`).
+        Dataset layout (see the datasets of ``tdfusion.data``).
     task : {"segmentation", "detection"}
         Task network: SegFormer (``encoder``) or YOLOv8 (``model``), from scratch.
     num_classes : int
@@ -233,7 +233,7 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
 
     Returns
     -------
-    MetaFusionTrainer
+    tdfusion.MetaFusionTrainer
         The trainer.
     """
     from tdfusion import LossGenerator, MetaFusionTrainer
@@ -291,7 +291,7 @@ def train(
 
     Returns
     -------
-    MetaFusionTrainer
+    tdfusion.MetaFusionTrainer
         The trained trainer.
     """
     from torch.utils.data import DataLoader, default_collate

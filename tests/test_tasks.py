@@ -433,7 +433,9 @@ socket.create_connection = refuse("create_connection")
 
 import numpy
 import torch
+from PIL import Image
 save = torch.save
+image_open = Image.open
 print_options = (numpy.get_printoptions(), torch._tensor_str.get_printoptions())
 import tdfusion.tasks as tasks
 lazy = not any(name in sys.modules for name in ("ultralytics", "segmentation_models_pytorch"))
@@ -452,6 +454,7 @@ print(json.dumps({
     "calls": calls,
     "lazy": lazy,
     "torch_save_restored": torch.save is save,
+    "image_open_restored": Image.open is image_open,
     "print_options_restored": print_options
     == (numpy.get_printoptions(), torch._tensor_str.get_printoptions()),
     "omp": os.environ.get("OMP_NUM_THREADS"),
@@ -486,6 +489,7 @@ def test_no_network_and_nothing_written_to_home(tmp_path: Path) -> None:
     assert report["calls"] == []
     assert report["lazy"]
     assert report["torch_save_restored"] and report["print_options_restored"]
+    assert report["image_open_restored"]  # PIL errors stay PIL errors after the import
     assert report["omp"] is None and report["yolo_config_dir"] is None
     assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
     settings = list(temporary.glob("tdfusion-ultralytics-*/Ultralytics/settings.json"))

@@ -10,6 +10,7 @@ is copied by hand into the documentation, so the page follows the folder.
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ class BenchmarksDirective(SphinxDirective):
         lines += ["Recorded results", "~~~~~~~~~~~~~~~~", ""]
         if results.is_file():
             self.env.note_dependency(str(results))
-            lines += [f".. include:: {results}", "   :parser: myst_parser.sphinx_", ""]
+            document_folder = Path(self.state.document.current_source).parent
+            relative = os.path.relpath(results, document_folder)
+            lines += [f".. include:: {relative}", "   :parser: myst_parser.sphinx_", ""]
         else:
             lines += [
                 ".. admonition:: Placeholder: no measured figures yet",

@@ -101,8 +101,14 @@ def quiet_ultralytics_logger() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _restore_global_state() -> Iterator[None]:
+    from PIL import Image
+
     environment = dict(os.environ)
     torch_save = torch.save
+    # ultralytics replaces PIL.Image.open process-wide with a wrapper that, on an unidentified
+    # image, tries to install and import a HEIF plugin: unreadable files would then raise
+    # ModuleNotFoundError (or trigger a pip install) instead of PIL's own error.
+    image_open = Image.open
     numpy_print = np.get_printoptions()
     get_torch_print = getattr(torch._tensor_str, "get_printoptions", None)
     torch_print = get_torch_print() if get_torch_print is not None else None
@@ -116,6 +122,7 @@ def _restore_global_state() -> Iterator[None]:
                 if os.environ.get(key) != value:
                     os.environ[key] = value
             torch.save = torch_save
+            Image.open = image_open
             np.set_printoptions(**numpy_print)
             if torch_print is not None:
                 torch.set_printoptions(**torch_print)
