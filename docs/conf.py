@@ -171,6 +171,7 @@ nitpick_ignore: list[tuple[str, str]] = []
 
 # -- HTML ---------------------------------------------------------------------------------------
 html_theme = "furo"
+html_static_path = ["_static"]
 html_title = f"tdfusion {release}"
 html_theme_options = {
     "navigation_with_keys": True,

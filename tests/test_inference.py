@@ -301,3 +301,35 @@ def test_weights_cli_writes_heat_maps(tmp_path):
     heat = np.asarray(Image.open(tmp_path / "maps" / "one_wa.png"))
     assert heat.shape == (40, 52, 3)
     assert (tmp_path / "maps" / "one_wa_overlay.png").is_file()
+
+
+def test_fuse_cli_on_a_full_size_llvip_pair_in_tiles(shared_data, tmp_path):
+    """LLVIP is 1280x1024 with an infrared image stored as three equal planes."""
+    weights = shared_data / "weights" / "ReFusion" / "ReFusion_IVIF.pth"
+    ir, vis = tmp_path / "ir", tmp_path / "vi"
+    ir.mkdir()
+    vis.mkdir()
+    source = shared_data / "LLVIP" / "example"
+    (ir / "190001.jpg").write_bytes((source / "ir" / "190001.jpg").read_bytes())
+    (vis / "190001.jpg").write_bytes((source / "vi" / "190001.jpg").read_bytes())
+    arguments = [
+        "fuse",
+        "--ir",
+        str(ir),
+        "--vis",
+        str(vis),
+        "--out",
+        str(tmp_path / "out"),
+        "--weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--tile",
+        "512",
+        "--overlap",
+        "64",
+    ]
+    assert main(arguments) == 0
+    fused = np.asarray(Image.open(tmp_path / "out" / "190001.png"))
+    assert fused.shape == (1024, 1280, 3)
+    assert fused.std() > 10 and fused.min() < fused.max()
