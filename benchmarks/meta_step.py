@@ -3,9 +3,11 @@
 Setting (the paper's MSRS recipe): ReFusionNet F, LossGenerator G, SegFormer-b0 T (9 classes),
 fusion loss on random 256x256 crops, task input resized to 240x320, one 480x640 pair per batch
 fed in both orders (batch 2). The baseline is the research code's mechanics
-(``_research_mechanics.py``) on the same networks and inputs. Each variant runs in its own
-child process (same seed, same inputs) so that its peak memory is its own; timings are medians
-after a warm-up step. Run from the repository root::
+(``_research_mechanics.py``) on the same networks and inputs. Timings are taken in this one
+process, the three steps (research meta step, our meta step, our fusion step) alternating on
+the same inputs, as medians after a warm-up round. Peak memory and its growth over the steps
+are measured in a fresh child process per variant, so that each peak is its own. Run from the
+repository root::
 
     python benchmarks/meta_step.py [--steps 3] [--memory-steps 20] [--threads 2]
 
@@ -68,44 +70,52 @@ def make_batches(data: Path, count: int):
     return batches
 
 
-def child(mode: str, steps: int, data: Path, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def build(mode: str, batches):
+    """One variant, freshly initialised from the same seed: returns ``step(i)``."""
     torch.manual_seed(0)
     from tdfusion import MetaFusionTrainer
     from tdfusion.nets import LossGenerator, ReFusionNet
     from tdfusion.tasks import SegmentationTask
 
     fusion, generator, task = ReFusionNet(), LossGenerator(), SegmentationTask(9)
-    batches = make_batches(data, 4)
     if mode == "research-meta":
         from _research_mechanics import ResearchMechanics
 
         runner = ResearchMechanics(fusion, generator, task)
+        return lambda i: runner.meta_step(batches[i % 4], batches[(i + 1) % 4])
+    trainer = MetaFusionTrainer(
+        fusion, task, generator, fusion_crop=256, task_size=(240, 320), device="cpu"
+    )
+    if mode == "ours-meta":
+        return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
+    return lambda i: trainer.fusion_step(batches[i % 4])
 
-        def step(i: int) -> None:
-            runner.meta_step(batches[i % 4], batches[(i + 1) % 4])
-    else:
-        trainer = MetaFusionTrainer(
-            fusion, task, generator, fusion_crop=256, task_size=(240, 320), device="cpu"
-        )
-        if mode == "ours-meta":
 
-            def step(i: int) -> None:
-                trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
-        else:
-
-            def step(i: int) -> None:
-                trainer.fusion_step(batches[i % 4])
-
-    times, memory = [], []
-    for i in range(steps + 1):  # step 0 is the warm-up
-        start = time.perf_counter()
+def child(mode: str, steps: int, data: Path, threads: int) -> dict:
+    """Run one variant for ``steps`` steps (after a warm-up) and report its memory."""
+    torch.set_num_threads(threads)
+    step = build(mode, make_batches(data, 4))
+    memory = []
+    for i in range(steps + 1):
         step(i)
-        elapsed = time.perf_counter() - start
-        if i:
-            times.append(elapsed)
         memory.append(rss_gib()[0])
-    return {"mode": mode, "times": times, "rss": memory, "peak": rss_gib()[1]}
+    return {"mode": mode, "rss": memory, "peak": rss_gib()[1]}
+
+
+def time_side_by_side(steps: int, data: Path) -> dict[str, list[float]]:
+    """Alternate the three variants in this process on the same inputs; seconds per step."""
+    batches = make_batches(data, 4)
+    variants = {
+        mode: build(mode, batches) for mode in ("research-meta", "ours-meta", "ours-fusion")
+    }
+    times: dict[str, list[float]] = {mode: [] for mode in variants}
+    for i in range(steps + 1):  # round 0 is the warm-up
+        for mode, step in variants.items():
+            start = time.perf_counter()
+            step(i)
+            if i:
+                times[mode].append(time.perf_counter() - start)
+    return times
 
 
 def run_child(mode: str, steps: int, data: Path, threads: int) -> dict:
@@ -148,28 +158,27 @@ def main() -> None:
         print(json.dumps(child(args.child, args.steps, args.data, args.threads)))
         return
 
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU: {os.cpu_count()} cores")
-    ours_meta = run_child("ours-meta", max(args.steps, args.memory_steps), args.data, args.threads)
-    ours_fusion = run_child("ours-fusion", args.steps, args.data, args.threads)
-    research = run_child(
-        "research-meta", max(args.steps, args.research_steps), args.data, args.threads
-    )
-    meta = statistics.median(ours_meta["times"])
-    fusion = statistics.median(ours_fusion["times"])
-    baseline = statistics.median(research["times"])
-    growth = ours_meta["rss"][-1] - ours_meta["rss"][1]
-    research_growth = research["rss"][-1] - research["rss"][1]
-    for name, result in (
-        ("ours meta", ours_meta),
-        ("ours fusion", ours_fusion),
-        ("research meta", research),
-    ):
-        times = result["times"]
+    times = time_side_by_side(args.steps, args.data)
+    ours_meta = run_child("ours-meta", args.memory_steps, args.data, args.threads)
+    research = run_child("research-meta", args.research_steps, args.data, args.threads)
+    meta = statistics.median(times["ours-meta"])
+    fusion = statistics.median(times["ours-fusion"])
+    baseline = statistics.median(times["research-meta"])
+    for mode, values in times.items():
         print(
-            f"{name:14s} median {statistics.median(times):7.2f} s  over {len(times)} steps, "
-            f"peak RSS {result['peak']:.2f} GiB, RSS after each step "
+            f"{mode:14s} median {statistics.median(values):7.2f} s over {len(values)} steps ("
+            + ", ".join(f"{v:.2f}" for v in values)
+            + ")"
+        )
+    for name, result in (("ours meta", ours_meta), ("research meta", research)):
+        print(
+            f"{name:14s} peak RSS {result['peak']:.2f} GiB; RSS after each step "
             + " ".join(f"{m:.2f}" for m in result["rss"])
         )
+    growth = ours_meta["rss"][-1] - ours_meta["rss"][1]
+    research_growth = research["rss"][-1] - research["rss"][1]
     print(
         f"memory growth over the run: ours {growth:+.2f} GiB ({len(ours_meta['rss']) - 1} meta "
         f"steps), research {research_growth:+.2f} GiB ({len(research['rss']) - 1} meta steps)"
@@ -177,8 +186,8 @@ def main() -> None:
     print(
         f"meta step: ours {meta:.2f} s, research mechanics {baseline:.2f} s, speed-up "
         f"{baseline / meta:.2f}x; ours meta/fusion {meta / fusion:.2f}x "
-        f"(fusion step {fusion:.2f} s); "
-        f"peak memory ours {ours_meta['peak']:.2f} GiB vs research {research['peak']:.2f} GiB"
+        f"(fusion step {fusion:.2f} s); peak memory over {len(ours_meta['rss']) - 1} meta steps "
+        f"ours {ours_meta['peak']:.2f} GiB vs research {research['peak']:.2f} GiB"
     )
 
 

@@ -619,9 +619,15 @@ class MetaFusionTrainer:
             return functional_call(self.fusion_model, substitutes, (crop_a, crop_b), strict=False)
 
         try:
-            _, fused_tangent = torch.func.jvp(
-                fused_from, tuple(parts["fusion_values"]), tuple(direction)
-            )
+            with warnings.catch_warnings():
+                # PyTorch's first forward-mode call scripts its decompositions with the
+                # deprecated torch.jit.script; that is PyTorch's business, not the user's.
+                warnings.filterwarnings(
+                    "ignore", message=r".*torch\.jit\.script", category=FutureWarning
+                )
+                _, fused_tangent = torch.func.jvp(
+                    fused_from, tuple(parts["fusion_values"]), tuple(direction)
+                )
         except (RuntimeError, NotImplementedError) as error:
             raise _ForwardModeUnsupported from error
 
