@@ -115,4 +115,4 @@ class ResearchMechanics:
                 for p in self.generator.parameters():
                     p.add_(-self.lr * p.grad / largest)
         self.task.load_state_dict(torch.load(interim, weights_only=True))
-        return float(task_loss)
+        return float(task_loss.detach())

@@ -1,13 +1,17 @@
-"""Finding image files in folders and pairing folders by file stem, with errors naming the files."""
+"""Files: listing images, pairing folders by stem, and writing files atomically."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from tdfusion.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "pair_folders"]
+__all__ = ["IMAGE_SUFFIXES", "atomic_path", "atomic_save", "list_images", "pair_folders"]
 
 #: File suffixes (lower case) read as images.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -96,3 +100,66 @@ def pair_folders(
         raise DataError(f"unpaired images: {shown}{more}")
     common = set.intersection(*(set(images) for images in listings.values()))
     return [(stem, {role: listings[role][stem] for role in listings}) for stem in sorted(common)]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it when the block succeeds.
+
+    Whatever is written to the yielded path becomes ``path`` in one rename (atomic on POSIX and
+    Windows), so an interrupted write leaves either the old file or the new one, never half of
+    one; on an error the temporary file is removed. Missing parent folders are created.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination.
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary file to write (same folder and suffix as ``path``).
+
+    Example
+    -------
+    >>> with atomic_path("notes.txt") as temporary:
+    ...     _ = temporary.write_text("complete or not at all")
+    >>> Path("notes.txt").read_text()
+    'complete or not at all'
+    """
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=f".tmp{destination.suffix}", dir=destination.parent
+    )
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        with open(temporary, "rb+") as stream:  # flush to disk before the rename
+            os.fsync(stream.fileno())
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` with :func:`torch.save` atomically (see :func:`atomic_path`).
+
+    Parameters
+    ----------
+    obj : Any
+        What to save (tensors, dicts, lists, numbers, strings).
+    path : str or os.PathLike
+        Destination; missing parent folders are created.
+
+    Returns
+    -------
+    pathlib.Path
+        The destination path.
+    """
+    import torch
+
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
+    return Path(path)

@@ -9,7 +9,14 @@ from tdfusion.data.datasets import (
     PairedImageDataset,
     SegmentationPairDataset,
 )
-from tdfusion.data.io import read_image, read_luma, rgb_to_ycrcb, write_image, ycrcb_to_rgb
+from tdfusion.data.io import (
+    read_image,
+    read_luma,
+    read_luma_pair,
+    rgb_to_ycrcb,
+    write_image,
+    ycrcb_to_rgb,
+)
 from tdfusion.data.labels import read_mask, read_voc_boxes, read_yolo_boxes
 from tdfusion.data.sample import sample_dataset, sample_folders, sample_root
 from tdfusion.data.transforms import (
@@ -41,6 +48,7 @@ __all__ = [
     "detection_collate",
     "read_image",
     "read_luma",
+    "read_luma_pair",
     "read_mask",
     "read_voc_boxes",
     "read_yolo_boxes",

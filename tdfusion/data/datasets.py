@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tdfusion.data.io import read_luma
+from tdfusion.data.io import read_luma_pair
 from tdfusion.data.labels import read_mask, read_voc_boxes, read_yolo_boxes
 from tdfusion.errors import DataError
 from tdfusion.files import IMAGE_SUFFIXES, list_images
@@ -164,14 +164,7 @@ class PairedImageDataset(Dataset):
     def read_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The two sources of item ``index`` as (1, H, W) tensors in [0, 1]."""
         files = self.files[self.names[index]]
-        luma_a, _ = read_luma(files["infrared"])
-        luma_b, _ = read_luma(files["visible"])
-        if luma_a.shape != luma_b.shape:
-            raise DataError(
-                f"size mismatch within a pair: {files['infrared']} is "
-                f"{luma_a.shape[1]}x{luma_a.shape[0]} but {files['visible']} is "
-                f"{luma_b.shape[1]}x{luma_b.shape[0]} (width x height)"
-            )
+        luma_a, luma_b, _, _ = read_luma_pair(files["infrared"], files["visible"])
         return torch.from_numpy(luma_a)[None], torch.from_numpy(luma_b)[None]
 
     def target(self, index: int, size: tuple[int, int]) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -12,8 +11,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tdfusion.errors import DataError
+from tdfusion.files import atomic_path
 
-__all__ = ["read_image", "read_luma", "rgb_to_ycrcb", "write_image", "ycrcb_to_rgb"]
+__all__ = [
+    "read_image",
+    "read_luma",
+    "read_luma_pair",
+    "rgb_to_ycrcb",
+    "write_image",
+    "ycrcb_to_rgb",
+]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # What Pillow's decoders raise for damaged files (truncated data, broken chunks and headers).
@@ -29,7 +36,7 @@ _DECODE_ERRORS = (
 )
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32) -> np.ndarray:
     """Read an image file as float32 on the 0..255 scale: (H, W) grey or (H, W, 3) RGB.
 
     8-bit images keep their values; 16-bit images are scaled by ``255 / 65535``; an alpha
@@ -41,11 +48,13 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     ----------
     path : str or os.PathLike
         PNG, JPEG, BMP or TIFF file.
+    dtype : numpy dtype
+        Floating type of the result (float64 keeps 16-bit scaling exact).
 
     Returns
     -------
     numpy.ndarray
-        float32, (H, W) or (H, W, 3), values in [0, 255].
+        ``dtype`` (float32 by default), (H, W) or (H, W, 3), values in [0, 255].
 
     Raises
     ------
@@ -75,7 +84,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         and np.array_equal(array[..., 1], array[..., 2])
     ):
         array = array[..., 0]
-    return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=np.float32)
+    return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=dtype)
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
@@ -181,6 +190,36 @@ def read_luma(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | No
     return (ycrcb[..., 0] / 255.0).astype(np.float32), ycrcb[..., 1:]
 
 
+def read_luma_pair(
+    path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Read two aligned sources with :func:`read_luma` and check that their sizes agree.
+
+    Parameters
+    ----------
+    path_a, path_b : str or os.PathLike
+        The first (infrared) and second (visible) source files.
+
+    Returns
+    -------
+    tuple
+        ``(luma_a, luma_b, chroma_a, chroma_b)`` as returned by :func:`read_luma`.
+
+    Raises
+    ------
+    DataError
+        If a file cannot be read, or the sizes differ (both files and sizes are named).
+    """
+    luma_a, chroma_a = read_luma(path_a)
+    luma_b, chroma_b = read_luma(path_b)
+    if luma_a.shape != luma_b.shape:
+        raise DataError(
+            f"size mismatch within a pair: {path_a} is {luma_a.shape[1]}x{luma_a.shape[0]} but "
+            f"{path_b} is {luma_b.shape[1]}x{luma_b.shape[0]} (width x height)"
+        )
+    return luma_a, luma_b, chroma_a, chroma_b
+
+
 def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     """Write a ``uint8`` image (grey (H, W) or RGB (H, W, 3)) atomically.
 
@@ -221,20 +260,8 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     if array.dtype != np.uint8:
         array = np.clip(np.rint(array.astype(np.float64)), 0, 255).astype(np.uint8)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
-        )
-    except OSError as error:
-        raise DataError(f"cannot write image {path}: {error}") from None
-    os.close(handle)
-    try:
-        Image.fromarray(array).save(temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            Image.fromarray(array).save(temporary)
     except (OSError, ValueError, KeyError) as error:
-        Path(temporary).unlink(missing_ok=True)
         raise DataError(f"cannot write image {path}: {error}") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path

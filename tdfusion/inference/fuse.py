@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tdfusion.data.io import read_luma, write_image
+from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.errors import DataError
 from tdfusion.files import pair_folders
 from tdfusion.inference.colour import merge_chroma
@@ -138,19 +138,6 @@ def min_max_stretch(image: np.ndarray) -> np.ndarray:
     return (image - low) / (high - low)
 
 
-def _read_pair(
-    ir_path: str | os.PathLike[str], vis_path: str | os.PathLike[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    luma_a, chroma_a = read_luma(ir_path)
-    luma_b, chroma_b = read_luma(vis_path)
-    if luma_a.shape != luma_b.shape:
-        raise DataError(
-            f"size mismatch: {ir_path} is {luma_a.shape[1]}x{luma_a.shape[0]} but {vis_path} is "
-            f"{luma_b.shape[1]}x{luma_b.shape[0]} (width x height)"
-        )
-    return luma_a, luma_b, chroma_a, chroma_b
-
-
 def _fuse_lumas(
     model: nn.Module,
     pairs: list[tuple[np.ndarray, np.ndarray]],
@@ -204,7 +191,7 @@ def fuse_files(
     DataError
         If a file cannot be read or the two sizes differ.
     """
-    luma_a, luma_b, chroma_a, chroma_b = _read_pair(ir_path, vis_path)
+    luma_a, luma_b, chroma_a, chroma_b = read_luma_pair(ir_path, vis_path)
     (fused_y,) = _fuse_lumas(model, [(luma_a, luma_b)], tile=tile, overlap=overlap)
     if stretch:
         fused_y = min_max_stretch(fused_y)
@@ -302,7 +289,7 @@ def fuse_folders(
             loaded = []
             for stem, files in chunk:
                 try:
-                    loaded.append((stem, _read_pair(files["infrared"], files["visible"])))
+                    loaded.append((stem, read_luma_pair(files["infrared"], files["visible"])))
                 except DataError as error:
                     if not skip_bad:
                         raise

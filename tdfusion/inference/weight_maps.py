@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tdfusion.data.io import read_luma, write_image
-from tdfusion.errors import DataError
+from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.files import pair_folders
 from tdfusion.inference.colour import to_uint8
 
@@ -122,13 +121,7 @@ def save_weight_maps(
     written = []
     pairs = pair_folders({"infrared": ir_dir, "visible": vis_dir})
     for stem, files in tqdm(pairs, desc="weight maps", unit="pair", disable=not progress):
-        luma_a, _ = read_luma(files["infrared"])
-        luma_b, _ = read_luma(files["visible"])
-        if luma_a.shape != luma_b.shape:
-            raise DataError(
-                f"size mismatch: {files['infrared']} is {luma_a.shape} but "
-                f"{files['visible']} is {luma_b.shape} (height, width)"
-            )
+        luma_a, luma_b, _, _ = read_luma_pair(files["infrared"], files["visible"])
         a, b = (
             torch.from_numpy(np.ascontiguousarray(x))[None, None].to(
                 device=parameter.device, dtype=parameter.dtype

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from tdfusion.errors import DataError
+from tdfusion.data.io import read_image
 from tdfusion.files import IMAGE_SUFFIXES, list_images, pair_folders
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "pair_by_stem", "read_luma"]
@@ -39,26 +38,11 @@ def read_luma(path: str | Path) -> np.ndarray:
     DataError
         If the file cannot be opened or decoded as an image.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            luma = _to_luma(image)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
-    return np.clip(np.rint(luma), 0, 255)
-
-
-def _to_luma(image: Image.Image) -> np.ndarray:
-    if image.mode in _SIXTEEN_BIT_MODES:
-        return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-    if image.mode == "F":
-        return np.asarray(image, dtype=np.float64)
-    if image.mode in ("L", "1", "LA", "La"):
-        return np.asarray(image.convert("L"), dtype=np.float64)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    red, green, blue = _LUMA_WEIGHTS
-    return red * rgb[..., 0] + green * rgb[..., 1] + blue * rgb[..., 2]
+    image = read_image(path, dtype=np.float64)
+    if image.ndim == 3:
+        red, green, blue = _LUMA_WEIGHTS
+        image = red * image[..., 0] + green * image[..., 1] + blue * image[..., 2]
+    return np.clip(np.rint(image), 0, 255)
 
 
 def pair_by_stem(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from tdfusion.errors import CheckpointError
+from tdfusion.files import atomic_save
 
 __all__ = [
     "NETS_FORMAT",
@@ -627,19 +627,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "config": dict(model.config),
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return destination
+    return atomic_save(payload, destination)
 
 
 class PretrainedMixin:

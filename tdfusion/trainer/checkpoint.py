@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from tdfusion.errors import CheckpointError
+from tdfusion.files import atomic_save
 
 __all__ = [
     "TRAINER_CHECKPOINT_FORMAT",
@@ -23,40 +23,6 @@ __all__ = [
 
 #: Value of the ``"format"`` key of every checkpoint :class:`MetaFusionTrainer` writes.
 TRAINER_CHECKPOINT_FORMAT = "tdfusion.trainer"
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with :func:`torch.save` so that ``path`` is never left half-written.
-
-    The object goes to a temporary file in the same folder, which is flushed to disk and then
-    renamed over ``path`` (an atomic operation on POSIX and Windows): an interruption leaves
-    either the previous file or the new one.
-
-    Parameters
-    ----------
-    obj : Any
-        What to save (tensors, dicts, lists, numbers, strings).
-    path : str or os.PathLike
-        Destination; missing parent folders are created.
-
-    Returns
-    -------
-    pathlib.Path
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tdfusion.errors import CheckpointError, NonFiniteLossError
 from tdfusion.losses import FusionLossTerms, LearnableFusionLoss
+from tdfusion.nets.pretrained import load_checked_state_dict
 from tdfusion.trainer.callbacks import Callback
 from tdfusion.trainer.checkpoint import (
     TRAINER_CHECKPOINT_FORMAT,
@@ -1108,26 +1109,7 @@ class MetaFusionTrainer:
 
     @staticmethod
     def _load_module(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        own = module.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [
-            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-            for k in own
-            if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-        ]
-        if missing or unexpected or mismatched:
-            details = []
-            if missing:
-                details.append(f"missing keys {missing[:5]}")
-            if unexpected:
-                details.append(f"unexpected keys {unexpected[:5]}")
-            if mismatched:
-                details.append(f"shape mismatches (checkpoint vs model) {mismatched[:5]}")
-            raise CheckpointError(
-                f"the checkpoint's {name} does not fit the given module: " + "; ".join(details)
-            )
-        module.load_state_dict(state)
+        load_checked_state_dict(module, state, f"entry {name!r}", strict=True)
 
     def save(
         self,
