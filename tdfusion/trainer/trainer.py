@@ -306,6 +306,8 @@ class MetaFusionTrainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self._range_warned = False
+        # RNG state of a loaded checkpoint, applied when fit() resumes from it.
+        self._resume_rng: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -388,8 +390,6 @@ class MetaFusionTrainer:
                 f"{where}: the fusion model takes {expected_channels}-channel sources, got a and b "
                 f"of shape {tuple(a.shape)} (use the Y channel of colour images)"
             )
-        if self.task_size is None and isinstance(target, torch.Tensor) and target.dim() >= 3:
-            pass  # size agreement between images and dense targets is the task's business
         a = a.to(device=self.device, dtype=self.dtype)
         b = b.to(device=self.device, dtype=self.dtype)
         if not self._range_warned:
@@ -1104,8 +1104,6 @@ class MetaFusionTrainer:
         self.global_step = int(state["global_step"])
         self.history = list(copy.deepcopy(state.get("history", [])))
         self._resume_rng = state.get("rng")
-
-    _resume_rng: dict[str, Any] | None = None
 
     @staticmethod
     def _load_module(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
