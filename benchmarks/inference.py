@@ -5,7 +5,8 @@ present, else a seeded random network) on the same real MSRS pair (random images
 the baseline is ``_research_network.research_forward`` under ``torch.no_grad``; tdfusion is
 ``tdfusion.inference.fuse_tensors`` (inference mode, channels-last blocks). Both run in this
 process, alternating, after a warm-up; the medians are compared and the outputs must agree to
-2e-4. Run from the repository root::
+2e-4. The peak memory of each is measured in a fresh child process fusing the pair once.
+Run from the repository root::
 
     python benchmarks/inference.py [--repeats 5] [--threads 2]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,11 +48,36 @@ def load_pair(data: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     return a, b, "random 480x640"
 
 
+def child_peak(name: str, args: argparse.Namespace) -> float:
+    """Peak resident memory (GiB) of a fresh process that fuses the pair once with ``name``."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--data",
+        str(args.data),
+        "--threads",
+        str(args.threads),
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def peak_rss_gib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 2)))
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--child", choices=("research", "tdfusion"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.data / "weights" / "ReFusion" / "ReFusion_IVIF.pth"
@@ -68,6 +95,10 @@ def main() -> None:
     def ours() -> torch.Tensor:
         return fuse_tensors(net, a, b)
 
+    if args.child:  # one fusion, then this process's peak memory
+        (baseline if args.child == "research" else ours)()
+        print(peak_rss_gib())
+        return
     difference = (baseline() - ours()).abs().max().item()  # also the warm-up
     times: dict[str, list[float]] = {"research": [], "tdfusion": []}
     for _ in range(args.repeats):
@@ -87,6 +118,11 @@ def main() -> None:
             + ")"
         )
     print(f"max |difference| {difference:.2e} (must be <= 2e-4)")
+    peaks = {name: child_peak(name, args) for name in ("research", "tdfusion")}
+    print(
+        "peak resident memory of one fusion in a fresh process: "
+        + ", ".join(f"{name} {peak:.2f} GiB" for name, peak in peaks.items())
+    )
     if difference > 2e-4:
         raise SystemExit("outputs differ by more than 2e-4")
     print(

@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def seconds(function: Callable[..., object], arguments: Sequence[np.ndarray]) ->
     return time.perf_counter() - start
 
 
+def peak_mebibytes(function: Callable[..., object], arguments: Sequence[np.ndarray]) -> float:
+    """Peak memory allocated (traced by tracemalloc, which sees numpy) during one call."""
+    tracemalloc.start()
+    try:
+        function(*arguments)
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
 def largest_relative_difference(first: dict[str, float], second: dict[str, float]) -> float:
     """The largest relative difference between two metric dictionaries."""
     return max(
@@ -104,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     reference_median = statistics.median(reference_times)
     tdfusion_median = statistics.median(tdfusion_times)
+    images = pairs[0][1:]
+    print(
+        f"peak memory of one evaluation (numpy allocations, tracemalloc): reference "
+        f"{peak_mebibytes(reference_evaluate, images):.0f} MiB, tdfusion "
+        f"{peak_mebibytes(evaluate, images):.0f} MiB"
+    )
     print(
         f"metrics: reference {reference_median:.2f} s/pair, tdfusion {tdfusion_median:.3f} s/pair, "
         f"speed-up {reference_median / tdfusion_median:.1f}x"
