@@ -645,3 +645,34 @@ def test_detection_score_empty_and_bad_input() -> None:
         score.update([detections([], [], [])], torch.tensor([[1, 0, 0.5, 0.5, 0.1, 0.1]]), (8, 8))
     with pytest.raises(ValueError, match=r"\(M, 6\)"):
         score.update([detections([], [], [])], torch.zeros(2, 4), (8, 8))
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "detection"])
+def test_adapters_train_as_the_task_network_inside_the_trainer(kind: str) -> None:
+    from tdfusion import LossGenerator, MetaFusionTrainer
+    from tdfusion.nets import ReFusionNet
+
+    torch.manual_seed(0)
+    if kind == "segmentation":
+        task = SegmentationTask(num_classes=3)
+        target = torch.randint(0, 3, (2, 48, 64))
+    else:
+        task = DetectionTask(num_classes=2)
+        target = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 0, 0.3, 0.6, 0.2, 0.2]])
+    trainer = MetaFusionTrainer(
+        ReFusionNet(dim=8, num_blocks=1, num_heads=2),
+        task,
+        LossGenerator(dim=8, num_blocks=1, num_heads=2),
+        fusion_crop=32,
+        device="cpu",
+    )
+    batch = (torch.rand(2, 1, 48, 64), torch.rand(2, 1, 48, 64), target)
+    other = (torch.rand(2, 1, 48, 64), torch.rand(2, 1, 48, 64), target)
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    stats = trainer.meta_step(batch, other)
+    assert all(math.isfinite(v) for v in stats.values()) and stats["hypergradient_max"] > 0
+    for key, value in task.state_dict().items():  # T' was temporary: T is as it was
+        assert torch.equal(value, before[key]), key
+    stats = trainer.fusion_step(batch)
+    assert math.isfinite(stats["task_loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in task.state_dict().items())
