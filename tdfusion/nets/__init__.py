@@ -28,6 +28,7 @@ from tdfusion.nets.pretrained import (
 )
 from tdfusion.nets.refusion import ReFusionNet
 from tdfusion.nets.registry import create_model, list_models, register_model
+from tdfusion.nets.two_source import TwoSourceNetwork
 
 __all__ = [
     "ChannelAttention",
@@ -38,6 +39,7 @@ __all__ = [
     "PretrainedMixin",
     "ReFusionNet",
     "RestormerBlock",
+    "TwoSourceNetwork",
     "convert_research_state_dict",
     "create_model",
     "list_models",

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from tdfusion.nets.layers import (
-    check_source_pair,
     restormer_stage,
-    to_channels_last,
-    validate_widths,
 )
-from tdfusion.nets.pretrained import PretrainedMixin
 from tdfusion.nets.registry import register_model
+from tdfusion.nets.two_source import TwoSourceNetwork
 
 __all__ = ["LossGenerator"]
 
 
 @register_model("loss_generator")
-class LossGenerator(PretrainedMixin, nn.Module):
+class LossGenerator(TwoSourceNetwork):
     """The loss generator G: two sources -> per-pixel loss weights that sum to one.
 
     Each source is embedded by a 3x3 convolution (1 -> ``dim``) and ``num_blocks`` Restormer
@@ -70,28 +67,11 @@ class LossGenerator(PretrainedMixin, nn.Module):
         ffn_expansion: float = 2.0,
         bias: bool = False,
     ) -> None:
-        super().__init__()
-        validate_widths(dim, num_blocks, num_heads, ffn_expansion)
-        self._config: dict[str, Any] = {
-            "dim": dim,
-            "num_blocks": num_blocks,
-            "num_heads": num_heads,
-            "ffn_expansion": float(ffn_expansion),
-            "bias": bool(bias),
-        }
-        self.embed_a = nn.Conv2d(1, dim, kernel_size=3, padding=1, bias=bias)
-        self.embed_b = nn.Conv2d(1, dim, kernel_size=3, padding=1, bias=bias)
-        self.encoder_a = restormer_stage(dim, num_blocks, num_heads, ffn_expansion, bias)
-        self.encoder_b = restormer_stage(dim, num_blocks, num_heads, ffn_expansion, bias)
+        super().__init__(dim, num_blocks, num_heads, ffn_expansion, bias)
         self.decoder = restormer_stage(dim * 2, num_blocks, num_heads, ffn_expansion, bias)
         self.head_conv = nn.Conv2d(dim * 2, dim, kernel_size=3, padding=1, bias=bias)
         self.head_act = nn.PReLU(num_parameters=1, init=0.25)
         self.head_out = nn.Conv2d(dim, 2, kernel_size=3, padding=1, bias=bias)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments that rebuild this architecture (a copy)."""
-        return dict(self._config)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-pixel weights of the two sources in the fusion loss.
@@ -111,9 +91,7 @@ class LossGenerator(PretrainedMixin, nn.Module):
         ValueError
             When the shapes or dtypes do not fit.
         """
-        check_source_pair(a, b, type(self).__name__)
-        features_a = self.encoder_a(self.embed_a(to_channels_last(a)))
-        features_b = self.encoder_b(self.embed_b(to_channels_last(b)))
+        features_a, features_b = self.encode(a, b)
         features = torch.cat([features_a, features_b], dim=1)
         logits = self.head_out(self.head_act(self.head_conv(self.decoder(features))))
         # The blocks work channels-last; hand back the usual layout.

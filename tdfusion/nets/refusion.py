@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from tdfusion.nets.layers import (
     CrossAttentionFusion,
-    check_source_pair,
     restormer_stage,
-    to_channels_last,
-    validate_widths,
 )
-from tdfusion.nets.pretrained import PretrainedMixin
 from tdfusion.nets.registry import register_model
+from tdfusion.nets.two_source import TwoSourceNetwork
 
 __all__ = ["ReFusionNet"]
 
 
 @register_model("refusion")
-class ReFusionNet(PretrainedMixin, nn.Module):
+class ReFusionNet(TwoSourceNetwork):
     """The fusion network F: ReFusion's light Restormer (about 60k parameters).
 
     Each source is embedded by a 3x3 convolution (1 -> ``dim``) and ``num_blocks`` Restormer
@@ -70,29 +67,12 @@ class ReFusionNet(PretrainedMixin, nn.Module):
         ffn_expansion: float = 2.0,
         bias: bool = False,
     ) -> None:
-        super().__init__()
-        validate_widths(dim, num_blocks, num_heads, ffn_expansion)
-        self._config: dict[str, Any] = {
-            "dim": dim,
-            "num_blocks": num_blocks,
-            "num_heads": num_heads,
-            "ffn_expansion": float(ffn_expansion),
-            "bias": bool(bias),
-        }
-        self.embed_a = nn.Conv2d(1, dim, kernel_size=3, padding=1, bias=bias)
-        self.embed_b = nn.Conv2d(1, dim, kernel_size=3, padding=1, bias=bias)
-        self.encoder_a = restormer_stage(dim, num_blocks, num_heads, ffn_expansion, bias)
-        self.encoder_b = restormer_stage(dim, num_blocks, num_heads, ffn_expansion, bias)
+        super().__init__(dim, num_blocks, num_heads, ffn_expansion, bias)
         self.fusion = CrossAttentionFusion(dim, num_heads, bias)
         self.decoder = restormer_stage(dim * 2, num_blocks, num_heads, ffn_expansion, bias)
         self.head_conv = nn.Conv2d(dim * 2, dim, kernel_size=3, padding=1, bias=bias)
         self.head_act = nn.LeakyReLU(0.01)
         self.head_out = nn.Conv2d(dim, 1, kernel_size=3, padding=1, bias=bias)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments that rebuild this architecture (a copy)."""
-        return dict(self._config)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Fuse two single-channel images.
@@ -112,9 +92,7 @@ class ReFusionNet(PretrainedMixin, nn.Module):
         ValueError
             When the shapes or dtypes do not fit.
         """
-        check_source_pair(a, b, type(self).__name__)
-        features_a = self.encoder_a(self.embed_a(to_channels_last(a)))
-        features_b = self.encoder_b(self.embed_b(to_channels_last(b)))
+        features_a, features_b = self.encode(a, b)
         features = self.fusion(features_a, features_b)
         decoded = self.head_conv(self.decoder(features))
         # The blocks work channels-last; hand back the usual layout.
