@@ -207,3 +207,12 @@ def test_swap_sources_as_a_collate_step():
     )
     a, b, stems = next(iter(names))
     assert list(stems) == ["p", "q", "p", "q"] and a[2:].eq(1).all() and b[2:].eq(0).all()
+
+
+def test_random_flip_names_its_axis():
+    import pytest
+
+    from tdfusion.data import RandomFlip
+
+    with pytest.raises(ValueError, match="axis must be 'horizontal' or 'vertical'"):
+        RandomFlip("diagonal")

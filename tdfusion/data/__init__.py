@@ -22,6 +22,7 @@ from tdfusion.data.sample import sample_dataset, sample_folders, sample_root
 from tdfusion.data.transforms import (
     Compose,
     RandomCrop,
+    RandomFlip,
     RandomHorizontalFlip,
     RandomVerticalFlip,
     Resize,
@@ -40,6 +41,7 @@ __all__ = [
     "MSRSDataset",
     "PairedImageDataset",
     "RandomCrop",
+    "RandomFlip",
     "RandomHorizontalFlip",
     "RandomVerticalFlip",
     "Resize",

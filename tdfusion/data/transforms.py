@@ -10,7 +10,7 @@ and the boxes together.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch.utils.data import default_collate
 __all__ = [
     "Compose",
     "RandomCrop",
+    "RandomFlip",
     "RandomHorizontalFlip",
     "RandomVerticalFlip",
     "Resize",
@@ -180,7 +181,43 @@ class Resize:
         return a, b, target
 
 
-class RandomHorizontalFlip:
+class RandomFlip:
+    """Mirror along one axis with probability ``p``; masks and boxes' centres follow.
+
+    Parameters
+    ----------
+    axis : {"horizontal", "vertical"}
+        ``"horizontal"`` mirrors left-right (x centres), ``"vertical"`` top-bottom (y centres).
+    p : float
+        Probability of flipping.
+    generator : torch.Generator, optional
+        Source of the coin flips.
+    """
+
+    _AXES: ClassVar[dict[str, tuple[int, int]]] = {"horizontal": (-1, 1), "vertical": (-2, 2)}
+
+    def __init__(
+        self, axis: str = "horizontal", p: float = 0.5, generator: torch.Generator | None = None
+    ) -> None:
+        if axis not in self._AXES:
+            raise ValueError(f"axis must be 'horizontal' or 'vertical', got {axis!r}")
+        self.image_dim, self.box_column = self._AXES[axis]
+        self.p = float(p)
+        self.generator = generator
+
+    def __call__(self, sample: Sample) -> Sample:
+        if float(torch.rand((), generator=self.generator)) >= self.p:
+            return sample
+        a, b, target = sample
+        if _is_mask(target):
+            target = target.flip(self.image_dim)
+        elif _is_boxes(target):
+            target = target.clone()
+            target[:, self.box_column] = 1.0 - target[:, self.box_column]
+        return a.flip(self.image_dim), b.flip(self.image_dim), target
+
+
+class RandomHorizontalFlip(RandomFlip):
     """Mirror left-right with probability ``p`` (boxes' x centres follow).
 
     Parameters
@@ -192,22 +229,10 @@ class RandomHorizontalFlip:
     """
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
-        self.p = float(p)
-        self.generator = generator
-
-    def __call__(self, sample: Sample) -> Sample:
-        if float(torch.rand((), generator=self.generator)) >= self.p:
-            return sample
-        a, b, target = sample
-        if _is_mask(target):
-            target = target.flip(-1)
-        elif _is_boxes(target):
-            target = target.clone()
-            target[:, 1] = 1.0 - target[:, 1]
-        return a.flip(-1), b.flip(-1), target
+        super().__init__("horizontal", p, generator)
 
 
-class RandomVerticalFlip:
+class RandomVerticalFlip(RandomFlip):
     """Mirror top-bottom with probability ``p`` (boxes' y centres follow).
 
     Parameters
@@ -219,19 +244,7 @@ class RandomVerticalFlip:
     """
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
-        self.p = float(p)
-        self.generator = generator
-
-    def __call__(self, sample: Sample) -> Sample:
-        if float(torch.rand((), generator=self.generator)) >= self.p:
-            return sample
-        a, b, target = sample
-        if _is_mask(target):
-            target = target.flip(-2)
-        elif _is_boxes(target):
-            target = target.clone()
-            target[:, 2] = 1.0 - target[:, 2]
-        return a.flip(-2), b.flip(-2), target
+        super().__init__("vertical", p, generator)
 
 
 def detection_collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
