@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from tdfusion.data import (
     Compose,
     RandomCrop,
+    RandomFlip,
     RandomHorizontalFlip,
     RandomVerticalFlip,
     Resize,
@@ -210,9 +211,5 @@ def test_swap_sources_as_a_collate_step():
 
 
 def test_random_flip_names_its_axis():
-    import pytest
-
-    from tdfusion.data import RandomFlip
-
     with pytest.raises(ValueError, match="axis must be 'horizontal' or 'vertical'"):
         RandomFlip("diagonal")
