@@ -64,6 +64,7 @@ tdfusion_api_packages = [
     "tdfusion.recipes",
     "tdfusion.metrics",
     "tdfusion.files",
+    "tdfusion.devices",
     "tdfusion.errors",
     "tdfusion.cli",
 ]

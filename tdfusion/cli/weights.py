@@ -62,12 +62,11 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success.
     """
-    import torch
-
+    from tdfusion.devices import resolve_device
     from tdfusion.inference import save_weight_maps
     from tdfusion.nets import LossGenerator
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     try:
         generator = LossGenerator.from_pretrained(args.checkpoint).to(device).eval()
     except FileNotFoundError as error:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tdfusion.data.io import read_luma_pair, write_image
+from tdfusion.devices import images_for, resolve_device
 from tdfusion.errors import DataError
 from tdfusion.files import pair_folders
 from tdfusion.inference.colour import merge_chroma
@@ -55,8 +56,7 @@ def load_fusion_model(
     """
     from tdfusion.nets import ReFusionNet
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return ReFusionNet.from_pretrained(weights).to(device).eval()
+    return ReFusionNet.from_pretrained(weights).to(resolve_device(device)).eval()
 
 
 def _is_out_of_memory(error: RuntimeError) -> bool:
@@ -146,13 +146,9 @@ def _fuse_lumas(
     overlap: int,
 ) -> list[np.ndarray]:
     """Fuse same-sized luma pairs in one batch; returns fused lumas in [0, 1] (float64)."""
-    parameter = next(model.parameters())
-
-    def stack(index: int) -> torch.Tensor:
-        images = np.stack([np.ascontiguousarray(pair[index]) for pair in pairs])[:, None]
-        return torch.from_numpy(images).to(device=parameter.device, dtype=parameter.dtype)
-
-    fused = fuse_tensors(model, stack(0), stack(1), tile=tile, overlap=overlap)
+    a = images_for(model, [pair[0] for pair in pairs])
+    b = images_for(model, [pair[1] for pair in pairs])
+    fused = fuse_tensors(model, a, b, tile=tile, overlap=overlap)
     return [f.float().cpu().numpy().astype(np.float64) for f in fused[:, 0]]
 
 

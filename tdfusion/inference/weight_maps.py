@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tdfusion.data.io import read_luma_pair, write_image
+from tdfusion.devices import images_for
 from tdfusion.files import pair_folders
 from tdfusion.inference.colour import to_uint8
 
@@ -115,19 +116,13 @@ def save_weight_maps(
     """
     from tqdm.auto import tqdm
 
-    parameter = next(generator.parameters())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     pairs = pair_folders({"infrared": ir_dir, "visible": vis_dir})
     for stem, files in tqdm(pairs, desc="weight maps", unit="pair", disable=not progress):
         luma_a, luma_b, _, _ = read_luma_pair(files["infrared"], files["visible"])
-        a, b = (
-            torch.from_numpy(np.ascontiguousarray(x))[None, None].to(
-                device=parameter.device, dtype=parameter.dtype
-            )
-            for x in (luma_a, luma_b)
-        )
+        a, b = images_for(generator, [luma_a]), images_for(generator, [luma_b])
         weight_a = loss_weights(generator, a, b)[0, 0].float().cpu().numpy()
         heat = colorize(weight_a)
         visible = to_uint8(luma_b * 255.0)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from tdfusion.devices import resolve_device
 from tdfusion.errors import CheckpointError, NonFiniteLossError
 from tdfusion.losses import FusionLossTerms, LearnableFusionLoss
 from tdfusion.nets.pretrained import load_checked_state_dict
@@ -49,12 +50,6 @@ OnNonFinite = Literal["raise", "skip"]
 HypergradientMethod = Literal["auto", "forward", "backprop"]
 
 CHECKPOINT_VERSION = 1
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
@@ -251,7 +246,7 @@ class MetaFusionTrainer:
             from tdfusion.nets import LossGenerator
 
             loss_generator = LossGenerator()
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.fusion_model = fusion_model.to(self.device)
         self.dtype = _module_dtype(self.fusion_model)
         self.loss_generator = loss_generator.to(self.device)
