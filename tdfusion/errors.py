@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DataError",
+    "DistributedError",
     "NonFiniteLossError",
     "OptionalDependencyError",
     "TDFusionError",
@@ -24,6 +25,11 @@ class DataError(TDFusionError, ValueError):
 
 class CheckpointError(TDFusionError, ValueError):
     """A checkpoint that cannot be used: unknown format, missing or unexpected keys, bad shapes."""
+
+
+class DistributedError(TDFusionError, RuntimeError):
+    """A multi-process run that cannot work as launched: a missing ``torchrun`` variable, more
+    processes than GPUs, a backend that does not fit the device, ranks that disagree."""
 
 
 class NonFiniteLossError(TDFusionError, FloatingPointError):
