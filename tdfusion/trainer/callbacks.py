@@ -86,7 +86,8 @@ CSV_FIELDS = (
 class CSVLogger(Callback):
     """Append one row per training step to a CSV file.
 
-    The file is opened in append mode, so a resumed run continues the same log.
+    The file is opened in append mode, so a resumed run continues the same log. In a
+    distributed run only rank 0 writes (the statistics are already means over ranks).
 
     Parameters
     ----------
@@ -98,6 +99,8 @@ class CSVLogger(Callback):
         self.path = Path(path)
 
     def on_step_end(self, trainer: MetaFusionTrainer, stats: dict[str, Any]) -> None:
+        if not trainer.is_main_process:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists() or self.path.stat().st_size == 0
         with self.path.open("a", newline="") as stream:
@@ -109,6 +112,8 @@ class CSVLogger(Callback):
 
 class TensorBoardLogger(Callback):
     """Write every step's losses as TensorBoard scalars (``phase/name``, x = global step).
+
+    In a distributed run only rank 0 writes (the event file is created on its first step).
 
     Parameters
     ----------
@@ -128,14 +133,22 @@ class TensorBoardLogger(Callback):
             raise OptionalDependencyError(
                 "TensorBoardLogger needs the tensorboard package: pip install tensorboard"
             ) from error
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self._summary_writer = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
 
     def on_step_end(self, trainer: MetaFusionTrainer, stats: dict[str, Any]) -> None:
+        if not trainer.is_main_process:
+            return
+        if self.writer is None:
+            self.writer = self._summary_writer(log_dir=str(self.log_dir))
         for key, value in stats.items():
             if key in ("phase", "epoch", "step", "global_step") or not isinstance(value, float):
                 continue
             self.writer.add_scalar(f"{stats['phase']}/{key}", value, stats["global_step"])
 
     def on_fit_end(self, trainer: MetaFusionTrainer) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None

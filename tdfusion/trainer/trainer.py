@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from tdfusion.devices import resolve_device
-from tdfusion.errors import CheckpointError, NonFiniteLossError
+from tdfusion import distributed as dist_utils
+from tdfusion.errors import CheckpointError, DistributedError, NonFiniteLossError
 from tdfusion.losses import FusionLossTerms, LearnableFusionLoss
 from tdfusion.nets.pretrained import load_checked_state_dict
 from tdfusion.trainer.callbacks import Callback
@@ -45,11 +45,18 @@ __all__ = ["Batch", "MetaFusionTrainer"]
 Batch = Sequence[Any]
 TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
 GeneratorUpdate = Literal["normalized", "optimizer"]
 OnNonFinite = Literal["raise", "skip"]
 HypergradientMethod = Literal["auto", "forward", "backprop"]
 
 CHECKPOINT_VERSION = 1
+
+#: Optimisers of ``F`` and ``T`` by name (``optimizer=`` of :class:`MetaFusionTrainer`).
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "adam": lambda parameters, lr: torch.optim.Adam(parameters, lr=lr),
+    "sgd": lambda parameters, lr: torch.optim.SGD(parameters, lr=lr),
+}
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
@@ -84,6 +91,18 @@ def _move_target(target: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if isinstance(target, (list, tuple)):
         return type(target)(_move_target(v, device, dtype) for v in target)
     return target
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``, without DistributedDataParallel's warning about gradient layouts.
+
+    The depthwise convolutions of the Restormer blocks (and of SegFormer) get weight gradients
+    in a channels-last layout on the CPU; DistributedDataParallel copies them into its buckets
+    (one copy per such tensor, negligible next to the convolution) and warns that it does.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        loss.backward()
 
 
 class _ForwardModeUnsupported(Exception):
@@ -162,6 +181,24 @@ class MetaFusionTrainer:
         that update with a warning.
     seed : int or torch.Generator, optional
         Seed (or generator) for the crop offsets; saved and restored with checkpoints.
+    optimizer : {"adam", "sgd"} or callable
+        Optimiser of ``F`` and ``T`` in the fusion phase: Adam (the paper's), plain SGD, or a
+        factory ``optimizer(parameters, lr) -> torch.optim.Optimizer``.
+    distributed : bool, optional
+        Train as one process of a ``torch.distributed`` group (see :doc:`/howto/distributed`).
+        ``None`` (default) does so when the script runs under ``torchrun`` with more than one
+        process (the group is initialised from its environment when needed) or a group of more
+        than one process is initialised; ``False`` trains this process on its own. In a
+        distributed run ``F`` and ``T`` are wrapped in
+        :class:`~torch.nn.parallel.DistributedDataParallel` for the fusion phase, the inner
+        step and the hypergradient are all-reduced so that every rank's generator update is
+        that of the whole (global) batch, :meth:`fit` shards the data with a
+        :class:`~torch.utils.data.distributed.DistributedSampler`, and only rank 0 shows
+        progress and writes checkpoints and logs.
+    ddp_options : dict, optional
+        Extra keyword arguments of :class:`~torch.nn.parallel.DistributedDataParallel`, e.g.
+        ``{"find_unused_parameters": True}`` for a task network with parameters its loss does
+        not use.
     hypergradient_method : {"auto", "forward", "backprop"}
         How the exact hypergradient is computed. ``"forward"``: one forward-mode derivative of
         ``F`` and first-order backward passes only (fast, little memory; see
@@ -179,6 +216,10 @@ class MetaFusionTrainer:
         One summary per completed epoch (mean losses of each phase), kept in checkpoints.
     fusion_optimizer, task_optimizer, generator_optimizer : torch.optim.Optimizer
         The optimisers of F, T (``None`` for a fixed task) and G.
+    distributed : bool
+        Whether this trainer is one rank of a multi-process run.
+    rank, world_size : int
+        This process's rank and the number of processes (0 and 1 in a single process).
 
     Examples
     --------
@@ -216,6 +257,9 @@ class MetaFusionTrainer:
         on_nonfinite: OnNonFinite = "raise",
         seed: int | torch.Generator | None = None,
         hypergradient_method: HypergradientMethod = "auto",
+        optimizer: str | OptimizerFactory = "adam",
+        distributed: bool | None = None,
+        ddp_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(fusion_model, nn.Module):
             raise TypeError(f"fusion_model must be an nn.Module, got {type(fusion_model).__name__}")
@@ -241,12 +285,30 @@ class MetaFusionTrainer:
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         make_inner_optimizer(inner_optimizer, inner_lr)  # validates the name early
+        if isinstance(optimizer, str):
+            if optimizer not in OPTIMIZERS:
+                raise ValueError(
+                    f"optimizer must be one of {sorted(OPTIMIZERS)} or a factory "
+                    f"(parameters, lr) -> Optimizer, got {optimizer!r}"
+                )
+            optimizer_factory = OPTIMIZERS[optimizer]
+        elif callable(optimizer):
+            optimizer_factory = optimizer
+        else:
+            raise TypeError(
+                f"optimizer must be a name or a callable, got {type(optimizer).__name__}"
+            )
+        self.distributed = self._join_process_group(distributed, device)
+        self.rank = dist_utils.get_rank() if self.distributed else 0
+        self.world_size = dist_utils.get_world_size() if self.distributed else 1
 
         if loss_generator is None:
             from tdfusion.nets import LossGenerator
 
             loss_generator = LossGenerator()
-        self.device = resolve_device(device)
+        self.device = dist_utils.rank_device(device)
+        if self.distributed:
+            dist_utils.check_backend(self.device)
         self.fusion_model = fusion_model.to(self.device)
         self.dtype = _module_dtype(self.fusion_model)
         self.loss_generator = loss_generator.to(self.device)
@@ -270,6 +332,7 @@ class MetaFusionTrainer:
         self.on_nonfinite = on_nonfinite
         self.hypergradient_method = hypergradient_method
         self._resolved_method = "backprop" if hypergradient_method == "backprop" else "forward"
+        self.optimizer = optimizer if isinstance(optimizer, str) else None
 
         if isinstance(seed, torch.Generator):
             self.generator = seed
@@ -277,11 +340,11 @@ class MetaFusionTrainer:
             self.generator = torch.Generator()
             self.generator.manual_seed(int(seed) if seed is not None else torch.initial_seed())
 
-        self.fusion_optimizer = torch.optim.Adam(
-            trainable_parameters(self.fusion_model).values(), lr=self.fusion_lr
+        self.fusion_optimizer = optimizer_factory(
+            trainable_parameters(self.fusion_model).values(), self.fusion_lr
         )
         self.task_optimizer = (
-            torch.optim.Adam(trainable_parameters(self.task_module).values(), lr=self.task_lr)
+            optimizer_factory(trainable_parameters(self.task_module).values(), self.task_lr)
             if self.task_module is not None
             else None
         )
@@ -303,6 +366,98 @@ class MetaFusionTrainer:
         self._range_warned = False
         # RNG state of a loaded checkpoint, applied when fit() resumes from it.
         self._resume_rng: dict[str, Any] | None = None
+        # Passes started over the training data; a DistributedSampler's epoch, so that every
+        # pass is shuffled anew, identically on all ranks, and resumes where it stopped.
+        self.data_passes = 0
+        #: Shuffling seed of the DistributedSampler of a distributed fit (kept in checkpoints).
+        self.data_seed: int | None = None
+        self._fusion_replica: nn.Module = self.fusion_model
+        self._task_replica: Callable[..., torch.Tensor] = self.task_loss
+        if self.distributed:
+            self._synchronise_replicas(dict(ddp_options or {}))
+
+    # ------------------------------------------------------------------ distributed set-up
+    @staticmethod
+    def _join_process_group(distributed: bool | None, device: str | torch.device | None) -> bool:
+        """Whether to train as one rank of a group; initialises the group from torchrun's
+        environment when it is needed and not there yet."""
+        if distributed is False:
+            return False
+        if not dist_utils.is_distributed() and dist_utils.launched_distributed():
+            dist_utils.init_distributed(device=device)
+        if dist_utils.is_distributed():
+            return True
+        if distributed:
+            raise DistributedError(
+                "distributed=True, but this process is not one of several: launch the script "
+                "with torchrun --nproc_per_node=N (or initialise a torch.distributed process "
+                "group of more than one process first)"
+            )
+        return False
+
+    def _synchronise_replicas(self, ddp_options: dict[str, Any]) -> None:
+        """Check that all ranks built the same trainer, then start them from rank 0's state.
+
+        ``F`` and ``T`` are wrapped in DistributedDataParallel (which broadcasts rank 0's
+        parameters and buffers); ``G`` and the crop generator are broadcast explicitly.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        def shapes(module: Any) -> list[tuple[str, tuple[int, ...]]] | None:
+            if not isinstance(module, nn.Module):
+                return None
+            return [(name, tuple(t.shape)) for name, t in module.state_dict().items()]
+
+        description = {
+            "config": self.config(),
+            "fusion_model": shapes(self.fusion_model),
+            "loss_generator": shapes(self.loss_generator),
+            "task": shapes(self.task_loss),
+            "device_type": self.device.type,
+            "dtype": str(self.dtype),
+        }
+        for rank, other in enumerate(dist_utils.gather_objects(description)):
+            for key, value in other.items():
+                mine = description[key]
+                if value == mine:
+                    continue
+                if isinstance(value, dict) and isinstance(mine, dict):
+                    name = next(k for k in {**value, **mine} if value.get(k) != mine.get(k))
+                    difference = (
+                        f"{name}={value.get(name)!r} on rank {rank}, {mine.get(name)!r} here"
+                    )
+                else:
+                    difference = f"{key} differs (rank {rank}: {value!r:.200}; here: {mine!r:.200})"
+                raise DistributedError(
+                    f"rank {self.rank} built a different trainer than rank {rank}: {difference}; "
+                    "every rank must run the same script with the same settings"
+                )
+        # Buffers are synchronised at construction and averaged after every fusion step
+        # (average_buffers_), not overwritten with rank 0's before every forward.
+        import inspect
+
+        ddp_arguments = inspect.signature(DistributedDataParallel).parameters
+        no_forward_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in ddp_arguments
+            else "broadcast_buffers"
+        )
+        options = {no_forward_sync: False, **ddp_options}
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self._fusion_replica = DistributedDataParallel(
+            self.fusion_model, device_ids=device_ids, **options
+        )
+        task = self.task_module
+        if task is not None:
+            self._task_replica = DistributedDataParallel(task, device_ids=device_ids, **options)
+        dist_utils.broadcast_module_(self.loss_generator)
+        state = self.generator.get_state()
+        self.generator.set_state(dist_utils.broadcast_object(state))
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process is rank 0 (always ``True`` in a single-process run)."""
+        return self.rank == 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -345,6 +500,7 @@ class MetaFusionTrainer:
             "grad_clip": self.grad_clip,
             "on_nonfinite": self.on_nonfinite,
             "hypergradient_method": self.hypergradient_method,
+            **({"optimizer": self.optimizer} if self.optimizer is not None else {}),
         }
 
     # ------------------------------------------------------------------ batches
@@ -439,8 +595,35 @@ class MetaFusionTrainer:
         return FusionLossTerms(total, nan, nan)
 
     # ------------------------------------------------------------------ meta step
+    def _mean_over_ranks(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Average tensors in place over all ranks (nothing to do in a single process)."""
+        if self.distributed:
+            dist_utils.all_reduce_mean_(tensors)
+
+    def _global_gradients(
+        self, local: Sequence[torch.Tensor], keep_graph: bool
+    ) -> list[torch.Tensor]:
+        """The whole (global) batch's gradient from this rank's: their mean over ranks.
+
+        With ``keep_graph`` the result has the global value but back-propagates only into this
+        rank's own graph, ``t + (g - g.detach())``. Each rank's vector-Jacobian product through
+        it is then its own term of the global one, and averaging those over ranks (as the
+        hypergradient is) gives the global hypergradient exactly.
+        """
+        if not self.distributed:
+            return list(local)
+        totals = [g.detach().clone() for g in local]
+        dist_utils.all_reduce_mean_(totals)
+        if not keep_graph:
+            return totals
+        return [total + (g - g.detach()) for total, g in zip(totals, local)]
+
     def _meta_graph(
-        self, meta_train: Batch, meta_test: Batch, differentiable: bool = True
+        self,
+        meta_train: Batch,
+        meta_test: Batch,
+        differentiable: bool = True,
+        synchronise: bool = True,
     ) -> tuple[dict[str, Any], Callable[[Sequence[torch.Tensor]], torch.Tensor]]:
         """Build the inner step and return its parts plus a function evaluating the outer loss.
 
@@ -451,7 +634,12 @@ class MetaFusionTrainer:
         ``theta_G`` (second-order); otherwise they are plain tensors and the generator's weights
         are computed without a graph. The returned ``outer(theta_F')`` computes
         ``L_t(T'(F'(x_mts)))``.
+
+        In a distributed run (and with ``synchronise``) the inner steps of ``F`` and ``T`` use
+        the gradients averaged over all ranks, as DistributedDataParallel would: ``F'`` and
+        ``T'`` are those of the global batch, the same on every rank.
         """
+        synchronise = synchronise and self.distributed
         a_train, b_train, target_train = self._prepare(meta_train, "meta_train")
         a_test, b_test, target_test = self._prepare(meta_test, "meta_test")
         scale = self.lr_scale
@@ -465,6 +653,8 @@ class MetaFusionTrainer:
         fused_crop = call_functionally(self.fusion_model, (crop_a, crop_b))
         terms = self._fusion_terms(fused_crop, crop_a, crop_b, weights)
         inner_grads = gradients(terms.total, fusion_values, create_graph=differentiable)
+        if synchronise:
+            inner_grads = self._global_gradients(inner_grads, keep_graph=differentiable)
         inner_step = make_inner_optimizer(self.inner_optimizer, self.inner_lr * scale)
         if differentiable:
             adapted_fusion = differentiable_step(inner_step, fusion_values, inner_grads)
@@ -490,6 +680,8 @@ class MetaFusionTrainer:
             task_names, task_values = list(task_params), list(task_params.values())
             meta_train_task_loss = call_functionally(task, (fused_train, target_train))
             task_grads = gradients(meta_train_task_loss, task_values)
+            if synchronise:
+                task_grads = self._global_gradients(task_grads, keep_graph=False)
             task_step = make_inner_optimizer(self.inner_optimizer, self.task_inner_lr * scale)
             with torch.no_grad():
                 adapted_task = differentiable_step(task_step, task_values, task_grads)
@@ -529,6 +721,8 @@ class MetaFusionTrainer:
         :meth:`hypergradient` computes the same value in two cheaper phases; this method is the
         straightforward form, for checks and for custom outer objectives. Nothing is modified,
         but the crop offsets (when ``fusion_crop`` is set) advance the trainer's generator.
+        In a distributed run this is the objective of this rank's batches alone (no
+        communication); :meth:`hypergradient` gives the one of the global batch.
 
         Parameters
         ----------
@@ -540,10 +734,18 @@ class MetaFusionTrainer:
         torch.Tensor
             Scalar outer loss with a graph to the generator's parameters.
         """
-        parts, outer = self._meta_graph(meta_train, meta_test)
+        parts, outer = self._meta_graph(meta_train, meta_test, synchronise=False)
         return outer(parts["adapted_fusion"])
 
     def _hypergradient(
+        self, meta_train: Batch, meta_test: Batch
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        hypergradient, stats = self._local_hypergradient(meta_train, meta_test)
+        # Each rank holds its term of the global hypergradient; their mean is the whole.
+        self._mean_over_ranks(list(hypergradient.values()))
+        return hypergradient, stats
+
+    def _local_hypergradient(
         self, meta_train: Batch, meta_test: Batch
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
         method = self._resolved_method
@@ -574,6 +776,7 @@ class MetaFusionTrainer:
         adapted_leaves = [p.detach().requires_grad_(True) for p in adapted]
         outer_loss = outer(adapted_leaves)
         cotangents = gradients(outer_loss, adapted_leaves)
+        self._mean_over_ranks(cotangents)  # v of the global meta-test batch
         generator_params = trainable_parameters(self.loss_generator)
         hypergradient = vector_jacobian_product(adapted, generator_params, cotangents)
         return hypergradient, self._meta_stats(parts, outer_loss)
@@ -595,6 +798,7 @@ class MetaFusionTrainer:
         adapted_leaves = [p.detach().requires_grad_(True) for p in parts["adapted_fusion"]]
         outer_loss = outer(adapted_leaves)
         cotangents = gradients(outer_loss, adapted_leaves)
+        self._mean_over_ranks(cotangents)  # v of the global meta-test batch
         del adapted_leaves
 
         # u = (d step / d g)^T v: the optimiser's own (element-wise) derivative, no network.
@@ -708,12 +912,15 @@ class MetaFusionTrainer:
         if isinstance(self.task_loss, nn.Module):
             self.task_loss.train()
         hypergradient, tensors = self._hypergradient(meta_train, meta_test)
+        tensors = self._mean_stats(tensors)
         grads = list(hypergradient.values())
         largest = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)
-        stats = {k: float(v) for k, v in tensors.items() if v is not None}
+        stats = {k: float(v.detach()) for k, v in tensors.items() if v is not None}
         stats["hypergradient_max"] = largest
         stats["generator_lr"] = self.generator_optimizer.param_groups[0]["lr"]
-        finite = _finite(*tensors.values()) and math.isfinite(largest)
+        finite = _finite(
+            tensors["fusion_loss"], tensors["task_loss"], tensors["meta_train_task_loss"]
+        ) and math.isfinite(largest)
         stats["skipped"] = 0.0 if finite else 1.0
         if not finite:
             self._non_finite("meta step", stats)
@@ -754,7 +961,7 @@ class MetaFusionTrainer:
         crop_a, crop_b = self._fusion_input(a, b, "batch")
         with torch.no_grad():
             weights = self.loss_generator(crop_a, crop_b)
-        fused = self.fusion_model(crop_a, crop_b)
+        fused = self._fusion_replica(crop_a, crop_b)
         terms = self._fusion_terms(fused, crop_a, crop_b, weights)
 
         task = self.task_module
@@ -767,25 +974,29 @@ class MetaFusionTrainer:
                     fused_task = fused.detach()
                 else:
                     fused_task = self.fusion_model(task_a, task_b)
-            task_loss = task(fused_task, target)
+            task_loss = self._task_replica(fused_task, target)
 
-        stats = {
-            "fusion_loss": float(terms.total.detach()),
-            "fusion_intensity": float(terms.intensity.detach()),
-            "fusion_gradient": float(terms.gradient.detach()),
-            "weight_a_mean": float(weights[:, 0].mean()),
-            "fusion_lr": self.fusion_optimizer.param_groups[0]["lr"],
-        }
-        if task_loss is not None:
-            stats["task_loss"] = float(task_loss.detach())
-        finite = _finite(terms.total, task_loss)
+        # In a distributed run the logged values are means over ranks, and a non-finite value
+        # on any rank makes every rank skip (one rank skipping alone would hang the others).
+        tensors = self._mean_stats(
+            {
+                "fusion_loss": terms.total,
+                "fusion_intensity": terms.intensity,
+                "fusion_gradient": terms.gradient,
+                "weight_a_mean": weights[:, 0].mean(),
+                "task_loss": task_loss,
+            }
+        )
+        stats = {k: float(v.detach()) for k, v in tensors.items() if v is not None}
+        stats["fusion_lr"] = self.fusion_optimizer.param_groups[0]["lr"]
+        finite = _finite(tensors["fusion_loss"], tensors["task_loss"])
         stats["skipped"] = 0.0 if finite else 1.0
         if not finite:
             self._non_finite("fusion step", stats)
             return stats
 
         self.fusion_optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        _backward(terms.total)
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(
                 trainable_parameters(self.fusion_model).values(), self.grad_clip
@@ -793,11 +1004,30 @@ class MetaFusionTrainer:
         self.fusion_optimizer.step()
         if task is not None and self.task_optimizer is not None:
             self.task_optimizer.zero_grad(set_to_none=True)
-            task_loss.backward()
+            _backward(task_loss)
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(trainable_parameters(task).values(), self.grad_clip)
             self.task_optimizer.step()
+        if self.distributed:
+            # Batch-norm statistics are updated by each rank's own batch: keep them equal.
+            dist_utils.average_buffers_(self.fusion_model)
+            if task is not None:
+                dist_utils.average_buffers_(task)
         return stats
+
+    def _mean_stats(
+        self, tensors: Mapping[str, torch.Tensor | None]
+    ) -> dict[str, torch.Tensor | None]:
+        """Scalar statistics averaged over ranks with one collective (as they are otherwise)."""
+        if not self.distributed:
+            return dict(tensors)
+        present = [k for k, v in tensors.items() if v is not None]
+        packed = torch.stack(
+            [tensors[k].detach().reshape(()).to(torch.float64) for k in present]  # type: ignore[union-attr]
+        ).to(self.device)
+        dist_utils.all_reduce_mean_([packed])
+        means = dict(zip(present, packed.unbind()))
+        return {k: means.get(k) for k in tensors}
 
     def _non_finite(self, where: str, stats: Mapping[str, float]) -> None:
         losses = ", ".join(
@@ -813,7 +1043,8 @@ class MetaFusionTrainer:
             raise NonFiniteLossError(
                 message + " (pass on_nonfinite='skip' to skip such updates with a warning)"
             )
-        warnings.warn(message + "; update skipped", RuntimeWarning, stacklevel=3)
+        if self.is_main_process:  # every rank skips the same update; one warning says so
+            warnings.warn(message + "; update skipped", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -860,11 +1091,24 @@ class MetaFusionTrainer:
         -------
         list of dict
             ``history``: one summary per epoch (mean losses of each phase).
+
+        Notes
+        -----
+        In a distributed run every rank calls ``fit`` with the same arguments. A plain
+        :class:`~torch.utils.data.DataLoader` is rebuilt around a
+        :class:`~torch.utils.data.distributed.DistributedSampler` (shuffled when the loader
+        was), so each rank trains on its own share and the global batch is ``world_size``
+        times the loader's; a loader that already has a ``DistributedSampler`` is used as it
+        is. Callbacks run on every rank (the statistics they get are means over ranks); the
+        built-in loggers write on rank 0 only, as do progress bars and ``checkpoint``. The
+        ``resume`` file must be readable by every rank.
         """
         if epochs < 0 or meta_steps < 0:
             raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
+        progress = progress and self.is_main_process
         if resume is not None:
             self.load_state_dict(load_checkpoint(resume, map_location=self.device))
+        train_loader = self._shard_loader(train_loader, meta_steps)
         loader_generators = self._loader_generators(train_loader)
         if resume is not None and self._resume_rng is not None:
             restore_rng_state(self._resume_rng, self.generator, *loader_generators)
@@ -906,6 +1150,97 @@ class MetaFusionTrainer:
         }
         parts = [f"{label} {summary[key]:.4g}" for key, label in shown.items() if key in summary]
         return f"epoch {self.epoch}/{epochs}: " + ", ".join(parts)
+
+    def _shard_loader(self, loader: Iterable[Batch], meta_steps: int) -> Iterable[Batch]:
+        """In a distributed run, the loader with each rank's share of the data."""
+        if not self.distributed:
+            return loader
+        from torch.utils.data import (
+            DataLoader,
+            DistributedSampler,
+            RandomSampler,
+            SequentialSampler,
+        )
+
+        if not isinstance(loader, DataLoader):
+            if self.is_main_process:
+                warnings.warn(
+                    f"train_loader is a {type(loader).__name__}, not a DataLoader, so tdfusion "
+                    "cannot shard it: each rank must yield its own share of the data, and the "
+                    "same number of batches",
+                    stacklevel=3,
+                )
+            return loader
+        sampler = loader.sampler
+        if not isinstance(sampler, DistributedSampler):
+            if type(loader) is not DataLoader or not isinstance(
+                sampler, (RandomSampler, SequentialSampler)
+            ):
+                raise DistributedError(
+                    f"cannot shard a {type(loader).__name__} with a {type(sampler).__name__} over "
+                    f"{self.world_size} ranks; give it a "
+                    "torch.utils.data.distributed.DistributedSampler yourself"
+                )
+            if loader.batch_size is None:
+                raise DistributedError(
+                    "cannot shard a DataLoader with a custom batch_sampler or batch_size=None; "
+                    "give it a torch.utils.data.distributed.DistributedSampler yourself"
+                )
+            sampler = DistributedSampler(
+                loader.dataset,  # type: ignore[arg-type]
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=isinstance(sampler, RandomSampler),
+                seed=self._data_seed(loader) if isinstance(sampler, RandomSampler) else 0,
+            )
+            options: dict[str, Any] = {
+                "batch_size": loader.batch_size,
+                "sampler": sampler,
+                "num_workers": loader.num_workers,
+                "collate_fn": loader.collate_fn,
+                "pin_memory": loader.pin_memory,
+                "drop_last": loader.drop_last,
+                "timeout": loader.timeout,
+                "worker_init_fn": loader.worker_init_fn,
+                "generator": loader.generator,
+                "persistent_workers": loader.persistent_workers,
+            }
+            if loader.num_workers > 0:
+                options["prefetch_factor"] = loader.prefetch_factor
+                options["multiprocessing_context"] = loader.multiprocessing_context
+            loader = DataLoader(loader.dataset, **options)
+        if meta_steps > 0 and len(loader) < 2:
+            raise DistributedError(
+                f"with {self.world_size} ranks each rank gets {len(sampler)} of the "
+                f"{len(loader.dataset)} training samples, {len(loader)} batch(es) of "  # type: ignore[arg-type]
+                f"{loader.batch_size}; a meta step needs two (meta-train and meta-test). Use "
+                "fewer processes or a smaller batch size"
+            )
+        return loader
+
+    def _data_seed(self, loader: Any) -> int:
+        """The shuffling seed of the DistributedSampler, the same on all ranks and kept in
+        checkpoints: the loader generator's seed, else a draw from (a copy of) the trainer's."""
+        if self.data_seed is None:
+            generator = loader.generator
+            if isinstance(generator, torch.Generator):
+                seed = int(generator.initial_seed())
+            else:
+                copy_of_trainer_generator = torch.Generator()
+                copy_of_trainer_generator.set_state(self.generator.get_state())
+                seed = int(torch.randint(2**31 - 1, (1,), generator=copy_of_trainer_generator))
+            self.data_seed = int(dist_utils.broadcast_object(seed))
+        return self.data_seed
+
+    def _start_pass(self, loader: Iterable[Batch]) -> Iterator[Batch]:
+        """A new pass over the data; a DistributedSampler is told which pass, to reshuffle."""
+        from torch.utils.data import DistributedSampler
+
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self.data_passes)
+        self.data_passes += 1
+        return iter(loader)
 
     @staticmethod
     def _loader_generators(loader: Any) -> list[torch.Generator | None]:
@@ -981,7 +1316,7 @@ class MetaFusionTrainer:
             return {"meta_steps": 0}
 
         def batch_pairs() -> Iterator[Callable[[], dict[str, float]]]:
-            iterator = iter(loader)
+            iterator = self._start_pass(loader)
             in_this_pass = 0
             for _ in range(meta_steps):
                 pair: list[Batch] = []
@@ -995,7 +1330,7 @@ class MetaFusionTrainer:
                                 "train_loader must yield at least two batches for a meta step "
                                 "(meta-train and meta-test)"
                             ) from None
-                        iterator, in_this_pass = iter(loader), 0
+                        iterator, in_this_pass = self._start_pass(loader), 0
                         pair.clear()  # a pair never straddles two passes
                 meta_train, meta_test = pair
                 yield lambda meta_train=meta_train, meta_test=meta_test: self.meta_step(
@@ -1020,7 +1355,7 @@ class MetaFusionTrainer:
             total = fusion_steps if total is None else min(total, fusion_steps)
 
         def steps() -> Iterator[Callable[[], dict[str, float]]]:
-            for index, batch in enumerate(loader):
+            for index, batch in enumerate(self._start_pass(loader)):
                 if fusion_steps is not None and index >= fusion_steps:
                     break
                 yield lambda batch=batch: self.fusion_step(batch)
@@ -1058,6 +1393,11 @@ class MetaFusionTrainer:
             "optimizers": {name: opt.state_dict() for name, opt in self._optimizers().items()},
             "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
             "history": copy.deepcopy(self.history),
+            "data": {
+                "passes": self.data_passes,
+                "seed": self.data_seed,
+                "world_size": self.world_size,
+            },
             "rng": capture_rng_state(self.generator, *loader_generators),
         }
 
@@ -1098,7 +1438,21 @@ class MetaFusionTrainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(copy.deepcopy(state.get("history", [])))
+        data = state.get("data", {})
+        self.data_passes = int(data.get("passes", 0))
+        self.data_seed = data.get("seed")
+        saved_world_size = int(data.get("world_size", 1))
+        if saved_world_size != self.world_size and self.is_main_process:
+            warnings.warn(
+                f"the checkpoint was written by a run of {saved_world_size} process(es) and this "
+                f"run has {self.world_size}: training continues from the saved models and "
+                "optimisers, with a different global batch and data order",
+                stacklevel=2,
+            )
         self._resume_rng = state.get("rng")
+        ranks_rng = state.get("rng_per_rank")
+        if ranks_rng and saved_world_size == self.world_size:
+            self._resume_rng = ranks_rng[self.rank]
 
     @staticmethod
     def _load_module(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -1112,6 +1466,9 @@ class MetaFusionTrainer:
     ) -> Path:
         """Write a checkpoint atomically (temporary file + rename).
 
+        In a distributed run every rank must call it: the ranks' random states are gathered,
+        rank 0 writes the file, and all ranks wait until it is written.
+
         Parameters
         ----------
         path : str or os.PathLike
@@ -1122,7 +1479,15 @@ class MetaFusionTrainer:
         pathlib.Path
             The written file.
         """
-        return atomic_save(self._state_dict(_loader_generators), path)
+        state = self._state_dict(_loader_generators)
+        if self.distributed:
+            state["rng_per_rank"] = dist_utils.gather_objects(state["rng"])
+        written = Path(path)
+        if self.is_main_process:
+            written = atomic_save(state, path)
+        if self.distributed:
+            dist_utils.barrier()
+        return written
 
     @classmethod
     def load(
