@@ -1,7 +1,8 @@
-"""``python -m tdfusion`` runs the command line."""
+"""``python -m tdfusion``: the command-line interface (and ``torchrun -m tdfusion train ...``)."""
 
 import sys
 
 from tdfusion.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -274,6 +274,10 @@ def train(
     and, at the end, ``out/fusion_model.pt`` and ``out/loss_generator.pt``
     (``save_pretrained`` files for ``tdfusion fuse`` and ``tdfusion weights``).
 
+    Under ``torchrun`` with several processes this joins their process group and trains
+    data-parallel (see :doc:`/howto/distributed`): ``batch_size`` is per process, and rank 0
+    alone writes the files. ``out`` must be on a file system every rank sees for resuming.
+
     Parameters
     ----------
     recipe : Recipe
@@ -296,11 +300,15 @@ def train(
     """
     from torch.utils.data import DataLoader, default_collate
 
+    from tdfusion import distributed
     from tdfusion.data import SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
 
+    distributed.init_distributed(device=device)
+    main_process = distributed.is_main_process()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(recipe, data_root, "train")
     if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
         raise DataError(
@@ -318,20 +326,30 @@ def train(
         generator=torch.Generator().manual_seed(recipe.seed),
     )
     trainer = build_trainer(recipe, device)
-    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    if main_process:
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     checkpoint = out / "checkpoint.pt"
+    # Rank 0 decides whether to resume, so that all ranks agree even if only it sees the file.
+    resume_from = distributed.broadcast_object(resume and checkpoint.is_file())
+    if resume_from and not checkpoint.is_file():
+        raise DataError(
+            f"rank {distributed.get_rank()} cannot read {checkpoint}, from which rank 0 resumes; "
+            "put --out on a file system that every node sees"
+        )
     trainer.fit(
         loader,
         epochs=recipe.epochs,
         meta_steps=recipe.meta_steps,
         fusion_steps=recipe.fusion_steps,
         checkpoint=checkpoint,
-        resume=checkpoint if resume and checkpoint.is_file() else None,
+        resume=checkpoint if resume_from else None,
         callbacks=[CSVLogger(out / "training_log.csv")],
         progress=progress,
     )
-    trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
-    trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
+    if main_process:
+        trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
+        trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
+    distributed.barrier()
     return trainer
 
 

@@ -43,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "YOLOv8-n, from scratch) with the paper's protocol on a dataset in its standard "
             "layout. OUT receives recipe.json, checkpoint.pt (every epoch; a rerun resumes from "
             "it), training_log.csv, fusion_model.pt and loss_generator.pt. Settings given on "
-            "the command line override the recipe and the --config file."
+            "the command line override the recipe and the --config file. Under torchrun "
+            "(torchrun --nproc_per_node=N -m tdfusion train ...) it trains data-parallel over the "
+            "N processes with no extra flag; --batch-size is then per process."
         ),
     )
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="paper recipe")
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success.
     """
+    from tdfusion.distributed import distributed_session, is_main_process
     from tdfusion.errors import DataError
     from tdfusion.recipes import load_recipe, make_smoke_dataset, train
 
@@ -112,15 +115,21 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is None and args.config is None:
         raise DataError("give a --recipe or a --config file")
     recipe = load_recipe(args.recipe, args.config, **overrides)
-    with tempfile.TemporaryDirectory(prefix="tdfusion-smoke-") as scratch:
+    with (
+        distributed_session(device=args.device),
+        tempfile.TemporaryDirectory(prefix="tdfusion-smoke-") as scratch,
+    ):
         data_root = args.data_root
         if args.smoke and data_root is None:
             data_root = make_smoke_dataset(recipe, scratch)
         if data_root is None:
             raise DataError("--data-root is required (or --smoke for the bundled sample)")
         trainer = train(recipe, data_root, args.out, device=args.device, resume=not args.no_resume)
-    print(
-        f"trained {recipe.name} for {trainer.epoch} epoch(s) on {trainer.device}; "
-        f"results in {args.out} (fusion_model.pt for 'tdfusion fuse --weights')"
-    )
+        if is_main_process():
+            processes = f" x {trainer.world_size} processes" if trainer.distributed else ""
+            print(
+                f"trained {recipe.name} for {trainer.epoch} epoch(s) on {trainer.device}"
+                f"{processes}; results in {args.out} (fusion_model.pt for 'tdfusion fuse "
+                "--weights')"
+            )
     return 0
