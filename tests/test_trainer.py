@@ -470,6 +470,23 @@ def test_non_finite_loss_can_be_skipped_with_a_warning():
         assert torch.equal(value, before[name])
 
 
+def test_a_fusion_loss_without_terms_trains_normally():
+    """A plain callable fusion loss has no intensity/gradient split; that is not a NaN loss."""
+
+    def plain_fusion_loss(fused, a, b, weights):
+        return (weights[:, :1] * (fused - a) ** 2 + weights[:, 1:] * (fused - b) ** 2).mean()
+
+    trainer = make_trainer("module", fusion_loss=plain_fusion_loss)
+    a, b, masks = make_batch(1)
+    before = copy.deepcopy(trainer.loss_generator.state_dict())
+    meta_stats = trainer.meta_step((a, b, masks), make_batch(2))
+    fusion_stats = trainer.fusion_step((a, b, masks))
+    assert meta_stats["skipped"] == fusion_stats["skipped"] == 0.0
+    assert math.isnan(fusion_stats["fusion_intensity"])  # logged as unknown
+    moved = trainer.loss_generator.state_dict()
+    assert any(not torch.equal(moved[name], before[name]) for name in before)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
