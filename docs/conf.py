@@ -65,6 +65,7 @@ tdfusion_api_packages = [
     "tdfusion.metrics",
     "tdfusion.files",
     "tdfusion.devices",
+    "tdfusion.distributed",
     "tdfusion.errors",
     "tdfusion.cli",
 ]
@@ -146,6 +147,7 @@ _OTHER_PROJECTS = (
     "matplotlib",
     "collections",
     "os",
+    "datetime",
     "pathlib",
     "argparse",
     "types",
