@@ -122,19 +122,27 @@ class IndexedPairs(Dataset):
         return self.a[index], self.b[index], self.labels[index]
 
 
-def fit_scenario(out: Path, batch_size: int, rank: int = 0) -> dict[str, Any]:
-    """``fit`` over 8 pairs in order; ranks start from different models (rank 0's must win)."""
+def fit_scenario(
+    out: Path, batch_size: int, rank: int = 0, shuffle: bool = False
+) -> dict[str, Any]:
+    """``fit`` over 8 pairs; ranks start from different models (rank 0's must win)."""
     dataset = IndexedPairs(8)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(5) if shuffle else None,
+    )
     trainer = build_trainer(model_seed=100 + rank)
     records: list[dict[str, Any]] = []
+    name = "fit-shuffled" if shuffle else "fit"
     trainer.fit(
         loader,
         epochs=2,
         meta_steps=2,
-        checkpoint=out / "fit-checkpoint.pt",
+        checkpoint=out / f"{name}-checkpoint.pt",
         callbacks=[
-            CSVLogger(out / "fit-log.csv"),
+            CSVLogger(out / f"{name}-log.csv"),
             LambdaCallback(on_step_end=lambda _, stats: records.append(stats)),
         ],
     )
@@ -222,6 +230,7 @@ def main(out: Path) -> None:
         results[f"steps-{method}-{inner}"] = steps_scenario(method, inner, rank, world_size)
     assert distributed.is_distributed(), "the trainer should have joined torchrun's group"
     results["fit"] = fit_scenario(out, batch_size=1, rank=rank)
+    results["fit-shuffled"] = fit_scenario(out, batch_size=1, rank=rank, shuffle=True)
     results["resume"] = resume_scenario(out)
     results["nonfinite"] = nonfinite_scenario(rank, world_size)
     results["batchnorm"] = batchnorm_scenario(rank, world_size)

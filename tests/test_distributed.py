@@ -116,17 +116,26 @@ def test_two_ranks_with_batch_n_equal_one_process_with_batch_2n(two_ranks, metho
             assert distributed_stats[key] == pytest.approx(single_stats[key], rel=1e-12)
 
 
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_fit_shards_the_data_and_equals_one_process_with_the_whole_batch(
-    two_ranks, tmp_path
+    two_ranks, tmp_path, shuffle
 ) -> None:
-    rank0, rank1 = (r["fit"] for r in two_ranks["ranks"])
-    # Each rank read its own half of the 8 pairs, every pass (2 epochs x (meta + fusion)).
-    assert set(rank0["seen"]).isdisjoint(rank1["seen"])
-    assert sorted(set(rank0["seen"]) | set(rank1["seen"])) == list(range(8))
+    name = "fit-shuffled" if shuffle else "fit"
+    rank0, rank1 = (r[name] for r in two_ranks["ranks"])
+    # Each rank read its own half of the 8 pairs in every pass (2 epochs x (meta + fusion)).
     assert len(rank0["seen"]) == len(rank1["seen"]) == 2 * (4 + 4)
+    for start in range(0, 16, 4):
+        assert sorted(rank0["seen"][start : start + 4] + rank1["seen"][start : start + 4]) == list(
+            range(8)
+        )
     # Ranks started from different random models; rank 0's was broadcast, so they end equal.
     assert largest_difference(rank0["state"], rank1["state"]) == 0.0
-    single = scenarios.fit_scenario(tmp_path, batch_size=2, rank=0)
+    single = scenarios.fit_scenario(tmp_path, batch_size=2, rank=0, shuffle=shuffle)
+    # The single process read, batch by batch, the union of what the two ranks read.
+    for step in range(0, 16, 2):
+        assert sorted(single["seen"][step : step + 2]) == sorted(
+            [rank0["seen"][step // 2], rank1["seen"][step // 2]]
+        )
     assert largest_difference(rank0["state"], single["state"]) < 1e-12
     assert [r["phase"] for r in rank0["records"]] == [r["phase"] for r in single["records"]]
     for distributed_record, single_record in zip(rank0["records"], single["records"]):
@@ -146,8 +155,8 @@ def test_only_rank_zero_writes_logs_checkpoints_and_progress(two_ranks) -> None:
     final = two_ranks["ranks"][0]["fit"]["state"]
     for name, value in checkpoint["models"]["fusion_model"].items():
         assert torch.equal(value, final["fusion_model"][name]), name
-    # The epoch lines of the fit scenario and of the resumed run: once each, from rank 0.
-    assert two_ranks["output"].count("epoch 2/2: meta task") == 2
+    # The epoch lines of the two fit scenarios and of the resumed run: once each, from rank 0.
+    assert two_ranks["output"].count("epoch 2/2: meta task") == 3
 
 
 def test_distributed_resume_equals_an_uninterrupted_run(two_ranks) -> None:

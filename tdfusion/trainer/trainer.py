@@ -1099,9 +1099,13 @@ class MetaFusionTrainer:
         :class:`~torch.utils.data.distributed.DistributedSampler` (shuffled when the loader
         was), so each rank trains on its own share and the global batch is ``world_size``
         times the loader's; a loader that already has a ``DistributedSampler`` is used as it
-        is. Callbacks run on every rank (the statistics they get are means over ranks); the
-        built-in loggers write on rank 0 only, as do progress bars and ``checkpoint``. The
-        ``resume`` file must be readable by every rank.
+        is. A shuffling ``DataLoader`` is rebuilt the same way in a single process (a
+        ``DistributedSampler`` of one replica, seeded by the loader's generator and
+        reshuffled every pass), so that ``N`` processes with batch ``n`` train on the same
+        global batches as one process with batch ``N * n``. Callbacks run on every rank (the
+        statistics they get are means over ranks); the built-in loggers write on rank 0 only,
+        as do progress bars and ``checkpoint``. The ``resume`` file must be readable by every
+        rank.
         """
         if epochs < 0 or meta_steps < 0:
             raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
@@ -1152,9 +1156,12 @@ class MetaFusionTrainer:
         return f"epoch {self.epoch}/{epochs}: " + ", ".join(parts)
 
     def _shard_loader(self, loader: Iterable[Batch], meta_steps: int) -> Iterable[Batch]:
-        """In a distributed run, the loader with each rank's share of the data."""
-        if not self.distributed:
-            return loader
+        """The loader with this rank's share of the data (all of it in a single process).
+
+        A plain shuffling DataLoader is rebuilt around a DistributedSampler in a single process
+        too (with one replica it is a plain shuffle), so that ``N`` processes with batch ``n``
+        see the same global batches as one process with batch ``N * n``.
+        """
         from torch.utils.data import (
             DataLoader,
             DistributedSampler,
@@ -1163,7 +1170,7 @@ class MetaFusionTrainer:
         )
 
         if not isinstance(loader, DataLoader):
-            if self.is_main_process:
+            if self.distributed and self.is_main_process:
                 warnings.warn(
                     f"train_loader is a {type(loader).__name__}, not a DataLoader, so tdfusion "
                     "cannot shard it: each rank must yield its own share of the data, and the "
@@ -1172,26 +1179,32 @@ class MetaFusionTrainer:
                 )
             return loader
         sampler = loader.sampler
+        plain_shuffle = (
+            type(sampler) is RandomSampler
+            and not sampler.replacement
+            and sampler.num_samples == len(sampler.data_source)  # type: ignore[arg-type]
+        )
+        shardable = (
+            type(loader) is DataLoader
+            and loader.batch_size is not None
+            and (plain_shuffle or type(sampler) is SequentialSampler)
+        )
         if not isinstance(sampler, DistributedSampler):
-            if type(loader) is not DataLoader or not isinstance(
-                sampler, (RandomSampler, SequentialSampler)
-            ):
+            if not self.distributed:
+                if not (shardable and plain_shuffle):
+                    return loader
+            elif not shardable:
                 raise DistributedError(
-                    f"cannot shard a {type(loader).__name__} with a {type(sampler).__name__} over "
-                    f"{self.world_size} ranks; give it a "
-                    "torch.utils.data.distributed.DistributedSampler yourself"
-                )
-            if loader.batch_size is None:
-                raise DistributedError(
-                    "cannot shard a DataLoader with a custom batch_sampler or batch_size=None; "
-                    "give it a torch.utils.data.distributed.DistributedSampler yourself"
+                    f"cannot shard a {type(loader).__name__} with a {type(sampler).__name__} "
+                    f"(batch_size={loader.batch_size}) over {self.world_size} ranks; give it "
+                    "a torch.utils.data.distributed.DistributedSampler yourself"
                 )
             sampler = DistributedSampler(
                 loader.dataset,  # type: ignore[arg-type]
                 num_replicas=self.world_size,
                 rank=self.rank,
-                shuffle=isinstance(sampler, RandomSampler),
-                seed=self._data_seed(loader) if isinstance(sampler, RandomSampler) else 0,
+                shuffle=plain_shuffle,
+                seed=self._data_seed(loader) if plain_shuffle else 0,
             )
             options: dict[str, Any] = {
                 "batch_size": loader.batch_size,
@@ -1209,7 +1222,7 @@ class MetaFusionTrainer:
                 options["prefetch_factor"] = loader.prefetch_factor
                 options["multiprocessing_context"] = loader.multiprocessing_context
             loader = DataLoader(loader.dataset, **options)
-        if meta_steps > 0 and len(loader) < 2:
+        if self.distributed and meta_steps > 0 and len(loader) < 2:
             raise DistributedError(
                 f"with {self.world_size} ranks each rank gets {len(sampler)} of the "
                 f"{len(loader.dataset)} training samples, {len(loader)} batch(es) of "  # type: ignore[arg-type]
