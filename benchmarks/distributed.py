@@ -29,15 +29,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process, GiB (Linux /proc)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_rss_gib  # noqa: E402
 
 
 def worker(out: Path, steps: int) -> None:

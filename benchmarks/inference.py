@@ -30,6 +30,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _memory import peak_rss_gib  # noqa: E402
 from _research_network import research_forward  # noqa: E402
 
 from tdfusion.inference import fuse_tensors  # noqa: E402
@@ -62,14 +63,6 @@ def child_peak(name: str, args: argparse.Namespace) -> float:
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def main() -> None:

@@ -31,17 +31,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def rss_gib() -> tuple[float, float]:
-    """Current and peak resident memory of this process, GiB (Linux /proc)."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, amount, _ = line.split()
-                values[key] = int(amount) / 2**20
-    return values["VmRSS:"], values["VmHWM:"]
+from _memory import rss_gib  # noqa: E402
 
 
 def load_pairs(data: Path, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -49,4 +49,5 @@ trainer = MetaFusionTrainer(
 trainer.fit(loader, epochs=int(sys.argv[1]) if len(sys.argv) > 1 else 2, meta_steps=4)
 with torch.no_grad():
     weights = trainer.loss_generator(a[:8].to(trainer.device), b[:8].to(trainer.device))
-print(f"mean w_a after training: {weights[:, 0].mean().item():.3f}")
+if trainer.is_main_process:  # under torchrun --nproc_per_node=N, print once
+    print(f"mean w_a after training: {weights[:, 0].mean().item():.3f}")

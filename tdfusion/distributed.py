@@ -11,6 +11,7 @@ the same code runs unchanged in a single process.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -243,8 +244,8 @@ def init_distributed(
     options: dict[str, Any] = {"backend": backend}
     if timeout is not None:
         options["timeout"] = timeout
-    if backend == "nccl":
-        options["device_id"] = target
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        options["device_id"] = target  # binds NCCL to this rank's GPU (PyTorch >= 2.3)
     try:
         dist.init_process_group(**options)
     except (RuntimeError, ValueError) as error:

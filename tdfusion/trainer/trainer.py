@@ -871,6 +871,9 @@ class MetaFusionTrainer:
         trainable). Changes nothing: parameters, buffers, ``.grad`` fields, optimiser states and
         the trainer's random generator are as before.
 
+        In a distributed run every rank calls it with its own batches and gets the
+        hypergradient of the global batches (the concatenation of all ranks' batches).
+
         Parameters
         ----------
         meta_train, meta_test : tuple
@@ -892,6 +895,8 @@ class MetaFusionTrainer:
         """One generator update (paper Eq. 6) from a meta-train and a meta-test batch.
 
         ``F`` and ``T`` are left as they were (parameters and buffers); only ``G`` changes.
+        In a distributed run every rank calls it with its own batches; all ranks take the same
+        step, that of the global batches, and return the same (averaged) statistics.
 
         Parameters
         ----------
@@ -942,7 +947,10 @@ class MetaFusionTrainer:
 
         ``G``'s weights are computed without gradient. ``T``, when trainable, learns from the
         task loss on ``F``'s output (before this step's update of ``F``, as Eq. 8 and 9 are
-        simultaneous), detached so that the task does not shape ``F`` directly.
+        simultaneous), detached so that the task does not shape ``F`` directly. In a
+        distributed run every rank calls it with its own batch; the gradients are averaged over
+        ranks (DistributedDataParallel), so all ranks take the same step, and the returned
+        statistics are means over ranks.
 
         Parameters
         ----------
@@ -1416,6 +1424,8 @@ class MetaFusionTrainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the RNG state is applied by :meth:`fit`).
+
+        In a distributed run, load the same state on every rank.
 
         Parameters
         ----------
