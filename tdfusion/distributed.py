@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "broadcast_module_",
     "broadcast_object",
     "check_backend",
+    "check_same_on_all_ranks",
     "destroy_distributed",
     "distributed_session",
     "gather_objects",
@@ -41,6 +42,9 @@ __all__ = [
     "is_main_process",
     "launched_distributed",
     "rank_device",
+    "replicate",
+    "shard_loader",
+    "shuffles_plainly",
 ]
 
 #: Environment variables that ``torchrun`` sets for every process it starts.
@@ -437,3 +441,173 @@ def gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def check_same_on_all_ranks(description: Mapping[str, Any], what: str = "trainer") -> None:
+    """Raise on every rank if any rank's ``description`` differs from this one's.
+
+    Parameters
+    ----------
+    description : mapping
+        Picklable facts that must agree (settings, parameter shapes, ...); a value that is
+        itself a mapping is compared key by key, so the message can name the setting.
+    what : str
+        What was built, for the message.
+
+    Raises
+    ------
+    DistributedError
+        Naming the first difference and the rank that has it.
+    """
+    this_rank = get_rank()
+    for rank, other in enumerate(gather_objects(dict(description))):
+        for key, value in other.items():
+            mine = description[key]
+            if value == mine:
+                continue
+            if isinstance(value, Mapping) and isinstance(mine, Mapping):
+                name = next(k for k in {**value, **mine} if value.get(k) != mine.get(k))
+                difference = f"{name}={value.get(name)!r} on rank {rank}, {mine.get(name)!r} here"
+            else:
+                difference = f"{key} differs (rank {rank}: {value!r:.200}; here: {mine!r:.200})"
+            raise DistributedError(
+                f"rank {this_rank} built a different {what} than rank {rank}: {difference}; "
+                "every rank must run the same script with the same settings"
+            )
+
+
+def replicate(module: nn.Module, device: torch.device, **options: Any) -> nn.Module:
+    """Wrap a module in :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+    The wrapper starts every rank from rank 0's parameters and buffers and averages gradients
+    during the backward pass. Buffers are not overwritten with rank 0's before every forward
+    (average them with :func:`average_buffers_` after each step instead).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module, already on ``device``; it keeps being the one that holds the parameters.
+    device : torch.device
+        This rank's device (its CUDA index becomes ``device_ids``).
+    **options
+        Further DistributedDataParallel arguments (``find_unused_parameters``, ...).
+
+    Returns
+    -------
+    torch.nn.Module
+        The wrapper; call it in place of ``module`` for training steps.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    arguments = inspect.signature(DistributedDataParallel).parameters
+    # PyTorch 2.14 renamed broadcast_buffers; both mean "no sync before every forward".
+    no_forward_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in arguments else "broadcast_buffers"
+    )
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        module, device_ids=device_ids, **{no_forward_sync: False, **options}
+    )
+
+
+def shard_loader(loader: Any, num_replicas: int, rank: int, seed: int | None = None) -> Any:
+    """A :class:`~torch.utils.data.DataLoader` like ``loader`` that reads one rank's share.
+
+    A plain ``DataLoader`` whose sampler shuffles (without replacement) or reads in order is
+    rebuilt around a :class:`~torch.utils.data.distributed.DistributedSampler` with the same
+    batch size, workers, collate function and other settings. Call the sampler's
+    ``set_epoch`` before every pass over the data to reshuffle it.
+
+    Parameters
+    ----------
+    loader : torch.utils.data.DataLoader
+        The loader; one that already has a ``DistributedSampler`` is returned as it is.
+    num_replicas, rank : int
+        How many shares, and which one.
+    seed : int, optional
+        Shuffling seed, the same on every rank; required when ``loader`` shuffles.
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        The sharded loader.
+
+    Raises
+    ------
+    DistributedError
+        If the loader cannot be rebuilt (a subclass, a custom sampler or batch sampler, or
+        sampling with replacement): give it a ``DistributedSampler`` yourself.
+
+    Example
+    -------
+    >>> from torch.utils.data import DataLoader
+    >>> loader = DataLoader(list(range(8)), batch_size=2, shuffle=False)
+    >>> [batch.tolist() for batch in shard_loader(loader, num_replicas=2, rank=1)]
+    [[1, 3], [5, 7]]
+    """
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return loader
+    shuffles = shuffles_plainly(loader)
+    if (
+        type(loader) is not DataLoader
+        or loader.batch_size is None
+        or not (shuffles or type(sampler) is SequentialSampler)
+    ):
+        kind = "sampler with replacement" if isinstance(sampler, RandomSampler) else "sampler"
+        raise DistributedError(
+            f"cannot shard a {type(loader).__name__} with a {type(sampler).__name__} {kind} "
+            f"(batch_size={loader.batch_size}) over {num_replicas} ranks; give it a "
+            "torch.utils.data.distributed.DistributedSampler yourself"
+        )
+    if shuffles and seed is None:
+        raise ValueError("a shuffling loader needs a seed shared by all ranks")
+    options: dict[str, Any] = {
+        "batch_size": loader.batch_size,
+        "sampler": DistributedSampler(
+            loader.dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffles,
+            seed=seed if shuffles else 0,
+        ),
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "drop_last": loader.drop_last,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["multiprocessing_context"] = loader.multiprocessing_context
+    return DataLoader(loader.dataset, **options)
+
+
+def shuffles_plainly(loader: Any) -> bool:
+    """Whether ``loader`` is a plain DataLoader drawing every sample once per pass, shuffled.
+
+    Parameters
+    ----------
+    loader : Any
+        A data loader or any iterable.
+
+    Returns
+    -------
+    bool
+        ``True`` for ``DataLoader(..., shuffle=True)`` (without a custom sampler).
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    sampler = getattr(loader, "sampler", None)
+    return (
+        type(loader) is DataLoader
+        and loader.batch_size is not None
+        and type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler.num_samples == len(sampler.data_source)  # type: ignore[arg-type]
+    )

@@ -342,3 +342,32 @@ def test_a_non_dataloader_iterable_is_trained_as_given_in_one_process() -> None:
     assert trainer._shard_loader(batches, meta_steps=1) is batches
     trainer.fit(batches, epochs=1, meta_steps=1, progress=False)
     assert trainer.data_passes == 2  # one meta pass and one fusion pass
+
+
+def test_shard_loader_splits_a_shuffled_pass_into_disjoint_shares() -> None:
+    loader = DataLoader(list(range(10)), batch_size=2, shuffle=True)
+    shards = [dist_utils.shard_loader(loader, num_replicas=2, rank=r, seed=4) for r in range(2)]
+    for pass_index in range(2):
+        seen = []
+        for shard in shards:
+            shard.sampler.set_epoch(pass_index)
+            seen.append([int(i) for batch in shard for i in batch])
+        assert sorted(seen[0] + seen[1]) == list(range(10))
+        assert len(seen[0]) == len(seen[1]) == 5
+    whole = dist_utils.shard_loader(loader, num_replicas=1, rank=0, seed=4)
+    assert sorted(int(i) for batch in whole for i in batch) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        DataLoader(list(range(8)), sampler=torch.utils.data.RandomSampler(range(8), True)),
+        DataLoader(list(range(8)), batch_sampler=[[0, 1], [2, 3]]),
+        DataLoader(list(range(8)), sampler=torch.utils.data.SubsetRandomSampler(range(4))),
+    ],
+    ids=["with-replacement", "batch-sampler", "custom-sampler"],
+)
+def test_shard_loader_refuses_what_it_cannot_shard(loader) -> None:
+    with pytest.raises(DistributedError, match="give it a .*DistributedSampler yourself"):
+        dist_utils.shard_loader(loader, num_replicas=2, rank=0, seed=0)
+    assert not dist_utils.shuffles_plainly(loader)

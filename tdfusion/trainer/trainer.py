@@ -401,55 +401,26 @@ class MetaFusionTrainer:
         ``F`` and ``T`` are wrapped in DistributedDataParallel (which broadcasts rank 0's
         parameters and buffers); ``G`` and the crop generator are broadcast explicitly.
         """
-        from torch.nn.parallel import DistributedDataParallel
 
         def shapes(module: Any) -> list[tuple[str, tuple[int, ...]]] | None:
             if not isinstance(module, nn.Module):
                 return None
             return [(name, tuple(t.shape)) for name, t in module.state_dict().items()]
 
-        description = {
-            "config": self.config(),
-            "fusion_model": shapes(self.fusion_model),
-            "loss_generator": shapes(self.loss_generator),
-            "task": shapes(self.task_loss),
-            "device_type": self.device.type,
-            "dtype": str(self.dtype),
-        }
-        for rank, other in enumerate(dist_utils.gather_objects(description)):
-            for key, value in other.items():
-                mine = description[key]
-                if value == mine:
-                    continue
-                if isinstance(value, dict) and isinstance(mine, dict):
-                    name = next(k for k in {**value, **mine} if value.get(k) != mine.get(k))
-                    difference = (
-                        f"{name}={value.get(name)!r} on rank {rank}, {mine.get(name)!r} here"
-                    )
-                else:
-                    difference = f"{key} differs (rank {rank}: {value!r:.200}; here: {mine!r:.200})"
-                raise DistributedError(
-                    f"rank {self.rank} built a different trainer than rank {rank}: {difference}; "
-                    "every rank must run the same script with the same settings"
-                )
-        # Buffers are synchronised at construction and averaged after every fusion step
-        # (average_buffers_), not overwritten with rank 0's before every forward.
-        import inspect
-
-        ddp_arguments = inspect.signature(DistributedDataParallel).parameters
-        no_forward_sync = (
-            "forward_sync_buffers"
-            if "forward_sync_buffers" in ddp_arguments
-            else "broadcast_buffers"
+        dist_utils.check_same_on_all_ranks(
+            {
+                "config": self.config(),
+                "fusion_model": shapes(self.fusion_model),
+                "loss_generator": shapes(self.loss_generator),
+                "task": shapes(self.task_loss),
+                "device_type": self.device.type,
+                "dtype": str(self.dtype),
+            }
         )
-        options = {no_forward_sync: False, **ddp_options}
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self._fusion_replica = DistributedDataParallel(
-            self.fusion_model, device_ids=device_ids, **options
-        )
+        self._fusion_replica = dist_utils.replicate(self.fusion_model, self.device, **ddp_options)
         task = self.task_module
         if task is not None:
-            self._task_replica = DistributedDataParallel(task, device_ids=device_ids, **options)
+            self._task_replica = dist_utils.replicate(task, self.device, **ddp_options)
         dist_utils.broadcast_module_(self.loss_generator)
         state = self.generator.get_state()
         self.generator.set_state(dist_utils.broadcast_object(state))
@@ -1170,15 +1141,14 @@ class MetaFusionTrainer:
         too (with one replica it is a plain shuffle), so that ``N`` processes with batch ``n``
         see the same global batches as one process with batch ``N * n``.
         """
-        from torch.utils.data import (
-            DataLoader,
-            DistributedSampler,
-            RandomSampler,
-            SequentialSampler,
-        )
+        from torch.utils.data import DataLoader
 
+        if not self.distributed:
+            if not dist_utils.shuffles_plainly(loader):
+                return loader
+            return dist_utils.shard_loader(loader, 1, 0, self._data_seed(loader))
         if not isinstance(loader, DataLoader):
-            if self.distributed and self.is_main_process:
+            if self.is_main_process:
                 warnings.warn(
                     f"train_loader is a {type(loader).__name__}, not a DataLoader, so tdfusion "
                     "cannot shard it: each rank must yield its own share of the data, and the "
@@ -1186,53 +1156,11 @@ class MetaFusionTrainer:
                     stacklevel=3,
                 )
             return loader
-        sampler = loader.sampler
-        plain_shuffle = (
-            type(sampler) is RandomSampler
-            and not sampler.replacement
-            and sampler.num_samples == len(sampler.data_source)  # type: ignore[arg-type]
-        )
-        shardable = (
-            type(loader) is DataLoader
-            and loader.batch_size is not None
-            and (plain_shuffle or type(sampler) is SequentialSampler)
-        )
-        if not isinstance(sampler, DistributedSampler):
-            if not self.distributed:
-                if not (shardable and plain_shuffle):
-                    return loader
-            elif not shardable:
-                raise DistributedError(
-                    f"cannot shard a {type(loader).__name__} with a {type(sampler).__name__} "
-                    f"(batch_size={loader.batch_size}) over {self.world_size} ranks; give it "
-                    "a torch.utils.data.distributed.DistributedSampler yourself"
-                )
-            sampler = DistributedSampler(
-                loader.dataset,  # type: ignore[arg-type]
-                num_replicas=self.world_size,
-                rank=self.rank,
-                shuffle=plain_shuffle,
-                seed=self._data_seed(loader) if plain_shuffle else 0,
-            )
-            options: dict[str, Any] = {
-                "batch_size": loader.batch_size,
-                "sampler": sampler,
-                "num_workers": loader.num_workers,
-                "collate_fn": loader.collate_fn,
-                "pin_memory": loader.pin_memory,
-                "drop_last": loader.drop_last,
-                "timeout": loader.timeout,
-                "worker_init_fn": loader.worker_init_fn,
-                "generator": loader.generator,
-                "persistent_workers": loader.persistent_workers,
-            }
-            if loader.num_workers > 0:
-                options["prefetch_factor"] = loader.prefetch_factor
-                options["multiprocessing_context"] = loader.multiprocessing_context
-            loader = DataLoader(loader.dataset, **options)
-        if self.distributed and meta_steps > 0 and len(loader) < 2:
+        seed = self._data_seed(loader) if dist_utils.shuffles_plainly(loader) else None
+        loader = dist_utils.shard_loader(loader, self.world_size, self.rank, seed)
+        if meta_steps > 0 and len(loader) < 2:
             raise DistributedError(
-                f"with {self.world_size} ranks each rank gets {len(sampler)} of the "
+                f"with {self.world_size} ranks each rank gets {len(loader.sampler)} of the "  # type: ignore[arg-type]
                 f"{len(loader.dataset)} training samples, {len(loader)} batch(es) of "  # type: ignore[arg-type]
                 f"{loader.batch_size}; a meta step needs two (meta-train and meta-test). Use "
                 "fewer processes or a smaller batch size"
