@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -695,3 +696,55 @@ def test_learned_loss_beats_the_fixed_half_weights_on_a_task_that_needs_one_sour
     assert fixed_weight == pytest.approx(0.5)  # meta_steps=0: the generator stayed frozen
     assert learned_weight > 0.9  # the generator learned that the task needs source a
     assert learned_loss < 0.6 * fixed_loss, f"learned {learned_loss:.4f} vs fixed {fixed_loss:.4f}"
+
+
+class _RecordingSummaryWriter:
+    """Stands in for tensorboard's SummaryWriter (tensorboard is not a dependency)."""
+
+    created: ClassVar[list[_RecordingSummaryWriter]] = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _RecordingSummaryWriter.created.append(self)
+
+    def add_scalar(self, tag, value, step) -> None:
+        self.scalars.append((tag, value, step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("main_process", [True, False], ids=["rank-0", "other-rank"])
+def test_loggers_write_on_the_main_process_only(tmp_path, monkeypatch, main_process):
+    import sys
+    import types
+
+    from tdfusion.trainer import TensorBoardLogger
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _RecordingSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    _RecordingSummaryWriter.created.clear()
+    trainer = make_trainer("module")
+    trainer.rank = 0 if main_process else 1  # what a distributed trainer on that rank holds
+    loader = DataLoader(TensorDataset(*make_batch(3, n=4)), batch_size=2)
+    board = TensorBoardLogger(tmp_path / "events")
+    trainer.fit(
+        loader,
+        epochs=1,
+        meta_steps=1,
+        callbacks=[CSVLogger(tmp_path / "log.csv"), board],
+        progress=False,
+    )
+    assert (tmp_path / "log.csv").exists() == main_process
+    if main_process:
+        (writer,) = _RecordingSummaryWriter.created
+        assert writer.closed and writer.log_dir == str(tmp_path / "events")
+        assert ("meta/task_loss", pytest.approx(trainer.history[0]["meta_task_loss"]), 0) in (
+            writer.scalars
+        )
+    else:
+        assert _RecordingSummaryWriter.created == []
