@@ -1,9 +1,9 @@
 """Training scenarios that ``tests/test_distributed.py`` runs in two processes under torchrun.
 
-Run as ``torchrun --nproc_per_node=2 tests/distributed_scenarios.py OUT``: every rank trains with
-the gloo backend on the CPU and saves what it ends with to ``OUT/<scenario>-rank<R>.pt``. The same
-functions run in one process (``world_size=1``) give the reference the test compares with: one
-process given the concatenation of the ranks' batches.
+Run as ``torchrun --nproc_per_node=2 tests/distributed_scenarios.py OUT [elastic]``: every rank
+trains with the gloo backend on the CPU and saves what it ends with to ``OUT/*-rank<R>.pt``.
+The same functions run in one process (``world_size=1``) give the reference the test compares
+with: one process given the concatenation of the ranks' batches.
 """
 
 from __future__ import annotations
@@ -177,6 +177,35 @@ def resume_scenario(out: Path, batch_size: int = 1) -> dict[str, Any]:
     }
 
 
+def elastic_scenario(out: Path) -> dict[str, Any]:
+    """Rank 1 dies after the first epoch's checkpoint; torchrun restarts both, and they resume.
+
+    Launched with ``torchrun --max-restarts=1``; the result must equal the uninterrupted run of
+    :func:`resume_scenario` (the same loader, seeds and epochs).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    checkpoint = out / "elastic-checkpoint.pt"
+
+    def die_once(trainer: MetaFusionTrainer, summary: dict[str, Any]) -> None:
+        if restart == 0 and trainer.epoch == 1 and trainer.rank == 1:
+            os._exit(3)  # a hard crash: no clean-up, no exception handling
+
+    trainer = build_trainer()
+    loader = DataLoader(
+        IndexedPairs(8), batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(11)
+    )
+    trainer.fit(
+        loader,
+        epochs=2,
+        meta_steps=2,
+        checkpoint=checkpoint,
+        resume=checkpoint if checkpoint.is_file() else None,
+        callbacks=[LambdaCallback(on_epoch_end=die_once)],
+        progress=False,
+    )
+    return {"state": snapshot(trainer), "restart": restart}
+
+
 def nonfinite_scenario(rank: int, world_size: int) -> dict[str, Any]:
     """A NaN in rank 1's share only: every rank must skip the update (and none may hang)."""
     a, b, labels = make_data(4 * world_size)
@@ -220,11 +249,15 @@ def error_scenarios(rank: int) -> dict[str, str]:
     return messages
 
 
-def main(out: Path) -> None:
+def main(out: Path, which: str = "all") -> None:
     import tdfusion.distributed as distributed
 
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    if which == "elastic":
+        torch.save(elastic_scenario(out), out / f"elastic-rank{rank}.pt")
+        distributed.destroy_distributed()
+        return
     results: dict[str, Any] = {}
     for method, inner in STEP_CONFIGS:
         results[f"steps-{method}-{inner}"] = steps_scenario(method, inner, rank, world_size)
@@ -242,7 +275,7 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        main(Path(sys.argv[1]))
+        main(Path(sys.argv[1]), *sys.argv[2:3])
     except Exception:
         traceback.print_exc()
         sys.exit(1)

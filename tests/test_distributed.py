@@ -35,7 +35,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(*arguments: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(
+    *arguments: str, cwd: Path, processes: int = 2, restarts: int = 0
+) -> subprocess.CompletedProcess:
     """Launch ``processes`` CPU ranks with torchrun; fail the test (not hang) past the timeout."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     environment["PYTHONPATH"] = os.pathsep.join(
@@ -47,6 +49,7 @@ def torchrun(*arguments: str, cwd: Path, processes: int = 2) -> subprocess.Compl
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
+        f"--max-restarts={restarts}",
         *arguments,
     ]
     try:
@@ -171,6 +174,17 @@ def test_distributed_resume_equals_an_uninterrupted_run(two_ranks) -> None:
     for mine, theirs in passes:
         assert sorted(mine + theirs) == list(range(8))
     assert len({tuple(mine) for mine, _ in passes}) > 1
+
+
+def test_a_crashed_rank_is_restarted_by_torchrun_and_training_resumes(two_ranks, tmp_path) -> None:
+    script = str(REPO_ROOT / "tests" / "distributed_scenarios.py")
+    result = torchrun(script, str(tmp_path), "elastic", cwd=tmp_path, restarts=1)
+    assert "failed (exitcode: 3) local_rank: 1" in result.stderr  # the first attempt crashed
+    uninterrupted = two_ranks["ranks"][0]["resume"]["straight"]
+    for rank in range(2):
+        restarted = torch.load(tmp_path / f"elastic-rank{rank}.pt", weights_only=True)
+        assert restarted["restart"] == 1  # the results come from the second attempt
+        assert largest_difference(restarted["state"], uninterrupted) == 0.0
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(two_ranks) -> None:
