@@ -309,6 +309,9 @@ class MetaFusionTrainer:
         self.device = dist_utils.rank_device(device)
         if self.distributed:
             dist_utils.check_backend(self.device)
+            if self.device.type == "cuda":
+                # Object collectives (broadcast_object, gather_objects) use the current device.
+                torch.cuda.set_device(self.device)
         self.fusion_model = fusion_model.to(self.device)
         self.dtype = _module_dtype(self.fusion_model)
         self.loss_generator = loss_generator.to(self.device)
