@@ -215,8 +215,9 @@ def test_auto_method_falls_back_to_backprop_when_forward_mode_is_unsupported():
         inner_lr=0.3,
         device="cpu",
     )
-    with pytest.warns(RuntimeWarning, match="second-order back-propagation instead"):
+    with pytest.warns(RuntimeWarning, match="second-order back-propagation instead") as record:
         result = auto.hypergradient(meta_train, meta_test)
+    assert record[0].filename == __file__  # the warning points at the caller's line
     torch.manual_seed(0)
     backprop = MetaFusionTrainer(
         FusionWithCustomOp().double(),

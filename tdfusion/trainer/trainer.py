@@ -735,7 +735,7 @@ class MetaFusionTrainer:
                     f"({error.__cause__}); computing hypergradients by second-order "
                     "back-propagation instead",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 self._resolved_method = "backprop"
                 self.generator.set_state(generator_state)
