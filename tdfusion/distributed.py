@@ -250,6 +250,15 @@ def init_distributed(
         options["timeout"] = timeout
     if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         options["device_id"] = target  # binds NCCL to this rank's GPU (PyTorch >= 2.3)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart not in (None, "", "0"):
+        # After torchrun restarts its workers, the store may still hold the previous
+        # attempt's addresses; a prefix per attempt keeps the new processes from reading them.
+        from torch.distributed.rendezvous import rendezvous
+
+        store, rank, world_size = next(rendezvous("env://"))
+        options["store"] = dist.PrefixStore(f"tdfusion/attempt-{restart}", store)
+        options["rank"], options["world_size"] = rank, world_size
     try:
         dist.init_process_group(**options)
     except (RuntimeError, ValueError) as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,17 +53,23 @@ def torchrun(
         f"--max-restarts={restarts}",
         *arguments,
     ]
+    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        result = subprocess.run(
-            command,
-            cwd=cwd,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=LAUNCH_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT} s: {error.stderr!r:.3000}")
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT} s: {stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
