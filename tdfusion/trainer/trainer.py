@@ -372,7 +372,8 @@ class MetaFusionTrainer:
         # Passes started over the training data; a DistributedSampler's epoch, so that every
         # pass is shuffled anew, identically on all ranks, and resumes where it stopped.
         self.data_passes = 0
-        #: Shuffling seed of the DistributedSampler of a distributed fit (kept in checkpoints).
+        #: Shuffling seed of the DistributedSampler that fit() reads the data through (kept in
+        #: checkpoints), set on the first fit with a shuffling DataLoader.
         self.data_seed: int | None = None
         self._fusion_replica: nn.Module = self.fusion_model
         self._task_replica: Callable[..., torch.Tensor] = self.task_loss
