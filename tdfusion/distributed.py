@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tdfusion.devices import resolve_device
 from tdfusion.errors import DistributedError
 
 __all__ = [
@@ -87,7 +88,7 @@ def is_distributed() -> bool:
     bool
         ``True`` inside a multi-process run after :func:`init_distributed`.
     """
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return get_world_size() > 1
 
 
 def get_rank() -> int:
@@ -164,9 +165,7 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
     >>> rank_device("cpu")
     device(type='cpu')
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type != "cuda":
         return device
     distributed = is_distributed() or launched_distributed()
