@@ -149,26 +149,24 @@ def fit_scenario(
     return {"state": snapshot(trainer), "records": records, "seen": dataset.seen}
 
 
-def resume_scenario(out: Path, batch_size: int = 1) -> dict[str, Any]:
+def shuffled_loader(dataset: IndexedPairs) -> DataLoader:
+    """The seeded, shuffling loader (batch 1) of the resume and restart scenarios."""
+    return DataLoader(
+        dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(11)
+    )
+
+
+def resume_scenario(out: Path) -> dict[str, Any]:
     """Shuffled ``fit``: two epochs straight, and one epoch + resume + one epoch."""
-
-    def loader(dataset: IndexedPairs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(11),
-        )
-
     straight_data = IndexedPairs(8)
     straight = build_trainer()
-    straight.fit(loader(straight_data), epochs=2, meta_steps=2, progress=False)
+    straight.fit(shuffled_loader(straight_data), epochs=2, meta_steps=2, progress=False)
 
     checkpoint = out / "resume-checkpoint.pt"
     first = build_trainer()
-    first.fit(loader(IndexedPairs(8)), epochs=1, meta_steps=2, checkpoint=checkpoint)
+    first.fit(shuffled_loader(IndexedPairs(8)), epochs=1, meta_steps=2, checkpoint=checkpoint)
     resumed = build_trainer()
-    resumed.fit(loader(IndexedPairs(8)), epochs=2, meta_steps=2, resume=checkpoint)
+    resumed.fit(shuffled_loader(IndexedPairs(8)), epochs=2, meta_steps=2, resume=checkpoint)
     return {
         "straight": snapshot(straight),
         "resumed": snapshot(resumed),
@@ -191,11 +189,8 @@ def elastic_scenario(out: Path) -> dict[str, Any]:
             os._exit(3)  # a hard crash: no clean-up, no exception handling
 
     trainer = build_trainer()
-    loader = DataLoader(
-        IndexedPairs(8), batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(11)
-    )
     trainer.fit(
-        loader,
+        shuffled_loader(IndexedPairs(8)),
         epochs=2,
         meta_steps=2,
         checkpoint=checkpoint,
