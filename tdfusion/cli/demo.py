@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tdfusion.cli.options import add_device_option
+
 __all__ = ["add_parser", "run", "run_demo"]
 
 
@@ -35,9 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
-    )
+    add_device_option(parser)
     parser.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
     parser.add_argument(
         "--meta-steps", type=int, default=2, help="generator updates per epoch (default 2)"

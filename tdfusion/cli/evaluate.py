@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+from tdfusion.cli.options import add_source_folder_options
 from tdfusion.errors import DataError
 from tdfusion.metrics import CONVENTIONS, METRIC_NAMES, evaluate_folders, summarise
 
@@ -45,8 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("--fused", required=True, type=Path, help="folder of fused images")
-    parser.add_argument("--ir", required=True, type=Path, help="folder of infrared images")
-    parser.add_argument("--vis", required=True, type=Path, help="folder of visible images")
+    add_source_folder_options(parser)
     parser.add_argument("--csv", type=Path, help="write one row of metrics per image to this file")
     parser.add_argument(
         "--jobs", type=_positive_int, default=1, help="worker processes (default: 1)"

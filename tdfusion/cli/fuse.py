@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tdfusion.cli.options import add_device_option, add_source_folder_options
 from tdfusion.errors import CheckpointError
 
 __all__ = ["add_parser", "run"]
@@ -35,8 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "per-image min-max stretching of the research code, which inflates EN/SD/SF/AG."
         ),
     )
-    parser.add_argument("--ir", required=True, type=Path, help="folder of infrared images")
-    parser.add_argument("--vis", required=True, type=Path, help="folder of visible images")
+    add_source_folder_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument(
         "--weights",
@@ -44,9 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=Path,
         help="ReFusionNet weights: ours, a trainer checkpoint, or the authors' .pth files",
     )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
-    )
+    add_device_option(parser)
     parser.add_argument(
         "--batch",
         type=int,

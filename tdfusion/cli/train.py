@@ -6,6 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from tdfusion.cli.options import add_device_option
+
 __all__ = ["SMOKE_SETTINGS", "add_parser", "run"]
 
 #: The tiny configuration of ``--smoke``: one short epoch on the bundled sample.
@@ -52,9 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--config", type=Path, help="JSON file of recipe settings")
     parser.add_argument("--data-root", type=Path, help="dataset root in its standard layout")
     parser.add_argument("--out", type=Path, default=Path("runs/tdfusion"), help="output folder")
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
-    )
+    add_device_option(parser)
     parser.add_argument("--epochs", type=int, help="epochs (paper: 50)")
     parser.add_argument("--meta-steps", type=int, help="generator updates per epoch (paper: 200)")
     parser.add_argument("--fusion-steps", type=int, help="cap on fusion steps per epoch")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tdfusion.cli.options import add_device_option, add_source_folder_options
 from tdfusion.errors import CheckpointError
 
 __all__ = ["add_parser", "run"]
@@ -33,8 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "OUT/<stem>_wa_overlay.png over the visible image."
         ),
     )
-    parser.add_argument("--ir", required=True, type=Path, help="folder of infrared images")
-    parser.add_argument("--vis", required=True, type=Path, help="folder of visible images")
+    add_source_folder_options(parser)
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -42,9 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a trainer checkpoint, or LossGenerator weights written by save_pretrained",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
-    )
+    add_device_option(parser)
     parser.set_defaults(handler=run)
     return parser
 
