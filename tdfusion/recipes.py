@@ -35,6 +35,7 @@ __all__ = [
     "build_trainer",
     "load_recipe",
     "make_smoke_dataset",
+    "no_task",
     "train",
 ]
 
@@ -47,16 +48,18 @@ class Recipe:
     ----------
     name : str
         Recipe name.
-    dataset : {"msrs", "fmb", "m3fd", "llvip"}
-        Dataset layout (see the datasets of ``tdfusion.data``).
-    task : {"segmentation", "detection"}
-        Task network: SegFormer (``encoder``) or YOLOv8 (``model``), from scratch.
+    dataset : {"msrs", "fmb", "m3fd", "llvip", "roadscene"}
+        Dataset layout (see the datasets of ``tdfusion.data``; ``"roadscene"`` is two folders
+        ``ir/`` and ``vi/`` of pairs matched by file stem).
+    task : {"segmentation", "detection", "none"}
+        Task network: SegFormer (``encoder``) or YOLOv8 (``model``), from scratch; ``"none"``
+        trains the fusion network alone (fusion pre-training).
     num_classes : int
         Classes of the task (segmentation: including the background/unlabelled class).
-    task_size : (int, int)
+    task_size : (int, int) or None
         Size the sources are resized to before they are fused for the task.
-    fusion_crop : int
-        Random crop for the fusion loss.
+    fusion_crop : int or None
+        Random crop for the fusion loss (``None``: the whole batch).
     epochs, meta_steps : int
         Epochs (L) and generator updates per epoch (M).
     batch_size : int
@@ -79,14 +82,23 @@ class Recipe:
         Cap on fusion steps per epoch (None: one full pass).
     stride : int
         Keep every ``stride``-th training pair (the paper's LLVIP protocol uses 10).
+    loss_weights : {"learned", "equal", "max_intensity"}
+        ``"learned"``: a :class:`~tdfusion.LossGenerator` trained by the meta steps (the
+        method). ``"equal"`` / ``"max_intensity"``: a fixed
+        :class:`~tdfusion.nets.FixedLossWeights` rule (then ``meta_steps`` must be 0).
+    alpha : float
+        Weight of the gradient term of the fusion loss (the paper's 1).
+    data_crop : int or None
+        Random crop (with random flips) applied to every training pair when it is read, so
+        that pairs of different sizes form batches; ``None``: whole images.
     """
 
     name: str
     dataset: str
     task: str
     num_classes: int
-    task_size: tuple[int, int]
-    fusion_crop: int = 256
+    task_size: tuple[int, int] | None
+    fusion_crop: int | None = 256
     epochs: int = 50
     meta_steps: int = 200
     batch_size: int = 1
@@ -103,6 +115,9 @@ class Recipe:
     num_workers: int = 0
     fusion_steps: int | None = None
     stride: int = 1
+    loss_weights: str = "learned"
+    alpha: float = 1.0
+    data_crop: int | None = None
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some settings changed (unknown names are an error)."""
@@ -125,6 +140,25 @@ RECIPES: dict[str, Recipe] = {
     "fmb-segmentation": Recipe("fmb-segmentation", "fmb", "segmentation", 15, (300, 400)),
     "m3fd-detection": Recipe("m3fd-detection", "m3fd", "detection", 6, (192, 256)),
     "llvip-detection": Recipe("llvip-detection", "llvip", "detection", 1, (256, 320), stride=10),
+    # The bundled "tdfusion-ivif" fusion weights: ReFusionNet under the fusion loss with the
+    # fixed max-intensity weighting, no task, on the 221 RoadScene pairs (see the model card).
+    "roadscene-pretrain": Recipe(
+        "roadscene-pretrain",
+        "roadscene",
+        "none",
+        0,
+        None,
+        fusion_crop=None,
+        epochs=60,
+        meta_steps=0,
+        batch_size=8,
+        swap=False,
+        lr=1e-3,
+        step_size=25,
+        gamma=0.3,
+        loss_weights="max_intensity",
+        data_crop=128,
+    ),
 }
 
 
@@ -182,9 +216,32 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     torch.utils.data.Dataset
         Samples ``(a, b, target)``.
     """
-    from tdfusion.data import FMBDataset, LLVIPDataset, M3FDDataset, MSRSDataset
+    from tdfusion.data import (
+        Compose,
+        FMBDataset,
+        LLVIPDataset,
+        M3FDDataset,
+        MSRSDataset,
+        PairedImageDataset,
+        RandomCrop,
+        RandomHorizontalFlip,
+        RandomVerticalFlip,
+    )
 
-    if recipe.dataset == "msrs":
+    transform = None
+    if recipe.data_crop is not None:
+        augment = torch.Generator().manual_seed(recipe.seed + 1)
+        transform = Compose(
+            [
+                RandomCrop(recipe.data_crop, generator=augment),
+                RandomHorizontalFlip(generator=augment),
+                RandomVerticalFlip(generator=augment),
+            ]
+        )
+    if recipe.dataset == "roadscene":
+        root = Path(data_root)
+        dataset = PairedImageDataset(root / "ir", root / "vi", transform=transform)
+    elif recipe.dataset == "msrs":
         dataset = MSRSDataset(data_root, split, recipe.task, mask_size=recipe.task_size)
     elif recipe.dataset == "fmb":
         dataset = FMBDataset(data_root, split, mask_size=recipe.task_size)
@@ -199,7 +256,12 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     return dataset
 
 
-def build_task(recipe: Recipe) -> torch.nn.Module:
+def no_task(fused: torch.Tensor, target: Any) -> torch.Tensor:
+    """The task loss of a recipe without a task (fusion pre-training): always zero."""
+    return fused.sum() * 0.0
+
+
+def build_task(recipe: Recipe) -> Any:
     """The recipe's task network, from scratch (nothing is downloaded).
 
     Parameters
@@ -214,6 +276,8 @@ def build_task(recipe: Recipe) -> torch.nn.Module:
     """
     from tdfusion.tasks import DetectionTask, SegmentationTask
 
+    if recipe.task == "none":
+        return no_task
     if recipe.task == "segmentation":
         return SegmentationTask(recipe.num_classes, encoder=recipe.encoder)
     if recipe.task == "detection":
@@ -236,21 +300,31 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
     tdfusion.MetaFusionTrainer
         The trainer.
     """
-    from tdfusion import LossGenerator, MetaFusionTrainer
-    from tdfusion.nets import ReFusionNet
+    from tdfusion import LearnableFusionLoss, LossGenerator, MetaFusionTrainer
+    from tdfusion.nets import FixedLossWeights, ReFusionNet
 
     torch.manual_seed(recipe.seed)
+    if recipe.loss_weights == "learned":
+        generator: torch.nn.Module = LossGenerator()
+    else:
+        if recipe.meta_steps:
+            raise ValueError(
+                f"recipe {recipe.name}: fixed loss weights ({recipe.loss_weights!r}) cannot be "
+                f"learned; set meta_steps to 0 (got {recipe.meta_steps})"
+            )
+        generator = FixedLossWeights(recipe.loss_weights)  # type: ignore[arg-type]
     return MetaFusionTrainer(
         ReFusionNet(),
         build_task(recipe),
-        LossGenerator(),
+        generator,
+        LearnableFusionLoss(alpha=recipe.alpha),
         inner_lr=recipe.inner_lr,
         generator_lr=recipe.generator_lr,
         generator_update=recipe.generator_update,  # type: ignore[arg-type]
         fusion_lr=recipe.lr,
         task_lr=recipe.lr,
         fusion_crop=recipe.fusion_crop,
-        task_size=recipe.task_size,
+        task_size=None if recipe.task_size is None else tuple(recipe.task_size),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(
             optimizer, recipe.step_size, recipe.gamma
         ),
@@ -271,8 +345,9 @@ def train(
     """Train with a recipe into ``out`` (checkpoint every epoch; resumes from it by default).
 
     Writes ``out/recipe.json``, ``out/checkpoint.pt`` (every epoch), ``out/training_log.csv``
-    and, at the end, ``out/fusion_model.pt`` and ``out/loss_generator.pt``
-    (``save_pretrained`` files for ``tdfusion fuse`` and ``tdfusion weights``).
+    and, at the end, ``out/fusion_model.pt`` and (with learned loss weights)
+    ``out/loss_generator.pt`` (``save_pretrained`` files for ``tdfusion fuse`` and
+    ``tdfusion weights``).
 
     Under ``torchrun`` with several processes this joins their process group and trains
     data-parallel (see :doc:`/howto/distributed`): ``batch_size`` is per process, and rank 0
@@ -348,7 +423,8 @@ def train(
     )
     if main_process:
         trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
-        trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
+        if recipe.loss_weights == "learned":
+            trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
     distributed.barrier()
     return trainer
 
@@ -384,6 +460,7 @@ def make_smoke_dataset(recipe: Recipe, folder: str | os.PathLike[str]) -> Path:
         "fmb": ("train/Infrared", "train/Visible"),
         "m3fd": ("Ir", "Vis"),
         "llvip": ("infrared/train", "visible/train"),
+        "roadscene": ("ir", "vi"),
     }
     ir_folder, vis_folder = (root / part for part in layouts[recipe.dataset])
     for folder_path in (ir_folder, vis_folder):
@@ -406,6 +483,8 @@ def make_smoke_dataset(recipe: Recipe, folder: str | os.PathLike[str]) -> Path:
             label_folder = root / "train" / labels
             label_folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(label_folder / f"{name}.png")
+        elif recipe.task == "none":
+            continue  # fusion pre-training reads no labels
         elif recipe.dataset == "msrs":
             label_folder = root / "train" / "labels"
             label_folder.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is None and args.config is None:
         raise DataError("give a --recipe or a --config file")
     recipe = load_recipe(args.recipe, args.config, **overrides)
+    if args.smoke and recipe.loss_weights != "learned":
+        recipe = recipe.replace(meta_steps=0)  # a fixed loss has no generator to update
     with (
         distributed_session(device=args.device),
         tempfile.TemporaryDirectory(prefix="tdfusion-smoke-") as scratch,

@@ -13,6 +13,7 @@ torch.Size([1, 2, 32, 40])
 
 from __future__ import annotations
 
+from tdfusion.nets.fixed_weights import FixedLossWeights
 from tdfusion.nets.generator import LossGenerator
 from tdfusion.nets.layers import (
     ChannelAttention,
@@ -33,6 +34,7 @@ from tdfusion.nets.two_source import TwoSourceNetwork
 __all__ = [
     "ChannelAttention",
     "CrossAttentionFusion",
+    "FixedLossWeights",
     "GatedFeedForward",
     "LayerNorm2d",
     "LossGenerator",

@@ -215,7 +215,8 @@ class MetaFusionTrainer:
     history : list of dict
         One summary per completed epoch (mean losses of each phase), kept in checkpoints.
     fusion_optimizer, task_optimizer, generator_optimizer : torch.optim.Optimizer
-        The optimisers of F, T (``None`` for a fixed task) and G.
+        The optimisers of F, T (``None`` for a fixed task) and G (``None`` for a generator
+        without trainable parameters, such as :class:`~tdfusion.nets.FixedLossWeights`).
     distributed : bool
         Whether this trainer is one rank of a multi-process run.
     rank, world_size : int
@@ -351,11 +352,14 @@ class MetaFusionTrainer:
             if self.task_module is not None
             else None
         )
-        generator_parameters = trainable_parameters(self.loss_generator).values()
-        if generator_update == "normalized":
-            self.generator_optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                generator_parameters, lr=self.generator_lr
-            )
+        generator_parameters = list(trainable_parameters(self.loss_generator).values())
+        # A generator without trainable parameters (e.g. FixedLossWeights) is a fixed loss:
+        # there is nothing to optimise, and meta steps are refused.
+        self.generator_optimizer: torch.optim.Optimizer | None = None
+        if not generator_parameters:
+            pass
+        elif generator_update == "normalized":
+            self.generator_optimizer = torch.optim.SGD(generator_parameters, lr=self.generator_lr)
         else:
             self.generator_optimizer = torch.optim.Adam(generator_parameters, lr=self.generator_lr)
         self.schedulers: dict[str, Any] = {}
@@ -449,7 +453,9 @@ class MetaFusionTrainer:
         return self.fusion_optimizer.param_groups[0]["lr"] / self.fusion_lr
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        optimizers = {"fusion": self.fusion_optimizer, "generator": self.generator_optimizer}
+        optimizers = {"fusion": self.fusion_optimizer}
+        if self.generator_optimizer is not None:
+            optimizers["generator"] = self.generator_optimizer
         if self.task_optimizer is not None:
             optimizers["task"] = self.task_optimizer
         return optimizers
@@ -887,6 +893,11 @@ class MetaFusionTrainer:
             ``weight_a_mean`` (mean ``w_a`` on the meta-train crop), ``generator_lr`` and
             ``skipped`` (1.0 when a non-finite value skipped the update).
         """
+        if self.generator_optimizer is None:
+            raise ValueError(
+                "the loss generator has no trainable parameters (a fixed fusion loss): "
+                "train with meta_steps=0"
+            )
         self.fusion_model.train()
         self.loss_generator.train()
         if isinstance(self.task_loss, nn.Module):
