@@ -91,6 +91,9 @@ class Recipe:
     data_crop : int or None
         Random crop (with random flips) applied to every training pair when it is read, so
         that pairs of different sizes form batches; ``None``: whole images.
+    exposure_augment : bool
+        Also darken each source of a cropped pair at random
+        (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
     """
 
     name: str
@@ -118,6 +121,7 @@ class Recipe:
     loss_weights: str = "learned"
     alpha: float = 1.0
     data_crop: int | None = None
+    exposure_augment: bool = False
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some settings changed (unknown names are an error)."""
@@ -149,15 +153,17 @@ RECIPES: dict[str, Recipe] = {
         0,
         None,
         fusion_crop=None,
-        epochs=60,
+        epochs=30,
         meta_steps=0,
         batch_size=8,
         swap=False,
         lr=1e-3,
-        step_size=25,
+        step_size=20,
         gamma=0.3,
         loss_weights="max_intensity",
+        alpha=0.5,
         data_crop=128,
+        exposure_augment=True,
     ),
 }
 
@@ -224,6 +230,7 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
         MSRSDataset,
         PairedImageDataset,
         RandomCrop,
+        RandomExposure,
         RandomHorizontalFlip,
         RandomVerticalFlip,
     )
@@ -236,6 +243,7 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
                 RandomCrop(recipe.data_crop, generator=augment),
                 RandomHorizontalFlip(generator=augment),
                 RandomVerticalFlip(generator=augment),
+                *([RandomExposure(generator=augment)] if recipe.exposure_augment else []),
             ]
         )
     if recipe.dataset == "roadscene":

@@ -39,11 +39,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     parser = subparsers.add_parser(
         "train",
-        help="train TDFusion with a paper recipe (MSRS/FMB segmentation, M3FD/LLVIP detection)",
+        help=(
+            "train TDFusion with a paper recipe (MSRS/FMB segmentation, M3FD/LLVIP detection) "
+            "or pre-train fusion weights (roadscene-pretrain)"
+        ),
         description=(
             "Train ReFusionNet, the loss generator and the task network (SegFormer-b0 or "
             "YOLOv8-n, from scratch) with the paper's protocol on a dataset in its standard "
-            "layout. OUT receives recipe.json, checkpoint.pt (every epoch; a rerun resumes from "
+            "layout, or, with --recipe roadscene-pretrain, ReFusionNet alone under a fixed "
+            "fusion loss on a folder holding ir/ and vi/ (the bundled tdfusion-ivif weights). "
+            "OUT receives recipe.json, checkpoint.pt (every epoch; a rerun resumes from "
             "it), training_log.csv, fusion_model.pt and loss_generator.pt. Settings given on "
             "the command line override the recipe and the --config file. Under torchrun "
             "(torchrun --nproc_per_node=N -m tdfusion train ...) it trains data-parallel over the "

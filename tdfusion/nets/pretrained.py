@@ -30,6 +30,7 @@ from torch import nn
 
 from tdfusion.errors import CheckpointError
 from tdfusion.files import atomic_save
+from tdfusion.nets.bundled import bundled_path
 
 __all__ = [
     "NETS_FORMAT",
@@ -325,7 +326,9 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     Parameters
     ----------
     name : str or os.PathLike
-        A path, or the file name of a checkpoint kept in a weights folder.
+        A path, the file name of a checkpoint kept in a weights folder, or the name of
+        bundled weights (:func:`~tdfusion.nets.list_pretrained`; a file of that name in the
+        working directory takes precedence).
 
     Returns
     -------
@@ -342,6 +345,14 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     >>> resolve_checkpoint_path("weights/ReFusion_IVIF.pth")  # doctest: +SKIP
     PosixPath('weights/ReFusion_IVIF.pth')
     """
+    bundled = bundled_path(os.fspath(name))
+    if bundled is not None and not Path(name).exists():
+        if not bundled.is_file():
+            raise FileNotFoundError(
+                f"the bundled weights {os.fspath(name)!r} are missing from this installation "
+                f"({bundled}); reinstall tdfusion"
+            )
+        return bundled
     candidates = checkpoint_search_paths(name)
     for candidate in candidates:
         if candidate.is_file():
@@ -665,9 +676,11 @@ class PretrainedMixin:
         Parameters
         ----------
         path : str or os.PathLike
-            A ``save_pretrained`` file, a plain state dict of this network, a trainer
-            checkpoint (its entry for this network), or one of the authors' research
-            checkpoints (``ReFusion_IVIF.pth``, ``TDFusion_MSRS.pth``, ...). When the path
+            The name of bundled weights (``"tdfusion-ivif"``, see
+            :func:`~tdfusion.nets.list_pretrained`), a ``save_pretrained`` file, a plain
+            state dict of this network, a trainer checkpoint (its entry for this network),
+            or one of the authors' research checkpoints (``ReFusion_IVIF.pth``,
+            ``TDFusion_MSRS.pth``, ...). When the path
             does not exist, the file name is looked up in ``$TDFUSION_HOME/weights/`` and
             ``~/.cache/tdfusion/weights/``; nothing is downloaded.
         map_location : Any
