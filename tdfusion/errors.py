@@ -8,6 +8,7 @@ __all__ = [
     "DistributedError",
     "NonFiniteLossError",
     "OptionalDependencyError",
+    "OutputInUseError",
     "TDFusionError",
 ]
 
@@ -38,3 +39,8 @@ class NonFiniteLossError(TDFusionError, FloatingPointError):
 
 class OptionalDependencyError(TDFusionError, ImportError):
     """An optional dependency (an extra such as ``seg`` or ``det``) is needed but not installed."""
+
+
+class OutputInUseError(TDFusionError, RuntimeError):
+    """Another process is writing into the same output folder or checkpoint; the message names
+    it and, when known, the other process."""
