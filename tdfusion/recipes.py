@@ -191,7 +191,10 @@ def load_recipe(
             raise DataError(f"recipe config {config} must hold a JSON object")
     name = name or settings.get("name")
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
+        raise DataError(
+            f"unknown recipe {name!r}; give --recipe or a \"name\" in the config, one of "
+            f"{sorted(RECIPES)}"
+        )
     settings.pop("name", None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return RECIPES[name].replace(**settings)
