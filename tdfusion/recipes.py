@@ -192,7 +192,7 @@ def load_recipe(
     name = name or settings.get("name")
     if name not in RECIPES:
         raise DataError(
-            f"unknown recipe {name!r}; give --recipe or a \"name\" in the config, one of "
+            f'unknown recipe {name!r}; give --recipe or a "name" in the config, one of '
             f"{sorted(RECIPES)}"
         )
     settings.pop("name", None)
