@@ -55,7 +55,9 @@ class OutputInUseError(TDFusionError, RuntimeError):
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Sentences of torch's messages that advise loading the file with code execution enabled.
-_UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|allowlist|trust", re.IGNORECASE)
+_UNSAFE_ADVICE = re.compile(
+    r"weights_only|safe_globals|allowlist|trust|file an issue", re.IGNORECASE
+)
 
 
 def describe_load_error(error: BaseException) -> str:
@@ -87,6 +89,10 @@ def describe_load_error(error: BaseException) -> str:
             f"it refers to {refused.group(1)}, which is neither a tensor nor a plain value; "
             "tdfusion reads weights only and never runs code from a file"
         )
+    unpickler = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.S)
+    if unpickler:
+        detail = " ".join(unpickler.group(1).split()).rstrip(".") or "no detail"
+        return f"it is not a file of weights written by torch.save ({detail})"
     if isinstance(error, (KeyError, IndexError, AttributeError, TypeError)):
         reason = text.strip("'\" ") or "no detail"
         return f"it is not a file written by torch.save ({type(error).__name__}: {reason})"
