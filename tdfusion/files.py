@@ -215,7 +215,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 
     Only hidden files named as :func:`temporary_name` names them (or as earlier releases did)
     are considered, and only those whose writer is no longer running on this host or that are
-    older than :data:`STALE_AFTER_SECONDS`; every other file is left alone.
+    older than ``STALE_AFTER_SECONDS`` (a day); every other file is left alone.
 
     Parameters
     ----------
@@ -335,7 +335,7 @@ def output_lock(
 
     Two processes that write into one folder (two ``tdfusion fuse`` runs, two trainings with
     one checkpoint) would silently mix their outputs; with this lock the second fails at once.
-    The lock is an :func:`fcntl.flock` on a hidden file in ``folder``: the kernel releases it
+    The lock is an ``fcntl.flock`` on a hidden file in ``folder``: the kernel releases it
     when the process ends however it ends, so a crashed run never leaves a stale lock (the file
     itself stays, harmlessly). Without ``fcntl`` (Windows) no lock is taken.
 

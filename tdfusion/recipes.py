@@ -225,7 +225,7 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     ------
     DataError
         If the root does not hold the dataset; the message names what is missing and the
-        layout expected (:data:`DATASET_LAYOUTS`).
+        layout expected (``DATASET_LAYOUTS``).
     """
     try:
         return _build_dataset(recipe, data_root, split)

@@ -77,8 +77,8 @@ class DetectionTask(nn.Module):
         ultralytics model yaml: a bundled name such as ``"yolov8n.yaml"`` (the scale letter
         selects the width/depth), a local ``.yaml`` path, or the parsed dict. It is read as
         plain data and nothing in it runs: layer modules must be ultralytics' or ``torch.nn``
-        layers, arguments plain values, and ``activation`` one of
-        :data:`~tdfusion.tasks._model_yaml.ACTIVATIONS` (else :class:`~tdfusion.errors.DataError`).
+        layers, arguments plain values, and ``activation`` a ``torch.nn`` activation such as
+        ``nn.SiLU()`` or ``nn.LeakyReLU(0.1)`` (else :class:`~tdfusion.errors.DataError`).
     in_channels : int
         Channels of the fused image (1 for the Y channel).
     box_gain, cls_gain, dfl_gain : float
