@@ -14,6 +14,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from tdfusion.errors import DataError
+from tdfusion.files import LOCK_NAME, output_lock
 
 __all__ = [
     "RECIPES",
@@ -197,7 +199,10 @@ def load_recipe(
             raise DataError(f"recipe config {config} must hold a JSON object")
     name = name or settings.get("name")
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
+        raise DataError(
+            f'unknown recipe {name!r}; give --recipe or a "name" in the config, one of '
+            f"{sorted(RECIPES)}"
+        )
     settings.pop("name", None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return RECIPES[name].replace(**settings)
@@ -221,7 +226,34 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     -------
     torch.utils.data.Dataset
         Samples ``(a, b, target)``.
+
+    Raises
+    ------
+    DataError
+        If the root does not hold the dataset; the message names what is missing and the
+        layout expected (``DATASET_LAYOUTS``).
     """
+    try:
+        return _build_dataset(recipe, data_root, split)
+    except DataError as error:
+        layout = DATASET_LAYOUTS.get(recipe.dataset, "").format(split=split)
+        raise DataError(
+            f"{error}; a {recipe.dataset} data root holds {layout}" if layout else str(error)
+        ) from None
+
+
+#: What each dataset's root folder holds (``{split}`` is ``train`` or ``test``), for errors.
+DATASET_LAYOUTS = {
+    "roadscene": "ir/ and vi/ with images of the same names",
+    "msrs": "{split}/ir/, {split}/vi/ and {split}/Segmentation_labels/ (or, for detection, "
+    "{split}/labels/ or label/<label set>/) with files of the same names",
+    "fmb": "{split}/Infrared/, {split}/Visible/ and {split}/Label/ with images of the same names",
+    "m3fd": "Ir/, Vis/ and Annotation/ (VOC .xml) with files of the same names",
+    "llvip": "infrared/{split}/, visible/{split}/ and Annotations/ (VOC .xml)",
+}
+
+
+def _build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str):
     from tdfusion.data import (
         Compose,
         FMBDataset,
@@ -380,18 +412,70 @@ def train(
     -------
     tdfusion.MetaFusionTrainer
         The trained trainer.
+
+    Raises
+    ------
+    OutputInUseError
+        If another process trains into ``out`` (rank 0 holds an
+        :func:`~tdfusion.files.output_lock` on it while training).
+    DataError
+        If the data root does not hold the dataset. A run that fails before training leaves
+        no output folder it created.
     """
+    from tdfusion import distributed
+
+    distributed.init_distributed(device=device)
+    main_process = distributed.is_main_process()
+    out = Path(out)
+    created = _missing_folders(out)
+    with contextlib.ExitStack() as stack:
+        if main_process:
+            stack.enter_context(output_lock(out, purpose="training"))
+        try:
+            trainer = _train_into(recipe, data_root, out, device, resume, progress)
+        except BaseException:
+            stack.close()
+            if main_process:
+                _remove_if_unused(created, out)
+            raise
+    distributed.barrier()
+    return trainer
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_unused(created: list[Path], out: Path) -> None:
+    """After a failed start, remove the output folders this run created if they hold nothing
+    but what the run itself wrote before training (the lock and ``recipe.json``)."""
+    if not created:
+        return
+    leftovers = {LOCK_NAME, "recipe.json"}
+    if not {path.name for path in out.iterdir()} <= leftovers:
+        return
+    for name in leftovers:
+        (out / name).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was put there meanwhile
+            return
+
+
+def _train_into(recipe: Recipe, data_root, out: Path, device, resume: bool, progress: bool):
     from torch.utils.data import DataLoader, default_collate
 
     from tdfusion import distributed
     from tdfusion.data import SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
 
-    distributed.init_distributed(device=device)
     main_process = distributed.is_main_process()
-    out = Path(out)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(recipe, data_root, "train")
     if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
         raise DataError(
@@ -433,7 +517,6 @@ def train(
         trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
         if recipe.loss_weights == "learned":
             trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
-    distributed.barrier()
     return trainer
 
 

@@ -7,7 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tdfusion.cli.options import add_device_option
+from tdfusion.cli.options import (
+    add_device_option,
+    non_negative_int,
+    output_folder,
+    positive_int,
+)
 
 __all__ = ["add_parser", "run", "run_demo"]
 
@@ -36,11 +41,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "the fusion metrics to OUT. A few minutes on a 2-core CPU. Needs the 'det' extra."
         ),
     )
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    parser.add_argument("--out", type=output_folder, default=Path("demo_out"), help="output folder")
     add_device_option(parser)
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
     parser.add_argument(
-        "--meta-steps", type=int, default=2, help="generator updates per epoch (default 2)"
+        "--epochs", type=positive_int, default=4, help="training epochs (default 4)"
+    )
+    parser.add_argument(
+        "--meta-steps",
+        type=non_negative_int,
+        default=2,
+        help="generator updates per epoch (default 2)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(

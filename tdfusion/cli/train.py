@@ -6,7 +6,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tdfusion.cli.options import add_device_option
+from tdfusion.cli.options import (
+    add_device_option,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["SMOKE_SETTINGS", "add_parser", "run"]
 
@@ -58,21 +64,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="paper recipe")
     parser.add_argument("--config", type=Path, help="JSON file of recipe settings")
     parser.add_argument("--data-root", type=Path, help="dataset root in its standard layout")
-    parser.add_argument("--out", type=Path, default=Path("runs/tdfusion"), help="output folder")
-    add_device_option(parser)
-    parser.add_argument("--epochs", type=int, help="epochs (paper: 50)")
-    parser.add_argument("--meta-steps", type=int, help="generator updates per epoch (paper: 200)")
-    parser.add_argument("--fusion-steps", type=int, help="cap on fusion steps per epoch")
-    parser.add_argument("--batch-size", type=int, help="pairs per batch before the swap (paper: 1)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate of F and T (paper: 1e-4)")
-    parser.add_argument("--inner-lr", type=float, help="inner step size (paper: 1e-4)")
-    parser.add_argument("--generator-lr", type=float, help="generator step size (paper: 1e-4)")
-    parser.add_argument("--fusion-crop", type=int, help="fusion-loss crop (paper: 256)")
     parser.add_argument(
-        "--task-size", type=int, nargs=2, metavar=("H", "W"), help="task input size"
+        "--out", type=output_folder, default=Path("runs/tdfusion"), help="output folder"
+    )
+    add_device_option(parser)
+    parser.add_argument("--epochs", type=positive_int, help="epochs (paper: 50)")
+    parser.add_argument(
+        "--meta-steps", type=non_negative_int, help="generator updates per epoch (paper: 200)"
+    )
+    parser.add_argument("--fusion-steps", type=positive_int, help="cap on fusion steps per epoch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, help="pairs per batch before the swap (paper: 1)"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, help="Adam learning rate of F and T (paper: 1e-4)"
+    )
+    parser.add_argument("--inner-lr", type=positive_float, help="inner step size (paper: 1e-4)")
+    parser.add_argument(
+        "--generator-lr", type=positive_float, help="generator step size (paper: 1e-4)"
+    )
+    parser.add_argument("--fusion-crop", type=positive_int, help="fusion-loss crop (paper: 256)")
+    parser.add_argument(
+        "--task-size", type=positive_int, nargs=2, metavar=("H", "W"), help="task input size"
     )
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--num-workers", type=int, help="data-loading processes")
+    parser.add_argument("--num-workers", type=non_negative_int, help="data-loading processes")
     parser.add_argument(
         "--no-resume", action="store_true", help="start over even if OUT has a checkpoint"
     )

@@ -18,7 +18,6 @@ Nothing is ever downloaded: a checkpoint is a local file.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Collection, Mapping
@@ -28,7 +27,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from tdfusion.errors import CheckpointError
+from tdfusion.errors import CheckpointError, describe_load_error
 from tdfusion.files import atomic_save
 from tdfusion.nets.bundled import bundled_path
 
@@ -368,10 +367,10 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
 def _load_file(file: Path, map_location: Any) -> Any:
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # torch.load raises anything from KeyError to RuntimeError
         raise CheckpointError(
-            f"cannot read checkpoint {file} as a weights-only torch file: {reason}"
+            f"cannot read checkpoint {file} as a weights-only torch file: "
+            f"{describe_load_error(error)}"
         ) from error
 
 
@@ -525,7 +524,8 @@ def load_checked_state_dict(
     Raises
     ------
     CheckpointError
-        Naming the file, the first missing / unexpected keys and the shape mismatches.
+        Naming the file, the first missing / unexpected keys, the shape mismatches, or the
+        first tensor holding NaN or infinite values.
 
     Example
     -------
@@ -547,6 +547,13 @@ def load_checked_state_dict(
     if mismatched:
         problems.append(f"shape mismatches: {_preview(mismatched)}")
     owner = type(model).__name__
+    for key, value in state_dict.items():
+        if key in expected and value.is_floating_point() and not bool(value.isfinite().all()):
+            bad = int((~value.isfinite()).sum())
+            raise CheckpointError(
+                f"checkpoint {file} holds NaN or infinite values ({bad} of {value.numel()} in "
+                f"{key}); it cannot be used for {owner}"
+            )
     if mismatched or (strict and problems):
         raise CheckpointError(f"checkpoint {file} does not fit {owner}: " + "; ".join(problems))
     if problems:
