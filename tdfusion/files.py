@@ -93,7 +93,9 @@ def pair_folders(
     Parameters
     ----------
     folders : mapping of str to path
-        Role -> folder, e.g. ``{"infrared": ir_dir, "visible": vis_dir}``.
+        Role -> folder, e.g. ``{"infrared": ir_dir, "visible": vis_dir}``; or role -> file,
+        when every path is an image file: then they form one pair, named by the first
+        file's stem.
     skip_unpaired : bool
         Drop stems that are not in every folder instead of raising.
 
@@ -108,6 +110,15 @@ def pair_folders(
         If a folder is missing or empty, or (unless ``skip_unpaired``) a name is not in every
         folder; the message names the first few unpaired files.
     """
+    paths = {role: Path(folder) for role, folder in folders.items()}
+    if all(path.is_file() for path in paths.values()):
+        # Single files form one pair, whatever their names; it takes the first file's stem.
+        for role, path in paths.items():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(
+                    f"{role} file {path} is not an image ({', '.join(IMAGE_SUFFIXES)} expected)"
+                )
+        return [(next(iter(paths.values())).stem, paths)]
     listings = {role: list_images(folder, role) for role, folder in folders.items()}
     problems = unpaired_stems(listings)
     if problems and not skip_unpaired:

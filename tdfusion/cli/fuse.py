@@ -15,6 +15,7 @@ from tdfusion.cli.options import (
     weights_file,
 )
 from tdfusion.errors import CheckpointError
+from tdfusion.nets.bundled import DEFAULT_FUSION_WEIGHTS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,9 +51,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", required=True, type=output_folder, help="output folder (created)")
     parser.add_argument(
         "--weights",
-        required=True,
         type=weights_file,
-        help="ReFusionNet weights: ours, a trainer checkpoint, or the authors' .pth files",
+        default=None,
+        help=(
+            "ReFusionNet weights: a name of the bundled weights, our save_pretrained file, a "
+            f"trainer checkpoint, or the authors' .pth files (default: the bundled "
+            f"{DEFAULT_FUSION_WEIGHTS!r} weights, trained by tdfusion for infrared-visible "
+            "fusion; see its model card)"
+        ),
     )
     add_device_option(parser)
     parser.add_argument(
@@ -74,7 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
-    """The fusion network that ``--weights`` names, on ``--device``, for inference.
+    """The fusion network that ``--weights`` names (the bundled weights without it), on
+    ``--device``, for inference.
 
     Parameters
     ----------
@@ -93,8 +100,9 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     """
     from tdfusion.inference import load_fusion_model
 
+    weights = DEFAULT_FUSION_WEIGHTS if args.weights is None else args.weights
     try:
-        return load_fusion_model(args.weights, args.device)
+        return load_fusion_model(weights, args.device)
     except FileNotFoundError as error:
         raise CheckpointError(str(error)) from None
 
@@ -114,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
     """
     from tdfusion.inference import fuse_folders
 
+    if args.weights is None:
+        print(
+            f"using the bundled {DEFAULT_FUSION_WEIGHTS!r} weights (infrared-visible; pass "
+            "--weights for others)",
+            flush=True,
+        )
     model = load_model(args)
     report = fuse_folders(
         model,

@@ -213,7 +213,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def add_source_folder_options(parser: argparse.ArgumentParser) -> None:
-    """Add the required ``--ir`` and ``--vis`` folders, whose pairs match by file stem.
+    """Add the required ``--ir`` and ``--vis`` folders, whose pairs match by file stem (or two
+    image files, one pair).
 
     Parameters
     ----------
@@ -227,8 +228,12 @@ def add_source_folder_options(parser: argparse.ArgumentParser) -> None:
     >>> parser.parse_args(["--ir", "ir", "--vis", "vi"]).vis
     PosixPath('vi')
     """
-    parser.add_argument("--ir", required=True, type=Path, help="folder of infrared images")
-    parser.add_argument("--vis", required=True, type=Path, help="folder of visible images")
+    parser.add_argument(
+        "--ir", required=True, type=Path, help="folder of infrared images (or one image file)"
+    )
+    parser.add_argument(
+        "--vis", required=True, type=Path, help="folder of visible images (or one image file)"
+    )
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:

@@ -37,15 +37,16 @@ DEFAULT_TILE = 512
 
 
 def load_fusion_model(
-    weights: str | os.PathLike[str], device: str | torch.device | None = None
+    weights: str | os.PathLike[str] | None = None, device: str | torch.device | None = None
 ) -> nn.Module:
     """Load a :class:`~tdfusion.nets.ReFusionNet` for inference (eval mode, on ``device``).
 
     Parameters
     ----------
-    weights : str or os.PathLike
-        Our ``save_pretrained`` file, a trainer checkpoint, or the authors' ReFusion/TDFusion
-        ``.pth`` file.
+    weights : str or os.PathLike, optional
+        The name of bundled weights (:func:`~tdfusion.nets.list_pretrained`), our
+        ``save_pretrained`` file, a trainer checkpoint, or the authors' ReFusion/TDFusion
+        ``.pth`` file. Default: the bundled ``"tdfusion-ivif"`` infrared-visible weights.
     device : str or torch.device, optional
         Defaults to CUDA when available, else the CPU.
 
@@ -54,8 +55,10 @@ def load_fusion_model(
     torch.nn.Module
         The network.
     """
-    from tdfusion.nets import ReFusionNet
+    from tdfusion.nets import DEFAULT_FUSION_WEIGHTS, ReFusionNet
 
+    if weights is None:
+        weights = DEFAULT_FUSION_WEIGHTS
     return ReFusionNet.from_pretrained(weights).to(resolve_device(device)).eval()
 
 
