@@ -1,4 +1,10 @@
-"""The meta-learning trainer: functional meta step, training loop, callbacks and checkpoints."""
+"""The meta-learning trainer: the algorithm, its hypergradients, the training loop, checkpoints.
+
+Modules: :mod:`~tdfusion.trainer.trainer` (the algorithm), :mod:`~tdfusion.trainer.meta`
+(functional steps), :mod:`~tdfusion.trainer.hypergradient`, :mod:`~tdfusion.trainer.batches`,
+:mod:`~tdfusion.trainer.loop`, :mod:`~tdfusion.trainer.checkpoint`,
+:mod:`~tdfusion.trainer.callbacks` and :mod:`~tdfusion.trainer.options`.
+"""
 
 from tdfusion.trainer.callbacks import (
     CSV_FIELDS,
@@ -9,6 +15,7 @@ from tdfusion.trainer.callbacks import (
 )
 from tdfusion.trainer.checkpoint import atomic_save, load_checkpoint
 from tdfusion.trainer.meta import (
+    OptimizerStep,
     differentiable_step,
     make_inner_optimizer,
     trainable_parameters,
@@ -23,6 +30,7 @@ __all__ = [
     "Callback",
     "LambdaCallback",
     "MetaFusionTrainer",
+    "OptimizerStep",
     "TensorBoardLogger",
     "atomic_save",
     "differentiable_step",
