@@ -40,7 +40,13 @@ from tdfusion.distributed.process import (
     rank_device,
 )
 from tdfusion.distributed.sharding import shard_loader, shuffles_plainly
-from tdfusion.distributed.strategy import DataParallel, SingleProcess, Strategy, select_strategy
+from tdfusion.distributed.strategy import (
+    DataParallel,
+    SingleProcess,
+    Strategy,
+    describe_replica,
+    select_strategy,
+)
 
 __all__ = [
     "DataParallel",
@@ -53,6 +59,7 @@ __all__ = [
     "broadcast_object",
     "check_backend",
     "check_same_on_all_ranks",
+    "describe_replica",
     "destroy_distributed",
     "distributed_session",
     "gather_objects",

@@ -19,7 +19,13 @@ from tdfusion.distributed import collectives, process
 from tdfusion.distributed.sharding import shard_loader
 from tdfusion.errors import DistributedError
 
-__all__ = ["DataParallel", "SingleProcess", "Strategy", "select_strategy"]
+__all__ = [
+    "DataParallel",
+    "SingleProcess",
+    "Strategy",
+    "describe_replica",
+    "select_strategy",
+]
 
 
 class Strategy:
@@ -294,3 +300,29 @@ def select_strategy(distributed: bool | None, device: str | torch.device | None 
                 "group of more than one process first)"
             )
     return SingleProcess(process.rank_device(device))
+
+
+def describe_replica(**facts: Any) -> dict[str, Any]:
+    """Facts that must agree on every rank, for :meth:`Strategy.check_same`.
+
+    Parameters
+    ----------
+    **facts
+        Settings and modules; a module is described by its state dict's names and shapes.
+
+    Returns
+    -------
+    dict
+        Picklable facts.
+
+    Example
+    -------
+    >>> describe_replica(layer=nn.Linear(2, 1), lr=0.1)
+    {'layer': [('weight', (1, 2)), ('bias', (1,))], 'lr': 0.1}
+    """
+    return {
+        name: [(key, tuple(t.shape)) for key, t in value.state_dict().items()]
+        if isinstance(value, nn.Module)
+        else value
+        for name, value in facts.items()
+    }

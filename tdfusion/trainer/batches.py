@@ -19,6 +19,7 @@ __all__ = [
     "BatchPreparer",
     "check_batch",
     "crop_size",
+    "module_dtype",
     "move_target",
     "random_crop",
     "resize_for_task",
@@ -83,6 +84,25 @@ def check_batch(
             f"of shape {tuple(a.shape)} (use the Y channel of colour images)"
         )
     return a, b, target
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating-point type of a module's parameters (torch's default without any).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The fusion model.
+
+    Returns
+    -------
+    torch.dtype
+        The type batches are converted to.
+    """
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
 
 
 def value_range(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

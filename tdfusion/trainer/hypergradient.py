@@ -141,6 +141,29 @@ class InnerStepResult:
     meta_train_task_loss: torch.Tensor | None
     outer: Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
+    def statistics(self, outer_loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The meta step's logged values: inner losses, outer loss, mean ``w_a`` (scalars).
+
+        Parameters
+        ----------
+        outer_loss : torch.Tensor
+            ``L_t(T'(F'(x_mts)))``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor or None
+            ``fusion_loss``, ``fusion_intensity``, ``fusion_gradient``, ``task_loss``,
+            ``meta_train_task_loss`` (``None`` for a fixed task) and ``weight_a_mean``.
+        """
+        return {
+            "fusion_loss": self.terms.total.detach(),
+            "fusion_intensity": self.terms.intensity.detach(),
+            "fusion_gradient": self.terms.gradient.detach(),
+            "task_loss": outer_loss.detach(),
+            "meta_train_task_loss": self.meta_train_task_loss,
+            "weight_a_mean": self.weights[:, 0].mean(),
+        }
+
 
 def inner_step(
     fusion_model: nn.Module,

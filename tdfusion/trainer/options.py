@@ -7,7 +7,14 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["GENERATOR_OPTIMIZERS", "OPTIMIZERS", "check_arguments", "optimizer_factory"]
+__all__ = [
+    "CONFIG_KEYS",
+    "GENERATOR_OPTIMIZERS",
+    "OPTIMIZERS",
+    "check_arguments",
+    "make_optimizers",
+    "optimizer_factory",
+]
 
 TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -15,6 +22,24 @@ OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimiz
 GeneratorUpdate = Literal["normalized", "optimizer"]
 OnNonFinite = Literal["raise", "skip"]
 HypergradientMethodName = Literal["auto", "forward", "backprop"]
+
+#: The hyper-parameters ``MetaFusionTrainer.config()`` returns: constructor arguments saved in
+#: checkpoints (and compared between ranks), read from the trainer's attributes of that name.
+CONFIG_KEYS = (
+    "inner_lr",
+    "inner_optimizer",
+    "task_inner_lr",
+    "generator_lr",
+    "generator_update",
+    "fusion_lr",
+    "task_lr",
+    "fusion_crop",
+    "task_size",
+    "grad_clip",
+    "on_nonfinite",
+    "hypergradient_method",
+    "optimizer",
+)
 
 #: Optimisers of ``F`` and ``T`` by name (``optimizer=`` of :class:`MetaFusionTrainer`).
 OPTIMIZERS: dict[str, OptimizerFactory] = {
@@ -109,3 +134,51 @@ def check_arguments(
     for name, value in learning_rates.items():
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
+
+
+def make_optimizers(
+    optimizer: str | OptimizerFactory,
+    fusion_model: torch.nn.Module,
+    task: torch.nn.Module | None,
+    loss_generator: torch.nn.Module,
+    *,
+    fusion_lr: float,
+    task_lr: float,
+    generator_lr: float,
+    generator_update: str,
+) -> dict[str, torch.optim.Optimizer]:
+    """The optimisers of ``F``, ``T`` and ``G`` that have something to optimise.
+
+    A fixed task (``task=None``) has no optimiser, nor has a generator without trainable
+    parameters (e.g. :class:`~tdfusion.nets.FixedLossWeights`: a fixed loss).
+
+    Parameters
+    ----------
+    optimizer : str or callable
+        Of ``F`` and ``T``: a name of :data:`OPTIMIZERS` or a factory.
+    fusion_model, loss_generator : torch.nn.Module
+        ``F`` and ``G``.
+    task : torch.nn.Module, optional
+        The trainable task network ``T``.
+    fusion_lr, task_lr, generator_lr : float
+        Their learning rates.
+    generator_update : str
+        A key of :data:`GENERATOR_OPTIMIZERS`.
+
+    Returns
+    -------
+    dict of str to torch.optim.Optimizer
+        ``"fusion"``, and ``"task"`` and ``"generator"`` when they exist.
+    """
+    make = optimizer_factory(optimizer)
+
+    def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    optimizers = {"fusion": make(trainable(fusion_model), fusion_lr)}
+    if task is not None:
+        optimizers["task"] = make(trainable(task), task_lr)
+    if trainable(loss_generator):
+        make_generator_optimizer = GENERATOR_OPTIMIZERS[generator_update]
+        optimizers["generator"] = make_generator_optimizer(trainable(loss_generator), generator_lr)
+    return optimizers

@@ -8,7 +8,6 @@ and distribution a :class:`~tdfusion.distributed.Strategy`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,12 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdfusion.distributed import Strategy, select_strategy
-from tdfusion.errors import NonFiniteLossError
+from tdfusion.distributed import Strategy, describe_replica, select_strategy
 from tdfusion.losses import LearnableFusionLoss
 from tdfusion.trainer import checkpoint as checkpoints
 from tdfusion.trainer import loop
-from tdfusion.trainer.batches import Batch, BatchPreparer, crop_size, random_crop, resize_for_task
+from tdfusion.trainer.batches import (
+    Batch,
+    BatchPreparer,
+    crop_size,
+    module_dtype,
+    random_crop,
+    resize_for_task,
+)
 from tdfusion.trainer.hypergradient import (
     HYPERGRADIENT_METHODS,
     ForwardModeUnsupported,
@@ -33,7 +38,7 @@ from tdfusion.trainer.hypergradient import (
 )
 from tdfusion.trainer.meta import InnerOptimizer, OptimizerStep, trainable_parameters
 from tdfusion.trainer.options import (
-    GENERATOR_OPTIMIZERS,
+    CONFIG_KEYS,
     GeneratorUpdate,
     HypergradientMethodName,
     OnNonFinite,
@@ -41,23 +46,13 @@ from tdfusion.trainer.options import (
     SchedulerFactory,
     TaskLoss,
     check_arguments,
-    optimizer_factory,
+    make_optimizers,
 )
+from tdfusion.trainer.statistics import step_statistics
 
 __all__ = ["Batch", "MetaFusionTrainer"]
 
 Prepared = tuple[torch.Tensor, torch.Tensor, Any]
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in module.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
-
-
-def _finite(*values: torch.Tensor | None) -> bool:
-    return all(v is None or bool(torch.isfinite(v).all()) for v in values)
 
 
 class MetaFusionTrainer:
@@ -135,27 +130,21 @@ class MetaFusionTrainer:
         Optimiser of ``F`` and ``T`` in the fusion phase: Adam (the paper's), plain SGD, or a
         factory ``optimizer(parameters, lr) -> torch.optim.Optimizer``.
     distributed : bool, optional
-        Train as one process of a ``torch.distributed`` group (see :doc:`/howto/distributed`).
-        ``None`` (default) does so when the script runs under ``torchrun`` with more than one
-        process (the group is initialised from its environment when needed) or a group of more
-        than one process is initialised; ``False`` trains this process on its own. In a
-        distributed run ``F`` and ``T`` are wrapped in
-        :class:`~torch.nn.parallel.DistributedDataParallel` for the fusion phase, the inner
-        step and the hypergradient are all-reduced so that every rank's generator update is
-        that of the whole (global) batch, :meth:`fit` shards the data with a
-        :class:`~torch.utils.data.distributed.DistributedSampler`, and only rank 0 shows
+        Train as one rank of a ``torch.distributed`` group (see :doc:`/howto/distributed`).
+        ``None`` (default) does so under ``torchrun`` with more than one process (joining the
+        group from its environment) or in an initialised group of several; ``False`` trains
+        this process alone. The choice is the ``strategy`` attribute: every rank's updates are
+        those of the global batch, :meth:`fit` shards the data, and only rank 0 shows
         progress and writes checkpoints and logs.
     ddp_options : dict, optional
         Extra keyword arguments of :class:`~torch.nn.parallel.DistributedDataParallel`, e.g.
         ``{"find_unused_parameters": True}`` for a task network with parameters its loss does
         not use.
     hypergradient_method : {"auto", "forward", "backprop"}
-        How the exact hypergradient is computed. ``"forward"``: one forward-mode derivative of
-        ``F`` and first-order backward passes only (fast, little memory; see
-        :meth:`hypergradient`). ``"backprop"``: second-order back-propagation through the inner
-        step (works for any ``F``). ``"auto"`` uses ``"forward"`` and falls back to
-        ``"backprop"``, with a warning, when ``F`` has an operation without forward-mode support.
-
+        How the exact hypergradient is computed (:mod:`tdfusion.trainer.hypergradient`):
+        ``"forward"`` by one forward-mode derivative of ``F`` and first-order backward passes
+        (fast, little memory), ``"backprop"`` by second-order back-propagation (any ``F``);
+        ``"auto"`` uses ``"forward"`` and falls back, with a warning, to ``"backprop"``.
     Attributes
     ----------
     epoch : int
@@ -235,7 +224,6 @@ class MetaFusionTrainer:
         self.task_inner_lr = float(task_lr if task_inner_lr is None else task_inner_lr)
         self.fusion_inner_step = OptimizerStep(inner_optimizer, float(inner_lr))
         self.task_inner_step: InnerStep = OptimizerStep(inner_optimizer, self.task_inner_lr)
-        make_optimizer = optimizer_factory(optimizer)
         self.strategy: Strategy = select_strategy(distributed, device)
         self.device = self.strategy.device
         self.distributed = self.strategy.distributed
@@ -246,7 +234,7 @@ class MetaFusionTrainer:
 
             loss_generator = LossGenerator()
         self.fusion_model = fusion_model.to(self.device)
-        self.dtype = _module_dtype(self.fusion_model)
+        self.dtype = module_dtype(self.fusion_model)
         in_channels = getattr(self.fusion_model, "in_channels", None)
         self._prepare = BatchPreparer(self.device, self.dtype, in_channels)
         self.loss_generator = loss_generator.to(self.device)
@@ -279,27 +267,23 @@ class MetaFusionTrainer:
             self.generator = torch.Generator()
             self.generator.manual_seed(int(seed) if seed is not None else torch.initial_seed())
 
-        self.fusion_optimizer = make_optimizer(
-            trainable_parameters(self.fusion_model).values(), self.fusion_lr
-        )
         task = self.task_module
-        self.task_optimizer = (
-            None
-            if task is None
-            else make_optimizer(trainable_parameters(task).values(), self.task_lr)
+        optimizers = make_optimizers(
+            optimizer,
+            self.fusion_model,
+            task,
+            self.loss_generator,
+            fusion_lr=self.fusion_lr,
+            task_lr=self.task_lr,
+            generator_lr=self.generator_lr,
+            generator_update=generator_update,
         )
-        # A generator without trainable parameters (e.g. FixedLossWeights) is a fixed loss:
-        # there is nothing to optimise, and meta steps are refused.
-        generator_parameters = list(trainable_parameters(self.loss_generator).values())
-        self.generator_optimizer: torch.optim.Optimizer | None = (
-            GENERATOR_OPTIMIZERS[generator_update](generator_parameters, self.generator_lr)
-            if generator_parameters
-            else None
+        self.fusion_optimizer = optimizers["fusion"]
+        self.task_optimizer = optimizers.get("task")
+        self.generator_optimizer = optimizers.get("generator")  # None: a fixed loss
+        self.schedulers: dict[str, Any] = (
+            {} if lr_scheduler is None else {k: lr_scheduler(o) for k, o in optimizers.items()}
         )
-        self.schedulers: dict[str, Any] = {}
-        if lr_scheduler is not None:
-            for name, each in self.optimizers.items():
-                self.schedulers[name] = lr_scheduler(each)
 
         # The loop position (see tdfusion.trainer.loop), kept in checkpoints.
         self.epoch = 0
@@ -311,7 +295,16 @@ class MetaFusionTrainer:
         self.data_seed: int | None = None
 
         # All ranks must have built the same trainer; they start from rank 0's state.
-        self.strategy.check_same(self._description())
+        self.strategy.check_same(
+            describe_replica(
+                config=self.config(),
+                fusion_model=self.fusion_model,
+                loss_generator=self.loss_generator,
+                task=self.task_loss if isinstance(self.task_loss, nn.Module) else None,
+                device_type=self.device.type,
+                dtype=str(self.dtype),
+            )
+        )
         ddp = dict(ddp_options or {})
         self._fusion_replica: nn.Module = self.strategy.wrap(self.fusion_model, **ddp)
         self._task_replica: Callable[..., torch.Tensor] = (
@@ -319,21 +312,6 @@ class MetaFusionTrainer:
         )
         self.strategy.start_from_main(self.loss_generator)
         self.generator.set_state(self.strategy.broadcast_object(self.generator.get_state()))
-
-    def _description(self) -> dict[str, Any]:
-        def shapes(module: Any) -> list[tuple[str, tuple[int, ...]]] | None:
-            if not isinstance(module, nn.Module):
-                return None
-            return [(name, tuple(t.shape)) for name, t in module.state_dict().items()]
-
-        return {
-            "config": self.config(),
-            "fusion_model": shapes(self.fusion_model),
-            "loss_generator": shapes(self.loss_generator),
-            "task": shapes(self.task_loss),
-            "device_type": self.device.type,
-            "dtype": str(self.dtype),
-        }
 
     # ------------------------------------------------------------------ properties
     @property
@@ -373,22 +351,12 @@ class MetaFusionTrainer:
             Constructor arguments (without the modules, device and scheduler factory, and
             without an ``optimizer`` factory or an ``inner_optimizer`` transformation).
         """
-        config = {
-            "inner_lr": self.inner_lr,
-            "inner_optimizer": self.inner_optimizer,
-            "task_inner_lr": self.task_inner_lr,
-            "generator_lr": self.generator_lr,
-            "generator_update": self.generator_update,
-            "fusion_lr": self.fusion_lr,
-            "task_lr": self.task_lr,
-            "fusion_crop": None if self.fusion_crop is None else list(self.fusion_crop),
-            "task_size": None if self.task_size is None else list(self.task_size),
-            "grad_clip": self.grad_clip,
-            "on_nonfinite": self.on_nonfinite,
-            "hypergradient_method": self.hypergradient_method,
-            **({"optimizer": self.optimizer} if self.optimizer is not None else {}),
-        }
-        if not isinstance(self.inner_optimizer, str):  # a transformation cannot be saved
+        config: dict[str, Any] = {key: getattr(self, key) for key in CONFIG_KEYS}
+        for key in ("fusion_crop", "task_size"):
+            config[key] = None if config[key] is None else list(config[key])
+        if self.optimizer is None:  # a factory cannot be saved
+            del config["optimizer"]
+        if not isinstance(self.inner_optimizer, str):  # nor can a transformation
             del config["inner_optimizer"]
         return config
 
@@ -472,15 +440,7 @@ class MetaFusionTrainer:
             return self._hypergradient(meta_train, meta_test)  # the same batches and crop
         # Each rank holds its term of the global hypergradient; their mean is the whole.
         self.strategy.mean_(list(hypergradient.values()))
-        terms = inner.terms
-        return hypergradient, {
-            "fusion_loss": terms.total.detach(),
-            "fusion_intensity": terms.intensity.detach(),
-            "fusion_gradient": terms.gradient.detach(),
-            "task_loss": outer_loss.detach(),
-            "meta_train_task_loss": inner.meta_train_task_loss,
-            "weight_a_mean": inner.weights[:, 0].mean(),
-        }
+        return hypergradient, inner.statistics(outer_loss)
 
     def hypergradient(self, meta_train: Batch, meta_test: Batch) -> dict[str, torch.Tensor]:
         """The exact gradient of the outer task loss w.r.t. the loss generator's parameters.
@@ -544,19 +504,12 @@ class MetaFusionTrainer:
         if isinstance(self.task_loss, nn.Module):
             self.task_loss.train()
         hypergradient, tensors = self._hypergradient(*self._prepare_meta(meta_train, meta_test))
-        tensors = self.strategy.mean_stats(tensors)
         largest = max(
             (float(g.abs().max()) for g in hypergradient.values() if g.numel()), default=0.0
         )
-        stats = {k: float(v.detach()) for k, v in tensors.items() if v is not None}
-        stats["hypergradient_max"] = largest
-        stats["generator_lr"] = self.generator_optimizer.param_groups[0]["lr"]
-        finite = _finite(
-            tensors["fusion_loss"], tensors["task_loss"], tensors["meta_train_task_loss"]
-        ) and math.isfinite(largest)
-        stats["skipped"] = 0.0 if finite else 1.0
-        if not finite:
-            self._non_finite("meta step", stats)
+        lr = self.generator_optimizer.param_groups[0]["lr"]
+        stats = self._summarise("meta step", tensors, hypergradient_max=largest, generator_lr=lr)
+        if stats["skipped"]:
             return stats
         # The generator's update rule: "normalized" divides by max|g| over all of G.
         self.generator_optimizer.zero_grad(set_to_none=True)
@@ -614,21 +567,16 @@ class MetaFusionTrainer:
 
         # The logged values are means over ranks, and a non-finite value on any rank makes
         # every rank skip (one rank skipping alone would hang the others).
-        tensors = self.strategy.mean_stats(
-            {
-                "fusion_loss": terms.total,
-                "fusion_intensity": terms.intensity,
-                "fusion_gradient": terms.gradient,
-                "weight_a_mean": weights[:, 0].mean(),
-                "task_loss": task_loss,
-            }
-        )
-        stats = {k: float(v.detach()) for k, v in tensors.items() if v is not None}
-        stats["fusion_lr"] = self.fusion_optimizer.param_groups[0]["lr"]
-        finite = _finite(tensors["fusion_loss"], tensors["task_loss"])
-        stats["skipped"] = 0.0 if finite else 1.0
-        if not finite:
-            self._non_finite("fusion step", stats)
+        tensors = {
+            "fusion_loss": terms.total,
+            "fusion_intensity": terms.intensity,
+            "fusion_gradient": terms.gradient,
+            "weight_a_mean": weights[:, 0].mean(),
+            "task_loss": task_loss,
+        }
+        lr = self.fusion_optimizer.param_groups[0]["lr"]
+        stats = self._summarise("fusion step", tensors, fusion_lr=lr)
+        if stats["skipped"]:
             return stats
 
         self._update(self.fusion_optimizer, self.fusion_model, terms.total)
@@ -647,22 +595,17 @@ class MetaFusionTrainer:
             nn.utils.clip_grad_norm_(trainable_parameters(module).values(), self.grad_clip)
         optimizer.step()
 
-    def _non_finite(self, where: str, stats: Mapping[str, float]) -> None:
-        losses = ", ".join(
-            f"{k}={v:.4g}"
-            for k, v in stats.items()
-            if k.endswith("loss") or k.startswith("fusion_")
+    def _summarise(
+        self, where: str, tensors: Mapping[str, torch.Tensor | None], **extra: float
+    ) -> dict[str, float]:
+        return step_statistics(
+            self.strategy.mean_stats(tensors),
+            where,
+            on_nonfinite=self.on_nonfinite,
+            position=f"epoch {self.epoch}, global step {self.global_step}",
+            warn=self.is_main_process,
+            **extra,
         )
-        message = (
-            f"non-finite value in the {where} at epoch {self.epoch}, global step "
-            f"{self.global_step}: {losses}"
-        )
-        if self.on_nonfinite == "raise":
-            raise NonFiniteLossError(
-                message + " (pass on_nonfinite='skip' to skip such updates with a warning)"
-            )
-        if self.is_main_process:  # every rank skips the same update; one warning says so
-            warnings.warn(message + "; update skipped", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ loop and checkpoints
     # The loop and the checkpoint schema are functions of a trainer in their own modules; they
