@@ -14,6 +14,7 @@ __all__ = [
     "check_arguments",
     "make_optimizers",
     "optimizer_factory",
+    "trainer_config",
 ]
 
 TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -182,3 +183,24 @@ def make_optimizers(
         make_generator_optimizer = GENERATOR_OPTIMIZERS[generator_update]
         optimizers["generator"] = make_generator_optimizer(trainable(loss_generator), generator_lr)
     return optimizers
+
+
+def trainer_config(trainer: Any) -> dict[str, Any]:
+    """The trainer's hyper-parameters, as saved in checkpoints and used by :meth:`load`.
+
+    This is the method ``MetaFusionTrainer.config``: :data:`CONFIG_KEYS` read from the trainer.
+
+    Returns
+    -------
+    dict
+        Constructor arguments (without the modules, device and scheduler factory, and
+        without an ``optimizer`` factory or an ``inner_optimizer`` transformation).
+    """
+    config: dict[str, Any] = {key: getattr(trainer, key) for key in CONFIG_KEYS}
+    for key in ("fusion_crop", "task_size"):
+        config[key] = None if config[key] is None else list(config[key])
+    if trainer.optimizer is None:  # a factory cannot be saved
+        del config["optimizer"]
+    if not isinstance(trainer.inner_optimizer, str):  # nor can a transformation
+        del config["inner_optimizer"]
+    return config

@@ -38,7 +38,6 @@ from tdfusion.trainer.hypergradient import (
 )
 from tdfusion.trainer.meta import InnerOptimizer, OptimizerStep, trainable_parameters
 from tdfusion.trainer.options import (
-    CONFIG_KEYS,
     GeneratorUpdate,
     HypergradientMethodName,
     OnNonFinite,
@@ -47,6 +46,7 @@ from tdfusion.trainer.options import (
     TaskLoss,
     check_arguments,
     make_optimizers,
+    trainer_config,
 )
 from tdfusion.trainer.statistics import step_statistics
 
@@ -261,11 +261,11 @@ class MetaFusionTrainer:
         )
         self.optimizer = optimizer if isinstance(optimizer, str) else None
 
-        if isinstance(seed, torch.Generator):
-            self.generator = seed
-        else:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(int(seed) if seed is not None else torch.initial_seed())
+        self.generator = (  # draws the crop offsets
+            seed
+            if isinstance(seed, torch.Generator)
+            else torch.Generator().manual_seed(torch.initial_seed() if seed is None else int(seed))
+        )
 
         task = self.task_module
         optimizers = make_optimizers(
@@ -313,7 +313,6 @@ class MetaFusionTrainer:
         self.strategy.start_from_main(self.loss_generator)
         self.generator.set_state(self.strategy.broadcast_object(self.generator.get_state()))
 
-    # ------------------------------------------------------------------ properties
     @property
     def is_main_process(self) -> bool:
         """Whether this process is rank 0 (always ``True`` in a single-process run)."""
@@ -342,31 +341,11 @@ class MetaFusionTrainer:
             optimizers["task"] = self.task_optimizer
         return optimizers
 
-    def config(self) -> dict[str, Any]:
-        """The trainer's hyper-parameters, as saved in checkpoints and used by :meth:`load`.
+    config = trainer_config  # the hyper-parameters saved in checkpoints (options.py)
 
-        Returns
-        -------
-        dict
-            Constructor arguments (without the modules, device and scheduler factory, and
-            without an ``optimizer`` factory or an ``inner_optimizer`` transformation).
-        """
-        config: dict[str, Any] = {key: getattr(self, key) for key in CONFIG_KEYS}
-        for key in ("fusion_crop", "task_size"):
-            config[key] = None if config[key] is None else list(config[key])
-        if self.optimizer is None:  # a factory cannot be saved
-            del config["optimizer"]
-        if not isinstance(self.inner_optimizer, str):  # nor can a transformation
-            del config["inner_optimizer"]
-        return config
-
-    # ------------------------------------------------------------------ batches
     def _prepare_meta(self, meta_train: Batch, meta_test: Batch) -> tuple[Prepared, Prepared]:
-        """Both batches of a meta step, the meta-train sources cropped for the fusion loss.
-
-        The crop is drawn here, once, before anything is differentiated: ``(a, b, target)``
-        becomes ``(a, b, target, crop_a, crop_b)`` for the meta-train batch.
-        """
+        """``(a, b, target, crop_a, crop_b)`` and ``(a, b, target)``: the crop on which the
+        fusion loss is computed is drawn here, once, before anything is differentiated."""
         a, b, target = self._prepare(meta_train, "meta_train")
         test = self._prepare(meta_test, "meta_test")
         crop = random_crop(a, b, self.fusion_crop, self.generator, "meta_train")
