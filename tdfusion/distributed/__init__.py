@@ -8,9 +8,8 @@ from that environment, and :class:`~tdfusion.MetaFusionTrainer` then trains thro
 all-reduced. Without that environment every function here describes a world of one process and
 the trainer uses :class:`SingleProcess`, so the same code runs unchanged in a single process.
 
-Four modules: :mod:`~tdfusion.distributed.process` (the group, ranks, devices),
-:mod:`~tdfusion.distributed.collectives`, :mod:`~tdfusion.distributed.sharding` (data) and
-:mod:`~tdfusion.distributed.strategy` (what the trainer calls).
+Four modules: ``process`` (the group, ranks, devices), ``collectives``, ``sharding`` (data)
+and ``strategy`` (what the trainer calls).
 """
 
 from tdfusion.distributed.collectives import (

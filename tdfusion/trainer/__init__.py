@@ -1,9 +1,9 @@
 """The meta-learning trainer: the algorithm, its hypergradients, the training loop, checkpoints.
 
-Modules: :mod:`~tdfusion.trainer.trainer` (the algorithm), :mod:`~tdfusion.trainer.meta`
+Modules: ``trainer`` (the algorithm, :class:`MetaFusionTrainer`), :mod:`~tdfusion.trainer.meta`
 (functional steps), :mod:`~tdfusion.trainer.hypergradient`, :mod:`~tdfusion.trainer.batches`,
 :mod:`~tdfusion.trainer.loop`, :mod:`~tdfusion.trainer.checkpoint`,
-:mod:`~tdfusion.trainer.callbacks`, :mod:`~tdfusion.trainer.statistics` and
+``callbacks``, :mod:`~tdfusion.trainer.statistics` and
 :mod:`~tdfusion.trainer.options`. The names below are imported on first use, so that
 :mod:`tdfusion.nets` can read trainer checkpoints through :mod:`tdfusion.trainer.checkpoint`
 without importing the trainer.

@@ -231,12 +231,12 @@ def resize_for_task(
     a, b : torch.Tensor
         Sources, (N, C, H, W).
     size : (int, int), optional
-        ``(height, width)``; ``None`` or the current size returns ``a`` and ``b`` themselves.
+        ``(height, width)``; ``None`` or the current size returns ``a`` and ``b`` as given.
 
     Returns
     -------
     (torch.Tensor, torch.Tensor)
-        Sources of shape (N, C, *size).
+        Sources of shape (N, C, height, width).
 
     Example
     -------

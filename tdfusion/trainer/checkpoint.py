@@ -297,7 +297,7 @@ def trainer_state(
 
 
 def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> None:
-    """Restore what :meth:`state_dict` returned (the RNG state is applied by :meth:`fit`).
+    """Restore what ``state_dict`` returned (the RNG state is applied by ``fit``).
 
     In a distributed run, load the same state on every rank.
 
@@ -409,7 +409,7 @@ def save_trainer(
 
 
 def load_trainer(
-    cls: type[MetaFusionTrainer],
+    cls: Any,
     path: str | os.PathLike[str],
     fusion_model: nn.Module,
     task_loss: Callable[..., torch.Tensor],
@@ -422,12 +422,12 @@ def load_trainer(
     The hyper-parameters saved in the checkpoint are used unless given in ``overrides``.
     Without ``loss_generator``, a :class:`~tdfusion.LossGenerator` is built with the saved
     configuration. Model, optimiser and scheduler states and the loop position are
-    restored; call :meth:`fit` with ``resume=path`` to also continue the random streams.
+    restored; call ``fit`` with ``resume=path`` to also continue the random streams.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Checkpoint written by :meth:`save`.
+        Checkpoint written by ``save``.
     fusion_model : torch.nn.Module
         A module of the same architecture as the saved one.
     task_loss : callable or torch.nn.Module
@@ -441,7 +441,7 @@ def load_trainer(
 
     Returns
     -------
-    MetaFusionTrainer
+    tdfusion.trainer.MetaFusionTrainer
         The restored trainer.
     """
     checkpoint = load_checkpoint(path)

@@ -61,7 +61,7 @@ def fit(
 
     Per epoch: ``meta_steps`` generator updates, each drawing two consecutive (different)
     batches from a fresh pass over ``train_loader`` (meta-train, meta-test; the pass
-    restarts when it runs out), then one pass of :meth:`fusion_step` over the loader, then the
+    restarts when it runs out), then one pass of ``fusion_step`` over the loader, then the
     learning-rate schedules step, the ``checkpoint`` is written and the callbacks are told.
     With ``meta_steps=0`` the generator stays frozen (a default generator then gives the
     ablation with ``w_a = w_b = 1/2`` only if it outputs 1/2; see the docs). This is the
@@ -79,7 +79,7 @@ def fit(
     fusion_steps : int, optional
         Cap on the fusion steps per epoch (``N``); default one full pass.
     resume : str or os.PathLike, optional
-        Checkpoint to continue from (written by :meth:`save` or by ``checkpoint``).
+        Checkpoint to continue from (written by ``save`` or by ``checkpoint``).
     checkpoint : str or os.PathLike, optional
         File rewritten atomically after every epoch with everything needed to resume.
     callbacks : sequence of Callback
@@ -161,7 +161,7 @@ def shard_for_training(
 
     Parameters
     ----------
-    trainer : MetaFusionTrainer
+    trainer : tdfusion.trainer.MetaFusionTrainer
         Its strategy says how many shares there are; its ``data_seed`` is set on first use.
     loader : iterable
         The training data.

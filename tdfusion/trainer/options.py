@@ -186,7 +186,7 @@ def make_optimizers(
 
 
 def trainer_config(trainer: Any) -> dict[str, Any]:
-    """The trainer's hyper-parameters, as saved in checkpoints and used by :meth:`load`.
+    """The trainer's hyper-parameters, as saved in checkpoints and used by ``load``.
 
     This is the method ``MetaFusionTrainer.config``: :data:`CONFIG_KEYS` read from the trainer.
 
