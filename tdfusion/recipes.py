@@ -375,12 +375,14 @@ def train(
     """
     from torch.utils.data import DataLoader, default_collate
 
-    from tdfusion import distributed
     from tdfusion.data import SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
 
-    distributed.init_distributed(device=device)
-    main_process = distributed.is_main_process()
+    # The trainer's strategy says whether this is one rank of several (the command line, or
+    # building the trainer under torchrun, starts the process group; this function does not).
+    trainer = build_trainer(recipe, device)
+    strategy = trainer.strategy
+    main_process = strategy.is_main
     out = Path(out)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -400,15 +402,14 @@ def train(
         num_workers=recipe.num_workers,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    trainer = build_trainer(recipe, device)
     if main_process:
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     checkpoint = out / "checkpoint.pt"
     # Rank 0 decides whether to resume, so that all ranks agree even if only it sees the file.
-    resume_from = distributed.broadcast_object(resume and checkpoint.is_file())
+    resume_from = strategy.broadcast_object(resume and checkpoint.is_file())
     if resume_from and not checkpoint.is_file():
         raise DataError(
-            f"rank {distributed.get_rank()} cannot read {checkpoint}, from which rank 0 resumes; "
+            f"rank {strategy.rank} cannot read {checkpoint}, from which rank 0 resumes; "
             "put --out on a file system that every node sees"
         )
     trainer.fit(
@@ -425,7 +426,7 @@ def train(
         trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
         if recipe.loss_weights == "learned":
             trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
-    distributed.barrier()
+    strategy.barrier()
     return trainer
 
 
