@@ -422,23 +422,23 @@ def train(
         If the data root does not hold the dataset. A run that fails before training leaves
         no output folder it created.
     """
-    from tdfusion import distributed
-
-    distributed.init_distributed(device=device)
-    main_process = distributed.is_main_process()
+    # Building the trainer joins the process group under torchrun (this function starts none);
+    # its strategy says whether this process writes the files.
+    trainer = build_trainer(recipe, device)
+    strategy = trainer.strategy
     out = Path(out)
     created = _missing_folders(out)
     with contextlib.ExitStack() as stack:
-        if main_process:
+        if strategy.is_main:
             stack.enter_context(output_lock(out, purpose="training"))
         try:
-            trainer = _train_into(recipe, data_root, out, device, resume, progress)
+            _train_into(recipe, trainer, data_root, out, resume, progress)
         except BaseException:
             stack.close()
-            if main_process:
+            if strategy.is_main:
                 _remove_if_unused(created, out)
             raise
-    distributed.barrier()
+    strategy.barrier()
     return trainer
 
 
@@ -468,14 +468,16 @@ def _remove_if_unused(created: list[Path], out: Path) -> None:
             return
 
 
-def _train_into(recipe: Recipe, data_root, out: Path, device, resume: bool, progress: bool):
+def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, progress: bool):
     from torch.utils.data import DataLoader, default_collate
 
-    from tdfusion import distributed
     from tdfusion.data import SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
 
-    main_process = distributed.is_main_process()
+    strategy = trainer.strategy
+    main_process = strategy.is_main
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(recipe, data_root, "train")
     if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
         raise DataError(
@@ -492,15 +494,14 @@ def _train_into(recipe: Recipe, data_root, out: Path, device, resume: bool, prog
         num_workers=recipe.num_workers,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    trainer = build_trainer(recipe, device)
     if main_process:
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     checkpoint = out / "checkpoint.pt"
     # Rank 0 decides whether to resume, so that all ranks agree even if only it sees the file.
-    resume_from = distributed.broadcast_object(resume and checkpoint.is_file())
+    resume_from = strategy.broadcast_object(resume and checkpoint.is_file())
     if resume_from and not checkpoint.is_file():
         raise DataError(
-            f"rank {distributed.get_rank()} cannot read {checkpoint}, from which rank 0 resumes; "
+            f"rank {strategy.rank} cannot read {checkpoint}, from which rank 0 resumes; "
             "put --out on a file system that every node sees"
         )
     trainer.fit(
