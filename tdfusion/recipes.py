@@ -96,6 +96,9 @@ class Recipe:
     exposure_augment : bool
         Also darken each source of a cropped pair at random
         (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
+    init_weights : str or None
+        Fusion weights to start from (a name of :func:`~tdfusion.nets.list_pretrained`, a
+        ``save_pretrained`` file or a trainer checkpoint); ``None``: a fresh network.
     """
 
     name: str
@@ -124,6 +127,7 @@ class Recipe:
     alpha: float = 1.0
     data_crop: int | None = None
     exposure_augment: bool = False
+    init_weights: str | None = None
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some settings changed (unknown names are an error)."""
@@ -146,8 +150,9 @@ RECIPES: dict[str, Recipe] = {
     "fmb-segmentation": Recipe("fmb-segmentation", "fmb", "segmentation", 15, (300, 400)),
     "m3fd-detection": Recipe("m3fd-detection", "m3fd", "detection", 6, (192, 256)),
     "llvip-detection": Recipe("llvip-detection", "llvip", "detection", 1, (256, 320), stride=10),
-    # The bundled "tdfusion-ivif" fusion weights: ReFusionNet under the fusion loss with the
-    # fixed max-intensity weighting, no task, on the 221 RoadScene pairs (see the model card).
+    # The bundled "tdfusion-ivif" fusion weights, first stage: ReFusionNet under the fusion
+    # loss with the fixed max-intensity weighting, no task, on the 221 RoadScene pairs (see the
+    # model card).
     "roadscene-pretrain": Recipe(
         "roadscene-pretrain",
         "roadscene",
@@ -155,7 +160,7 @@ RECIPES: dict[str, Recipe] = {
         0,
         None,
         fusion_crop=None,
-        epochs=30,
+        epochs=12,
         meta_steps=0,
         batch_size=8,
         swap=False,
@@ -166,6 +171,29 @@ RECIPES: dict[str, Recipe] = {
         alpha=0.5,
         data_crop=128,
         exposure_augment=True,
+    ),
+    # Its second stage: the intensity term weighs more (alpha 0.1), so that the fused image
+    # keeps the target's black and white levels, from the first stage's weights.
+    "roadscene-finetune": Recipe(
+        "roadscene-finetune",
+        "roadscene",
+        "none",
+        0,
+        None,
+        fusion_crop=None,
+        epochs=8,
+        meta_steps=0,
+        batch_size=8,
+        swap=False,
+        lr=3e-4,
+        step_size=20,
+        gamma=0.3,
+        loss_weights="max_intensity",
+        alpha=0.1,
+        data_crop=128,
+        exposure_augment=True,
+        seed=1,
+        init_weights="runs/roadscene-pretrain/fusion_model.pt",
     ),
 }
 
@@ -354,7 +382,9 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
             )
         generator = FixedLossWeights(recipe.loss_weights)  # type: ignore[arg-type]
     return MetaFusionTrainer(
-        ReFusionNet(),
+        ReFusionNet() if recipe.init_weights is None else ReFusionNet.from_pretrained(
+            recipe.init_weights
+        ),
         build_task(recipe),
         generator,
         LearnableFusionLoss(alpha=recipe.alpha),

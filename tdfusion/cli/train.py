@@ -88,6 +88,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--task-size", type=positive_int, nargs=2, metavar=("H", "W"), help="task input size"
     )
     parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument(
+        "--init-weights",
+        help="fusion weights to start from (a bundled name, a weights file or a checkpoint)",
+    )
     parser.add_argument("--num-workers", type=non_negative_int, help="data-loading processes")
     parser.add_argument(
         "--no-resume", action="store_true", help="start over even if OUT has a checkpoint"
@@ -129,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         "fusion_crop": args.fusion_crop,
         "task_size": args.task_size,
         "seed": args.seed,
+        "init_weights": args.init_weights,
         "num_workers": args.num_workers,
     }
     if args.smoke:
