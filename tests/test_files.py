@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdfusion.errors import OutputInUseError
+from tdfusion.errors import DataError, OutputInUseError
 from tdfusion.files import (
     NAME_MAX,
     STALE_AFTER_SECONDS,
@@ -184,3 +184,18 @@ def test_locks_on_a_folder_and_on_a_file_in_it_are_independent(tmp_path):
                 pass
     with output_lock(tmp_path):  # released at the end of the block
         pass
+
+
+def test_two_image_files_are_one_pair_named_after_the_first(tmp_path):
+    from tdfusion.files import pair_folders
+
+    first, second = tmp_path / "thermal.png", tmp_path / "colour.jpg"
+    first.write_bytes(b"")
+    second.write_bytes(b"")
+    assert pair_folders({"infrared": first, "visible": second}) == [
+        ("thermal", {"infrared": first, "visible": second})
+    ]
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    with pytest.raises(DataError, match="notes.txt is not an image"):
+        pair_folders({"infrared": first, "visible": text})
