@@ -96,6 +96,8 @@ class Recipe:
     exposure_augment : bool
         Also darken each source of a cropped pair at random
         (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
+    exposure_gamma : float
+        Largest gamma of that darkening (1: a factor only; larger: mid-tones turn black).
     init_weights : str or None
         Fusion weights to start from (a name of :func:`~tdfusion.nets.list_pretrained`, a
         ``save_pretrained`` file or a trainer checkpoint); ``None``: a fresh network.
@@ -127,6 +129,7 @@ class Recipe:
     alpha: float = 1.0
     data_crop: int | None = None
     exposure_augment: bool = False
+    exposure_gamma: float = 1.0
     init_weights: str | None = None
 
     def replace(self, **changes: Any) -> Recipe:
@@ -172,8 +175,9 @@ RECIPES: dict[str, Recipe] = {
         data_crop=128,
         exposure_augment=True,
     ),
-    # Its second stage: the intensity term weighs more (alpha 0.1), so that the fused image
-    # keeps the target's black and white levels, from the first stage's weights.
+    # Its second stage, from the first stage's weights: the intensity term weighs more (alpha
+    # 0.1) and the darkening includes a gamma, so that the fused image keeps the target's black
+    # and white levels (RoadScene's brightest source is rarely darker than 90 grey levels).
     "roadscene-finetune": Recipe(
         "roadscene-finetune",
         "roadscene",
@@ -192,6 +196,7 @@ RECIPES: dict[str, Recipe] = {
         alpha=0.1,
         data_crop=128,
         exposure_augment=True,
+        exposure_gamma=4.0,
         seed=1,
         init_weights="runs/roadscene-pretrain/fusion_model.pt",
     ),
@@ -303,7 +308,11 @@ def _build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str
                 RandomCrop(recipe.data_crop, generator=augment),
                 RandomHorizontalFlip(generator=augment),
                 RandomVerticalFlip(generator=augment),
-                *([RandomExposure(generator=augment)] if recipe.exposure_augment else []),
+                *(
+                    [RandomExposure(max_gamma=recipe.exposure_gamma, generator=augment)]
+                    if recipe.exposure_augment
+                    else []
+                ),
             ]
         )
     if recipe.dataset == "roadscene":

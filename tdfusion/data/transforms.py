@@ -248,11 +248,13 @@ class RandomVerticalFlip(RandomFlip):
 
 
 class RandomExposure:
-    """Darken each source by its own random factor, to train on dim scenes too.
+    """Darken each source by its own random exposure, to train on dim scenes too.
 
-    With probability ``p`` a source is multiplied by a factor drawn uniformly from
-    ``[low, high]`` (independently for ``a`` and ``b``); the target is unchanged. A fusion
-    network trained on mostly daylight pairs otherwise lifts the black level of night scenes.
+    With probability ``p`` a source ``x`` becomes ``k * x ** g``, with the factor ``k`` drawn
+    uniformly from ``[low, high]`` and the gamma ``g`` from ``[1, max_gamma]``, independently
+    for ``a`` and ``b``; the target is unchanged. The gamma turns mid-tones black while
+    highlights stay, as in night scenes. A fusion network trained on bright daylight pairs
+    otherwise never sees black and lifts the black level of night scenes.
 
     Parameters
     ----------
@@ -260,15 +262,17 @@ class RandomExposure:
         Range of the factor, ``0 < low <= high <= 1``.
     p : float
         Probability of darkening each source.
+    max_gamma : float
+        Largest gamma (at least 1; 1: the factor only).
     generator : torch.Generator, optional
         Source of the random numbers.
 
     Example
     -------
-    >>> a, b = torch.ones(1, 2, 2), torch.ones(1, 2, 2)
+    >>> a, b = torch.full((1, 2, 2), 0.5), torch.ones(1, 2, 2)
     >>> a, b, _ = RandomExposure(0.5, 0.5, p=1.0)((a, b, None))
     >>> float(a.max()), float(b.max())
-    (0.5, 0.5)
+    (0.25, 0.5)
     """
 
     def __init__(
@@ -276,17 +280,24 @@ class RandomExposure:
         low: float = 0.25,
         high: float = 1.0,
         p: float = 0.5,
+        max_gamma: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"RandomExposure needs 0 < low <= high <= 1, got {low} and {high}")
+        if not max_gamma >= 1.0:
+            raise ValueError(f"RandomExposure needs max_gamma >= 1, got {max_gamma}")
         self.low, self.high, self.p = float(low), float(high), float(p)
+        self.max_gamma = float(max_gamma)
         self.generator = generator
 
     def _darken(self, image: torch.Tensor) -> torch.Tensor:
         coin, draw = torch.rand(2, generator=self.generator).tolist()
         if coin >= self.p:
             return image
+        if self.max_gamma > 1.0:
+            gamma = 1.0 + (self.max_gamma - 1.0) * float(torch.rand((), generator=self.generator))
+            image = image.clamp(min=0.0) ** gamma
         return image * (self.low + (self.high - self.low) * draw)
 
     def __call__(self, sample: Sample) -> Sample:
