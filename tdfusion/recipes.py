@@ -572,7 +572,7 @@ def make_smoke_dataset(recipe: Recipe, folder: str | os.PathLike[str]) -> Path:
     Segmentation masks are derived from the sample's boxes (inside each box the warmer half
     of the infrared gets the box's class, 0 elsewhere); detection annotations are the
     sample's boxes, written as YOLO or VOC files as the layout needs (see
-    :func:`tdfusion.data.sample.write_sample_layout`).
+    ``tdfusion.data.sample.write_sample_layout``).
 
     Parameters
     ----------

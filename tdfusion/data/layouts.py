@@ -1,10 +1,10 @@
 """The standard folder layouts of the benchmark datasets, each described once.
 
 A :class:`DatasetLayout` says where a dataset keeps its infrared and visible images and, per
-task, its labels (folders, file format, class names). The readers of
-:mod:`tdfusion.data.datasets` find their folders through it, and the bundled sample is written
-in any of these layouts from it (for the recipes' smoke runs), so a layout cannot be read one
-way and written another.
+task, its labels (folders, file format, class names). The readers of :mod:`tdfusion.data`
+(:func:`~tdfusion.data.MSRSDataset` and the others) find their folders through it, and the
+bundled sample is written in any of these layouts from it (for the recipes' smoke runs), so a
+layout cannot be read one way and written another.
 
 Folders are templates relative to the dataset root: ``{split}`` is the split (``train`` or
 ``test``; a ``{split}`` part is dropped when there is no split) and ``{label_set}`` the
@@ -86,7 +86,7 @@ class DatasetLayout:
         Parameters
         ----------
         templates : sequence of str
-            Folder templates, such as :attr:`infrared`.
+            Folder templates, such as ``infrared``.
         root : str or os.PathLike
             Dataset root.
         split : str, optional
@@ -148,7 +148,7 @@ class DatasetLayout:
         Parameters
         ----------
         task : str
-            A key of :attr:`labels`.
+            A key of ``labels``.
         root : str or os.PathLike
             Dataset root.
         split : str, optional
@@ -230,7 +230,7 @@ FMB_CLASSES = (
     "pole",
 )
 
-#: The standard layouts by the name recipes use (:attr:`tdfusion.recipes.Recipe.dataset`).
+#: The standard layouts by the name recipes use (``Recipe.dataset`` in :mod:`tdfusion.recipes`).
 LAYOUTS: dict[str, DatasetLayout] = {
     "msrs": DatasetLayout(
         "MSRS",
