@@ -10,7 +10,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,38 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def list_images(folder: str | Path, role: str = "image") -> dict[str, Path]:
+def _image_suffixes(extensions: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The image suffixes to read: ``extensions`` normalised (lower case, leading dot), or all.
+
+    Parameters
+    ----------
+    extensions : sequence of str, optional
+        Suffixes such as ``["png", ".JPG"]``; default: :data:`IMAGE_SUFFIXES`.
+
+    Returns
+    -------
+    tuple of str
+        The suffixes.
+
+    Raises
+    ------
+    ValueError
+        If a suffix is not one of :data:`IMAGE_SUFFIXES`.
+    """
+    if extensions is None:
+        return IMAGE_SUFFIXES
+    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    unsupported = sorted(wanted - set(IMAGE_SUFFIXES))
+    if unsupported:
+        raise ValueError(
+            f"unsupported image extensions {unsupported}; supported: {', '.join(IMAGE_SUFFIXES)}"
+        )
+    return tuple(sorted(wanted))
+
+
+def list_images(
+    folder: str | Path, role: str = "image", *, extensions: Sequence[str] | None = None
+) -> dict[str, Path]:
     """Map file stem to path for the image files directly inside ``folder``.
 
     Parameters
@@ -42,6 +73,9 @@ def list_images(folder: str | Path, role: str = "image") -> dict[str, Path]:
         Folder to list (not recursive).
     role : str
         What the folder holds ("fused", "infrared", ...), for error messages.
+    extensions : sequence of str, optional
+        Only list files with these suffixes (e.g. ``[".png"]``); default: every suffix of
+        :data:`IMAGE_SUFFIXES`.
 
     Returns
     -------
@@ -52,13 +86,16 @@ def list_images(folder: str | Path, role: str = "image") -> dict[str, Path]:
     ------
     DataError
         If the folder does not exist, holds no image, or holds two images with one stem.
+    ValueError
+        If ``extensions`` names a suffix that is not an image suffix.
     """
+    suffixes = _image_suffixes(extensions)
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{role} folder {folder} does not exist or is not a folder")
     images: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if not path.is_file() or path.suffix.lower() not in suffixes:
             continue
         if path.stem in images:
             raise DataError(
@@ -67,9 +104,11 @@ def list_images(folder: str | Path, role: str = "image") -> dict[str, Path]:
             )
         images[path.stem] = path
     if not images:
-        raise DataError(
-            f"{role} folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)} expected)"
-        )
+        if extensions is None:
+            expected = f"image ({', '.join(IMAGE_SUFFIXES)} expected)"
+        else:
+            expected = f"{', '.join(suffixes)} image"
+        raise DataError(f"{role} folder {folder} holds no {expected}")
     return dict(sorted(images.items()))
 
 
@@ -85,8 +124,61 @@ def unpaired_stems(listings: Mapping[str, Mapping[str, Path]]) -> list[str]:
     return problems
 
 
+def _first_few(names: Sequence[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def _describe_unpaired(
+    listings: Mapping[str, Mapping[str, Path]], folders: Mapping[str, str | Path]
+) -> str | None:
+    """One line on the files whose stem is missing from another listing (None if none is).
+
+    The files are grouped by the folder they are in and the roles they lack, each group with
+    its count and first few names, e.g. ``unpaired images: 4 only in ir (c.png, d.png, e.png,
+    ...); 1 only in vi (z.png); pairs are matched by file stem and c.png has no visible
+    counterpart``.
+
+    Parameters
+    ----------
+    listings : mapping of str to mapping of str to pathlib.Path
+        Role -> (stem -> file), as :func:`list_images` returns.
+    folders : mapping of str to path
+        Role -> folder, as shown in the message.
+
+    Returns
+    -------
+    str or None
+        The message.
+    """
+    roles = list(listings)
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for stem in sorted(set().union(*listings.values())):
+        present = [role for role in roles if stem in listings[role]]
+        missing = tuple(role for role in roles if stem not in listings[role])
+        if missing:
+            groups.setdefault((present[0], missing), []).append(listings[present[0]][stem].name)
+    if not groups:
+        return None
+    parts = []
+    for (role, missing), names in sorted(groups.items(), key=lambda item: roles.index(item[0][0])):
+        where = (
+            f"only in {folders[role]}"
+            if len(missing) == len(roles) - 1
+            else f"in {folders[role]} with no {' or '.join(missing)} counterpart"
+        )
+        parts.append(f"{len(names)} {where} ({_first_few(names)})")
+    (_, missing), names = min(groups.items(), key=lambda item: roles.index(item[0][0]))
+    return (
+        f"unpaired images: {'; '.join(parts)}; pairs are matched by file stem and "
+        f"{names[0]} has no {' or '.join(missing)} counterpart"
+    )
+
+
 def pair_folders(
-    folders: Mapping[str, str | Path], *, skip_unpaired: bool = False
+    folders: Mapping[str, str | Path],
+    *,
+    skip_unpaired: bool = False,
+    extensions: Sequence[str] | None = None,
 ) -> list[tuple[str, dict[str, Path]]]:
     """Pair the images of several folders by file stem.
 
@@ -98,6 +190,9 @@ def pair_folders(
         file's stem.
     skip_unpaired : bool
         Drop stems that are not in every folder instead of raising.
+    extensions : sequence of str, optional
+        Only read files with these suffixes (e.g. ``[".png"]``); default: every suffix of
+        :data:`IMAGE_SUFFIXES`.
 
     Returns
     -------
@@ -108,23 +203,26 @@ def pair_folders(
     ------
     DataError
         If a folder is missing or empty, or (unless ``skip_unpaired``) a name is not in every
-        folder; the message names the first few unpaired files.
+        folder; the message counts the unpaired files of each folder and names the first few.
+    ValueError
+        If ``extensions`` names a suffix that is not an image suffix.
     """
+    suffixes = _image_suffixes(extensions)
     paths = {role: Path(folder) for role, folder in folders.items()}
     if all(path.is_file() for path in paths.values()):
         # Single files form one pair, whatever their names; it takes the first file's stem.
         for role, path in paths.items():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in suffixes:
                 raise DataError(
-                    f"{role} file {path} is not an image ({', '.join(IMAGE_SUFFIXES)} expected)"
+                    f"{role} file {path} is not an image ({', '.join(suffixes)} expected)"
                 )
         return [(next(iter(paths.values())).stem, paths)]
-    listings = {role: list_images(folder, role) for role, folder in folders.items()}
-    problems = unpaired_stems(listings)
-    if problems and not skip_unpaired:
-        shown = "; ".join(problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"unpaired images: {shown}{more}")
+    listings = {
+        role: list_images(path, role, extensions=extensions) for role, path in paths.items()
+    }
+    problem = _describe_unpaired(listings, paths)
+    if problem is not None and not skip_unpaired:
+        raise DataError(problem)
     common = set.intersection(*(set(images) for images in listings.values()))
     return [(stem, {role: listings[role][stem] for role in listings}) for stem in sorted(common)]
 

@@ -18,12 +18,11 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tdfusion.errors import DataError
@@ -51,11 +50,12 @@ class Recipe:
     name : str
         Recipe name.
     dataset : {"msrs", "fmb", "m3fd", "llvip", "roadscene"}
-        Dataset layout (see the datasets of ``tdfusion.data``; ``"roadscene"`` is two folders
-        ``ir/`` and ``vi/`` of pairs matched by file stem).
+        Dataset layout, a key of ``DATASETS`` (the layouts are described in
+        :data:`tdfusion.data.layouts.LAYOUTS`; ``"roadscene"`` is two folders ``ir/`` and
+        ``vi/`` of pairs matched by file stem).
     task : {"segmentation", "detection", "none"}
-        Task network: SegFormer (``encoder``) or YOLOv8 (``model``), from scratch; ``"none"``
-        trains the fusion network alone (fusion pre-training).
+        Task network, a key of ``TASKS``: SegFormer (``encoder``) or YOLOv8 (``model``), from
+        scratch; ``"none"`` trains the fusion network alone (fusion pre-training).
     num_classes : int
         Classes of the task (segmentation: including the background/unlabelled class).
     task_size : (int, int) or None
@@ -241,10 +241,21 @@ def load_recipe(
     return RECIPES[name].replace(**settings)
 
 
+def _known(table: Mapping[str, Any], name: str, what: str, recipe: Recipe) -> Any:
+    """``table[name]``, or an error naming the known entries."""
+    if name not in table:
+        raise DataError(
+            f"recipe {recipe.name}: unknown {what} {name!r}; known: {', '.join(sorted(table))}"
+        )
+    return table[name]
+
+
 def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str = "train"):
     """The recipe's dataset (full-size images; the trainer crops and resizes).
 
-    Segmentation masks are resized to ``task_size`` (nearest), matching the task input.
+    Segmentation masks are resized to ``task_size`` (nearest), matching the task input; with
+    ``data_crop`` every pair is cropped (and flipped, and darkened with ``exposure_augment``)
+    when it is read; with ``stride`` every ``stride``-th pair is kept.
 
     Parameters
     ----------
@@ -263,79 +274,114 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     Raises
     ------
     DataError
-        If the root does not hold the dataset; the message names what is missing and the
-        layout expected (``DATASET_LAYOUTS``).
+        If the root does not hold the dataset (the message names what is missing and the
+        layout expected, from :data:`tdfusion.data.layouts.LAYOUTS`), or the recipe names an
+        unknown dataset.
     """
+    from tdfusion.data.datasets import keep_every
+    from tdfusion.data.layouts import LAYOUTS
+
+    reader = _known(DATASETS, recipe.dataset, "dataset", recipe)
     try:
-        return _build_dataset(recipe, data_root, split)
+        dataset = reader(recipe, data_root, split, _read_transform(recipe))
     except DataError as error:
-        layout = DATASET_LAYOUTS.get(recipe.dataset, "").format(split=split)
-        raise DataError(
-            f"{error}; a {recipe.dataset} data root holds {layout}" if layout else str(error)
-        ) from None
+        layout = LAYOUTS[recipe.dataset].description.format(split=split)
+        raise DataError(f"{error}; a {recipe.dataset} data root holds {layout}") from None
+    return keep_every(dataset, recipe.stride)
 
 
-#: What each dataset's root folder holds (``{split}`` is ``train`` or ``test``), for errors.
-DATASET_LAYOUTS = {
-    "roadscene": "ir/ and vi/ with images of the same names",
-    "msrs": "{split}/ir/, {split}/vi/ and {split}/Segmentation_labels/ (or, for detection, "
-    "{split}/labels/ or label/<label set>/) with files of the same names",
-    "fmb": "{split}/Infrared/, {split}/Visible/ and {split}/Label/ with images of the same names",
-    "m3fd": "Ir/, Vis/ and Annotation/ (VOC .xml) with files of the same names",
-    "llvip": "infrared/{split}/, visible/{split}/ and Annotations/ (VOC .xml)",
-}
-
-
-def _build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str):
+def _read_transform(recipe: Recipe):
+    """The transform applied to every pair when it is read (``data_crop``), or None."""
+    if recipe.data_crop is None:
+        return None
     from tdfusion.data import (
         Compose,
-        FMBDataset,
-        LLVIPDataset,
-        M3FDDataset,
-        MSRSDataset,
-        PairedImageDataset,
         RandomCrop,
         RandomExposure,
         RandomHorizontalFlip,
         RandomVerticalFlip,
     )
 
-    transform = None
-    if recipe.data_crop is not None:
-        augment = torch.Generator().manual_seed(recipe.seed + 1)
-        transform = Compose(
-            [
-                RandomCrop(recipe.data_crop, generator=augment),
-                RandomHorizontalFlip(generator=augment),
-                RandomVerticalFlip(generator=augment),
-                *(
-                    [RandomExposure(max_gamma=recipe.exposure_gamma, generator=augment)]
-                    if recipe.exposure_augment
-                    else []
-                ),
-            ]
-        )
-    if recipe.dataset == "roadscene":
-        root = Path(data_root)
-        dataset = PairedImageDataset(root / "ir", root / "vi", transform=transform)
-    elif recipe.dataset == "msrs":
-        dataset = MSRSDataset(data_root, split, recipe.task, mask_size=recipe.task_size)
-    elif recipe.dataset == "fmb":
-        dataset = FMBDataset(data_root, split, mask_size=recipe.task_size)
-    elif recipe.dataset == "m3fd":
-        dataset = M3FDDataset(data_root, split)
-    elif recipe.dataset == "llvip":
-        dataset = LLVIPDataset(data_root, split)
-    else:
-        raise ValueError(f"unknown dataset {recipe.dataset!r}")
-    if recipe.stride > 1:
-        dataset.names = sorted(dataset.names)[:: recipe.stride]
-    return dataset
+    augment = torch.Generator().manual_seed(recipe.seed + 1)
+    return Compose(
+        [
+            RandomCrop(recipe.data_crop, generator=augment),
+            RandomHorizontalFlip(generator=augment),
+            RandomVerticalFlip(generator=augment),
+            *(
+                [RandomExposure(max_gamma=recipe.exposure_gamma, generator=augment)]
+                if recipe.exposure_augment
+                else []
+            ),
+        ]
+    )
+
+
+def _msrs(recipe: Recipe, root, split: str, transform):
+    from tdfusion.data import MSRSDataset
+
+    return MSRSDataset(root, split, recipe.task, mask_size=recipe.task_size, transform=transform)
+
+
+def _fmb(recipe: Recipe, root, split: str, transform):
+    from tdfusion.data import FMBDataset
+
+    return FMBDataset(root, split, mask_size=recipe.task_size, transform=transform)
+
+
+def _m3fd(recipe: Recipe, root, split: str, transform):
+    from tdfusion.data import M3FDDataset
+
+    return M3FDDataset(root, split, transform=transform)
+
+
+def _llvip(recipe: Recipe, root, split: str, transform):
+    from tdfusion.data import LLVIPDataset
+
+    return LLVIPDataset(root, split, transform=transform)
+
+
+def _roadscene(recipe: Recipe, root, split: str, transform):
+    from tdfusion.data.datasets import layout_dataset
+    from tdfusion.data.layouts import LAYOUTS
+
+    return layout_dataset(LAYOUTS["roadscene"], root, None, transform=transform)
+
+
+#: The dataset readers by :attr:`Recipe.dataset`: ``(recipe, root, split, transform) ->
+#: dataset``; the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`.
+DATASETS: dict[str, Callable[..., Any]] = {
+    "msrs": _msrs,
+    "fmb": _fmb,
+    "m3fd": _m3fd,
+    "llvip": _llvip,
+    "roadscene": _roadscene,
+}
 
 
 def no_task(fused: torch.Tensor, target: Any) -> torch.Tensor:
     """The task loss of a recipe without a task (fusion pre-training): always zero."""
     return fused.sum() * 0.0
+
+
+def _segmentation_task(recipe: Recipe):
+    from tdfusion.tasks import SegmentationTask
+
+    return SegmentationTask(recipe.num_classes, encoder=recipe.encoder)
+
+
+def _detection_task(recipe: Recipe):
+    from tdfusion.tasks import DetectionTask
+
+    return DetectionTask(recipe.num_classes, model=recipe.model)
+
+
+#: The task builders by :attr:`Recipe.task`: ``recipe -> task network`` (or task loss).
+TASKS: dict[str, Callable[[Recipe], Any]] = {
+    "segmentation": _segmentation_task,
+    "detection": _detection_task,
+    "none": lambda recipe: no_task,
+}
 
 
 def build_task(recipe: Recipe) -> Any:
@@ -348,18 +394,16 @@ def build_task(recipe: Recipe) -> Any:
 
     Returns
     -------
-    torch.nn.Module
-        A :class:`~tdfusion.tasks.SegmentationTask` or :class:`~tdfusion.tasks.DetectionTask`.
-    """
-    from tdfusion.tasks import DetectionTask, SegmentationTask
+    torch.nn.Module or callable
+        A :class:`~tdfusion.tasks.SegmentationTask` or :class:`~tdfusion.tasks.DetectionTask`,
+        or :func:`no_task` for ``task="none"``.
 
-    if recipe.task == "none":
-        return no_task
-    if recipe.task == "segmentation":
-        return SegmentationTask(recipe.num_classes, encoder=recipe.encoder)
-    if recipe.task == "detection":
-        return DetectionTask(recipe.num_classes, model=recipe.model)
-    raise ValueError(f"unknown task {recipe.task!r}")
+    Raises
+    ------
+    DataError
+        If the recipe names an unknown task (the message lists the known ones).
+    """
+    return _known(TASKS, recipe.task, "task", recipe)(recipe)
 
 
 def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
@@ -510,7 +554,7 @@ def _remove_if_unused(created: list[Path], out: Path) -> None:
 def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, progress: bool):
     from torch.utils.data import DataLoader, default_collate
 
-    from tdfusion.data import SwapSources, detection_collate
+    from tdfusion.data import DetectionPairDataset, SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
 
     strategy = trainer.strategy
@@ -523,7 +567,8 @@ def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, pro
             f"{data_root}: {len(dataset)} training pair(s) found; a meta step needs two batches "
             f"of {recipe.batch_size}"
         )
-    collate = detection_collate if recipe.task == "detection" else default_collate
+    # Box lists differ in length from sample to sample; masks and names stack as usual.
+    collate = detection_collate if isinstance(dataset, DetectionPairDataset) else default_collate
     loader = DataLoader(
         dataset,
         batch_size=recipe.batch_size,
@@ -563,9 +608,10 @@ def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, pro
 def make_smoke_dataset(recipe: Recipe, folder: str | os.PathLike[str]) -> Path:
     """Lay out the bundled sample in the recipe's dataset format, for a quick end-to-end run.
 
-    Segmentation masks are derived from the sample's boxes (class 2 "person" and 1 "car" in
-    MSRS numbering inside boxes whose infrared is warm, 0 elsewhere); detection annotations are
-    the sample's boxes (written as YOLO or VOC files as the layout needs).
+    Segmentation masks are derived from the sample's boxes (inside each box the warmer half
+    of the infrared gets the box's class, 0 elsewhere); detection annotations are the
+    sample's boxes, written as YOLO or VOC files as the layout needs (see
+    ``tdfusion.data.sample.write_sample_layout``).
 
     Parameters
     ----------
@@ -579,73 +625,9 @@ def make_smoke_dataset(recipe: Recipe, folder: str | os.PathLike[str]) -> Path:
     pathlib.Path
         The dataset root.
     """
-    from PIL import Image
+    from tdfusion.data.layouts import LAYOUTS
+    from tdfusion.data.sample import write_sample_layout
 
-    from tdfusion.data import sample_dataset, sample_root
-
-    root = Path(folder)
-    sample = sample_dataset()
-    source = sample_root()
-    layouts = {
-        "msrs": ("train/ir", "train/vi"),
-        "fmb": ("train/Infrared", "train/Visible"),
-        "m3fd": ("Ir", "Vis"),
-        "llvip": ("infrared/train", "visible/train"),
-        "roadscene": ("ir", "vi"),
-    }
-    ir_folder, vis_folder = (root / part for part in layouts[recipe.dataset])
-    for folder_path in (ir_folder, vis_folder):
-        folder_path.mkdir(parents=True, exist_ok=True)
-    for index, name in enumerate(sample.names):
-        (ir_folder / f"{name}.png").write_bytes((source / "ir" / f"{name}.png").read_bytes())
-        (vis_folder / f"{name}.png").write_bytes((source / "vi" / f"{name}.png").read_bytes())
-        a, _, boxes = sample[index]
-        height, width = a.shape[-2:]
-        if recipe.task == "segmentation":
-            mask = np.zeros((height, width), dtype=np.uint8)
-            for label, xc, yc, w, h in boxes.tolist():
-                x0, x1 = int((xc - w / 2) * width), int((xc + w / 2) * width)
-                y0, y1 = int((yc - h / 2) * height), int((yc + h / 2) * height)
-                region = a[0, y0:y1, x0:x1].numpy()
-                warm = region > np.median(region)
-                mask[y0:y1, x0:x1][warm] = 2 if label == 0 else 1
-            mask = np.minimum(mask, recipe.num_classes - 1)
-            labels = "Segmentation_labels" if recipe.dataset == "msrs" else "Label"
-            label_folder = root / "train" / labels
-            label_folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(label_folder / f"{name}.png")
-        elif recipe.task == "none":
-            continue  # fusion pre-training reads no labels
-        elif recipe.dataset == "msrs":
-            label_folder = root / "train" / "labels"
-            label_folder.mkdir(parents=True, exist_ok=True)
-            (label_folder / f"{name}.txt").write_text(
-                (source / "labels" / f"{name}.txt").read_text()
-            )
-        else:
-            _write_voc(root, recipe, name, boxes, height, width)
-    return root
-
-
-_SAMPLE_TO_VOC = {"m3fd": {0: "People", 1: "Motorcycle", 2: "Car"}, "llvip": {0: "person"}}
-
-
-def _write_voc(root: Path, recipe: Recipe, name: str, boxes, height: int, width: int) -> None:
-    folder = root / ("Annotation" if recipe.dataset == "m3fd" else "Annotations")
-    folder.mkdir(parents=True, exist_ok=True)
-    names: Mapping[int, str] = _SAMPLE_TO_VOC[recipe.dataset]
-    objects = []
-    for label, xc, yc, w, h in boxes.tolist():
-        if int(label) not in names:
-            continue
-        x0, x1 = (xc - w / 2) * width, (xc + w / 2) * width
-        y0, y1 = (yc - h / 2) * height, (yc + h / 2) * height
-        objects.append(
-            f"<object><name>{names[int(label)]}</name><bndbox><xmin>{x0:.1f}</xmin>"
-            f"<ymin>{y0:.1f}</ymin><xmax>{x1:.1f}</xmax><ymax>{y1:.1f}</ymax></bndbox></object>"
-        )
-    (folder / f"{name}.xml").write_text(
-        f"<annotation><size><width>{width}</width><height>{height}</height></size>"
-        + "".join(objects)
-        + "</annotation>\n"
-    )
+    layout = _known(LAYOUTS, recipe.dataset, "dataset", recipe)
+    task = None if recipe.task == "none" else recipe.task
+    return write_sample_layout(layout, folder, task, num_classes=recipe.num_classes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 
 from tdfusion.data.io import read_luma_pair
 from tdfusion.data.labels import read_mask, read_voc_boxes, read_yolo_boxes
+from tdfusion.data.layouts import LAYOUTS, DatasetLayout, find_folder
 from tdfusion.errors import DataError
-from tdfusion.files import IMAGE_SUFFIXES, list_images
+from tdfusion.files import pair_folders
 
 __all__ = [
     "DetectionPairDataset",
@@ -33,82 +34,9 @@ __all__ = [
     "SegmentationPairDataset",
 ]
 
-MSRS_SEGMENTATION_CLASSES = (
-    "unlabelled",
-    "car",
-    "person",
-    "bike",
-    "curve",
-    "car stop",
-    "guardrail",
-    "color cone",
-    "bump",
-)
-MSRS_DETECTION_CLASSES = ("person", "bicycle", "car")
-FMB_CLASSES = (
-    "unlabelled",
-    "road",
-    "sidewalk",
-    "building",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "sky",
-    "person",
-    "car",
-    "truck",
-    "bus",
-    "motorcycle",
-    "bicycle",
-    "pole",
-)
-M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
-LLVIP_CLASSES = ("person",)
-
 
 def _require_folder(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise DataError(f"{what} folder {path} does not exist")
-    return path
-
-
-def _images_with_suffix(
-    folder: Path, role: str, extensions: Sequence[str] | None
-) -> dict[str, Path]:
-    images = list_images(folder, role)
-    if extensions is None:
-        return images
-    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    unsupported = sorted(wanted - set(IMAGE_SUFFIXES))
-    if unsupported:
-        raise ValueError(
-            f"unsupported image extensions {unsupported}; supported: {', '.join(IMAGE_SUFFIXES)}"
-        )
-    images = {stem: path for stem, path in images.items() if path.suffix.lower() in wanted}
-    if not images:
-        raise DataError(f"{role} folder {folder} holds no {', '.join(sorted(wanted))} image")
-    return images
-
-
-def _first_few(names: Sequence[str], count: int = 3) -> str:
-    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
-
-
-def _pair_by_stem(
-    ir_dir: Path, vis_dir: Path, extensions: Sequence[str] | None
-) -> dict[str, dict[str, Path]]:
-    infrared = _images_with_suffix(ir_dir, "infrared", extensions)
-    visible = _images_with_suffix(vis_dir, "visible", extensions)
-    only_infrared = [infrared[s].name for s in infrared if s not in visible]
-    only_visible = [visible[s].name for s in visible if s not in infrared]
-    if only_infrared or only_visible:
-        sides = [
-            f"{len(files)} only in {folder} ({_first_few(files)})"
-            for files, folder in ((only_infrared, ir_dir), (only_visible, vis_dir))
-            if files
-        ]
-        raise DataError("unpaired images (pairs are matched by file stem): " + "; ".join(sides))
-    return {stem: {"infrared": infrared[stem], "visible": visible[stem]} for stem in infrared}
+    return find_folder([path], what)
 
 
 class PairedImageDataset(Dataset):
@@ -148,7 +76,7 @@ class PairedImageDataset(Dataset):
         names: Sequence[str] | None = None,
         extensions: Sequence[str] | None = None,
     ) -> None:
-        pairs = _pair_by_stem(Path(ir_dir), Path(vis_dir), extensions)
+        pairs = dict(pair_folders({"infrared": ir_dir, "visible": vis_dir}, extensions=extensions))
         if names is not None:
             unknown = [n for n in names if n not in pairs]
             if unknown:
@@ -302,11 +230,84 @@ class SegmentationPairDataset(PairedImageDataset):
         return a, b, mask
 
 
-def _first_folder(candidates: Sequence[Path], what: str) -> Path:
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise DataError(f"no {what} folder found; looked for " + ", ".join(str(c) for c in candidates))
+def keep_every(dataset: PairedImageDataset, stride: int) -> PairedImageDataset:
+    """Keep every ``stride``-th pair of ``dataset`` (sorted by name); changes it in place.
+
+    Parameters
+    ----------
+    dataset : PairedImageDataset
+        The dataset.
+    stride : int
+        1 keeps every pair (the paper's LLVIP protocol uses 10).
+
+    Returns
+    -------
+    PairedImageDataset
+        ``dataset``.
+
+    Raises
+    ------
+    ValueError
+        If ``stride`` is below 1.
+    """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    dataset.names = sorted(dataset.names)[::stride]
+    return dataset
+
+
+def layout_dataset(
+    layout: DatasetLayout,
+    root: str | os.PathLike[str],
+    split: str | None,
+    task: str = "fusion",
+    *,
+    label_set: str = "fusion",
+    mask_size: tuple[int, int] | None = None,
+    transform: Callable[[tuple], tuple] | None = None,
+) -> PairedImageDataset:
+    """The dataset of a root in one of the standard layouts, for one task.
+
+    Parameters
+    ----------
+    layout : DatasetLayout
+        The layout (a value of :data:`tdfusion.data.layouts.LAYOUTS`).
+    root : str or os.PathLike
+        Dataset root.
+    split : str or None
+        Split folder (``None``: none).
+    task : str
+        A task of ``layout.labels``, or ``"fusion"`` (no labels; the target is the stem).
+    label_set : str
+        Annotation set, where the layout has several.
+    mask_size : (int, int), optional
+        Resize segmentation masks to this size.
+    transform : callable, optional
+        Paired transform.
+
+    Returns
+    -------
+    PairedImageDataset
+        A :class:`PairedImageDataset`, :class:`SegmentationPairDataset` or
+        :class:`DetectionPairDataset`.
+    """
+    ir_dir, vis_dir = layout.sources(root, split)
+    if task == "fusion":
+        return PairedImageDataset(ir_dir, vis_dir, transform=transform)
+    labels = layout.labels[task]
+    label_dir = layout.label_folder(task, root, split, label_set)
+    if labels.format == "mask":
+        return SegmentationPairDataset(
+            ir_dir,
+            vis_dir,
+            label_dir,
+            len(labels.classes),
+            mask_size=mask_size,
+            transform=transform,
+        )
+    return DetectionPairDataset(
+        ir_dir, vis_dir, label_dir, labels.classes, label_format=labels.format, transform=transform
+    )
 
 
 def MSRSDataset(
@@ -360,30 +361,14 @@ def MSRSDataset(
     """
     if task not in ("segmentation", "detection", "fusion"):
         raise ValueError(f"task must be 'segmentation', 'detection' or 'fusion', got {task!r}")
-    root = Path(root)
-    base = root / split if split else root
-    ir_dir, vis_dir = (
-        _require_folder(base / "ir", "MSRS infrared"),
-        _require_folder(base / "vi", "MSRS visible"),
-    )
-    if task == "fusion":
-        return PairedImageDataset(ir_dir, vis_dir, transform=transform)
-    if task == "segmentation":
-        return SegmentationPairDataset(
-            ir_dir,
-            vis_dir,
-            base / "Segmentation_labels",
-            len(MSRS_SEGMENTATION_CLASSES),
-            mask_size=mask_size,
-            transform=transform,
-        )
-    candidates = [base / "labels", base / "label" / label_set]
-    if split:
-        candidates.append(root / "label" / label_set / split)
-    candidates.append(root / "label" / label_set)
-    label_dir = _first_folder(candidates, "MSRS detection label")
-    return DetectionPairDataset(
-        ir_dir, vis_dir, label_dir, MSRS_DETECTION_CLASSES, transform=transform
+    return layout_dataset(
+        LAYOUTS["msrs"],
+        root,
+        split,
+        task,
+        label_set=label_set,
+        mask_size=mask_size,
+        transform=transform,
     )
 
 
@@ -414,15 +399,10 @@ def FMBDataset(
     SegmentationPairDataset
         The dataset.
     """
-    base = Path(root) / split
-    return SegmentationPairDataset(
-        _require_folder(base / "Infrared", "FMB infrared"),
-        _require_folder(base / "Visible", "FMB visible"),
-        base / "Label",
-        len(FMB_CLASSES),
-        mask_size=mask_size,
-        transform=transform,
+    dataset = layout_dataset(
+        LAYOUTS["fmb"], root, split, "segmentation", mask_size=mask_size, transform=transform
     )
+    return cast(SegmentationPairDataset, dataset)
 
 
 def M3FDDataset(
@@ -458,14 +438,9 @@ def M3FDDataset(
     DetectionPairDataset
         The dataset.
     """
-    root = Path(root)
-    full = DetectionPairDataset(
-        _require_folder(root / "Ir", "M3FD infrared"),
-        _require_folder(root / "Vis", "M3FD visible"),
-        root / "Annotation",
-        M3FD_CLASSES,
-        label_format="voc",
-        transform=transform,
+    full = cast(
+        DetectionPairDataset,
+        layout_dataset(LAYOUTS["m3fd"], root, None, "detection", transform=transform),
     )
     if split == "all":
         return full
@@ -521,26 +496,6 @@ def LLVIPDataset(
     """
     if task not in ("detection", "fusion"):
         raise ValueError(f"task must be 'detection' or 'fusion', got {task!r}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    root = Path(root)
-
-    def source_folder(names: tuple[str, str], what: str) -> Path:
-        candidates = [root / name / split if split else root / name for name in names]
-        return _first_folder(candidates, what)
-
-    ir_dir = source_folder(("infrared", "ir"), "LLVIP infrared")
-    vis_dir = source_folder(("visible", "vi"), "LLVIP visible")
-    if task == "fusion":
-        dataset = PairedImageDataset(ir_dir, vis_dir, transform=transform)
-    else:
-        dataset = DetectionPairDataset(
-            ir_dir,
-            vis_dir,
-            root / "Annotations",
-            LLVIP_CLASSES,
-            label_format="voc",
-            transform=transform,
-        )
-    dataset.names = sorted(dataset.names)[::stride]
-    return dataset
+    return keep_every(
+        layout_dataset(LAYOUTS["llvip"], root, split, task, transform=transform), stride
+    )

@@ -294,3 +294,16 @@ class BatchPreparer:
                     stacklevel=3,
                 )
         return a, b, move_target(target, self.device, self.dtype)
+
+
+def prepare_meta_batches(trainer: Any, meta_train: Batch, meta_test: Batch) -> tuple[tuple, tuple]:
+    """``(a, b, target, crop_a, crop_b)`` and ``(a, b, target)``: the crop on which the
+    fusion loss is computed is drawn here, once, before anything is differentiated.
+
+    This is the method ``MetaFusionTrainer._prepare_meta``: the batches are checked and moved
+    by the trainer's :class:`BatchPreparer`, the crop drawn from its generator.
+    """
+    a, b, target = trainer._prepare(meta_train, "meta_train")
+    test = trainer._prepare(meta_test, "meta_test")
+    crop = random_crop(a, b, trainer.fusion_crop, trainer.generator, "meta_train")
+    return (a, b, target, *crop), test

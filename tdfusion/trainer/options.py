@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+
+from tdfusion.distributed import describe_replica
 
 __all__ = [
     "CONFIG_KEYS",
@@ -204,3 +206,36 @@ def trainer_config(trainer: Any) -> dict[str, Any]:
     if not isinstance(trainer.inner_optimizer, str):  # nor can a transformation
         del config["inner_optimizer"]
     return config
+
+
+def join_replicas(trainer: Any, ddp_options: Mapping[str, Any] | None) -> None:
+    """Check that every rank built the same trainer, wrap ``F`` and ``T`` with the strategy
+    (``ddp_options`` for ``DistributedDataParallel``) and start from rank 0's ``G`` and crop
+    generator; in one process only the wrapping's no-op remains.
+
+    The last step of ``MetaFusionTrainer.__init__``.
+
+    Raises
+    ------
+    DistributedError
+        If the ranks' trainers differ (configuration, parameter shapes, device type, dtype).
+    """
+    # All ranks must have built the same trainer; they start from rank 0's state.
+    trainer.strategy.check_same(
+        describe_replica(
+            config=trainer.config(),
+            fusion_model=trainer.fusion_model,
+            loss_generator=trainer.loss_generator,
+            task=trainer.task_loss if isinstance(trainer.task_loss, torch.nn.Module) else None,
+            device_type=trainer.device.type,
+            dtype=str(trainer.dtype),
+        )
+    )
+    ddp = dict(ddp_options or {})
+    task = trainer.task_module
+    trainer._fusion_replica = trainer.strategy.wrap(trainer.fusion_model, **ddp)
+    trainer._task_replica = (
+        trainer.task_loss if task is None else trainer.strategy.wrap(task, **ddp)
+    )
+    trainer.strategy.start_from_main(trainer.loss_generator)
+    trainer.generator.set_state(trainer.strategy.broadcast_object(trainer.generator.get_state()))

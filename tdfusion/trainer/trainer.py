@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdfusion.distributed import Strategy, describe_replica, select_strategy
+from tdfusion.distributed import Strategy, select_strategy
 from tdfusion.losses import LearnableFusionLoss
 from tdfusion.trainer import checkpoint as checkpoints
 from tdfusion.trainer import loop
@@ -24,6 +24,7 @@ from tdfusion.trainer.batches import (
     BatchPreparer,
     crop_size,
     module_dtype,
+    prepare_meta_batches,
     random_crop,
     resize_for_task,
 )
@@ -45,6 +46,7 @@ from tdfusion.trainer.options import (
     SchedulerFactory,
     TaskLoss,
     check_arguments,
+    join_replicas,
     make_optimizers,
     trainer_config,
 )
@@ -294,24 +296,7 @@ class MetaFusionTrainer:
         #: Shuffling seed of the DistributedSampler that fit() reads the data through.
         self.data_seed: int | None = None
 
-        # All ranks must have built the same trainer; they start from rank 0's state.
-        self.strategy.check_same(
-            describe_replica(
-                config=self.config(),
-                fusion_model=self.fusion_model,
-                loss_generator=self.loss_generator,
-                task=self.task_loss if isinstance(self.task_loss, nn.Module) else None,
-                device_type=self.device.type,
-                dtype=str(self.dtype),
-            )
-        )
-        ddp = dict(ddp_options or {})
-        self._fusion_replica: nn.Module = self.strategy.wrap(self.fusion_model, **ddp)
-        self._task_replica: Callable[..., torch.Tensor] = (
-            self.task_loss if task is None else self.strategy.wrap(task, **ddp)
-        )
-        self.strategy.start_from_main(self.loss_generator)
-        self.generator.set_state(self.strategy.broadcast_object(self.generator.get_state()))
+        join_replicas(self, ddp_options)
 
     @property
     def is_main_process(self) -> bool:
@@ -343,13 +328,7 @@ class MetaFusionTrainer:
 
     config = trainer_config  # the hyper-parameters saved in checkpoints (options.py)
 
-    def _prepare_meta(self, meta_train: Batch, meta_test: Batch) -> tuple[Prepared, Prepared]:
-        """``(a, b, target, crop_a, crop_b)`` and ``(a, b, target)``: the crop on which the
-        fusion loss is computed is drawn here, once, before anything is differentiated."""
-        a, b, target = self._prepare(meta_train, "meta_train")
-        test = self._prepare(meta_test, "meta_test")
-        crop = random_crop(a, b, self.fusion_crop, self.generator, "meta_train")
-        return (a, b, target, *crop), test
+    _prepare_meta = prepare_meta_batches
 
     # ------------------------------------------------------------------ meta step
     def _inner_step(
