@@ -10,7 +10,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ __all__ = [
     "atomic_path",
     "atomic_save",
     "list_images",
+    "missing_folders",
     "output_lock",
     "pair_folders",
     "remove_stale_temporaries",
+    "remove_unused_folders",
     "temporary_name",
 ]
 
@@ -499,3 +501,34 @@ def output_lock(
         yield lock_file
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def missing_folders(folder: str | os.PathLike[str]) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first.
+
+    Example
+    -------
+    >>> [p.name for p in missing_folders(Path("new") / "deeper")]
+    ['deeper', 'new']
+    """
+    missing = []
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_unused_folders(created: Sequence[Path], out: Path, own_files: Collection[str]) -> None:
+    """After a failed start, remove the folders a run created (``created``, innermost first,
+    as :func:`missing_folders` lists them) when ``out`` holds nothing but the ``own_files`` the
+    run itself wrote before failing; those files go too."""
+    if not created or not {path.name for path in out.iterdir()} <= set(own_files):
+        return
+    for name in own_files:
+        (out / name).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was put there meanwhile
+            return

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tdfusion.errors import DataError
-from tdfusion.files import LOCK_NAME, output_lock
+from tdfusion.files import LOCK_NAME, missing_folders, output_lock, remove_unused_folders
 
 __all__ = [
     "RECIPES",
@@ -153,54 +153,43 @@ RECIPES: dict[str, Recipe] = {
     "fmb-segmentation": Recipe("fmb-segmentation", "fmb", "segmentation", 15, (300, 400)),
     "m3fd-detection": Recipe("m3fd-detection", "m3fd", "detection", 6, (192, 256)),
     "llvip-detection": Recipe("llvip-detection", "llvip", "detection", 1, (256, 320), stride=10),
-    # The bundled "tdfusion-ivif" fusion weights, first stage: ReFusionNet under the fusion
-    # loss with the fixed max-intensity weighting, no task, on the 221 RoadScene pairs (see the
-    # model card).
-    "roadscene-pretrain": Recipe(
-        "roadscene-pretrain",
-        "roadscene",
-        "none",
-        0,
-        None,
-        fusion_crop=None,
-        epochs=12,
-        meta_steps=0,
-        batch_size=8,
-        swap=False,
-        lr=1e-3,
-        step_size=20,
-        gamma=0.3,
-        loss_weights="max_intensity",
-        alpha=0.5,
-        data_crop=128,
-        exposure_augment=True,
-    ),
-    # Its second stage, from the first stage's weights: the intensity term weighs more (alpha
-    # 0.1) and the darkening includes a gamma, so that the fused image keeps the target's black
-    # and white levels (RoadScene's brightest source is rarely darker than 90 grey levels).
-    "roadscene-finetune": Recipe(
-        "roadscene-finetune",
-        "roadscene",
-        "none",
-        0,
-        None,
-        fusion_crop=None,
-        epochs=8,
-        meta_steps=0,
-        batch_size=8,
-        swap=False,
-        lr=3e-4,
-        step_size=20,
-        gamma=0.3,
-        loss_weights="max_intensity",
-        alpha=0.1,
-        data_crop=128,
-        exposure_augment=True,
-        exposure_gamma=4.0,
-        seed=1,
-        init_weights="runs/roadscene-pretrain/fusion_model.pt",
-    ),
 }
+
+#: The bundled "tdfusion-ivif" fusion weights, first stage: ReFusionNet under the fusion loss
+#: with the fixed max-intensity weighting, no task, on the 221 RoadScene pairs (model card:
+#: tdfusion/nets/weights/tdfusion_ivif.md).
+_PRETRAIN = Recipe(
+    "roadscene-pretrain",
+    "roadscene",
+    "none",
+    0,
+    None,
+    fusion_crop=None,
+    epochs=12,
+    meta_steps=0,
+    batch_size=8,
+    swap=False,
+    lr=1e-3,
+    step_size=20,
+    gamma=0.3,
+    loss_weights="max_intensity",
+    alpha=0.5,
+    data_crop=128,
+    exposure_augment=True,
+)
+RECIPES["roadscene-pretrain"] = _PRETRAIN
+# Its second stage, from the first stage's weights: the intensity term weighs more (alpha 0.1)
+# and the darkening includes a gamma, so that the fused image keeps the target's black and
+# white levels (RoadScene's brighter source is rarely darker than 90 grey levels).
+RECIPES["roadscene-finetune"] = _PRETRAIN.replace(
+    name="roadscene-finetune",
+    epochs=8,
+    lr=3e-4,
+    alpha=0.1,
+    exposure_gamma=4.0,
+    seed=1,
+    init_weights="runs/roadscene-pretrain/fusion_model.pt",
+)
 
 
 def load_recipe(
@@ -435,9 +424,9 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
             )
         generator = FixedLossWeights(recipe.loss_weights)  # type: ignore[arg-type]
     return MetaFusionTrainer(
-        ReFusionNet() if recipe.init_weights is None else ReFusionNet.from_pretrained(
-            recipe.init_weights
-        ),
+        ReFusionNet()
+        if recipe.init_weights is None
+        else ReFusionNet.from_pretrained(recipe.init_weights),
         build_task(recipe),
         generator,
         LearnableFusionLoss(alpha=recipe.alpha),
@@ -510,7 +499,7 @@ def train(
     trainer = build_trainer(recipe, device)
     strategy = trainer.strategy
     out = Path(out)
-    created = _missing_folders(out)
+    created = missing_folders(out)
     with contextlib.ExitStack() as stack:
         if strategy.is_main:
             stack.enter_context(output_lock(out, purpose="training"))
@@ -519,36 +508,10 @@ def train(
         except BaseException:
             stack.close()
             if strategy.is_main:
-                _remove_if_unused(created, out)
+                remove_unused_folders(created, out, {LOCK_NAME, "recipe.json"})
             raise
     strategy.barrier()
     return trainer
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, innermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_if_unused(created: list[Path], out: Path) -> None:
-    """After a failed start, remove the output folders this run created if they hold nothing
-    but what the run itself wrote before training (the lock and ``recipe.json``)."""
-    if not created:
-        return
-    leftovers = {LOCK_NAME, "recipe.json"}
-    if not {path.name for path in out.iterdir()} <= leftovers:
-        return
-    for name in leftovers:
-        (out / name).unlink(missing_ok=True)
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty: something else was put there meanwhile
-            return
 
 
 def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, progress: bool):
