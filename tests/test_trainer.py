@@ -769,3 +769,151 @@ def test_loggers_write_on_the_main_process_only(tmp_path, monkeypatch, main_proc
         )
     else:
         assert _RecordingSummaryWriter.created == []
+
+
+# ---------------------------------------------------------------------- faults (issue 13)
+def full_state(trainer) -> dict:
+    """Every parameter, buffer and optimiser state of F, G and T, copied."""
+    modules = {"F": trainer.fusion_model, "G": trainer.loss_generator}
+    if isinstance(trainer.task_loss, nn.Module):
+        modules["T"] = trainer.task_loss
+    state = {key: module.state_dict() for key, module in modules.items()}
+    state.update({f"optimizer {k}": o.state_dict() for k, o in trainer.optimizers.items()})
+    return copy.deepcopy(state)
+
+
+def assert_same_state(before, after, where=""):
+    """Equal values, NaN included (a NaN that appeared counts as a change)."""
+    if isinstance(before, torch.Tensor):
+        assert torch.equal(before, after), f"{where} changed"
+    elif isinstance(before, dict):
+        assert before.keys() == after.keys(), f"{where} keys changed"
+        for key in before:
+            assert_same_state(before[key], after[key], f"{where}[{key!r}]")
+    elif isinstance(before, (list, tuple)):
+        assert len(before) == len(after), f"{where} length changed"
+        for index, (x, y) in enumerate(zip(before, after)):
+            assert_same_state(x, y, f"{where}[{index}]")
+    else:
+        assert before == after, f"{where} changed"
+
+
+def with_nan_pixel(batch):
+    a, b, target = batch
+    a = a.clone()
+    a[0, 0, 3, 4] = float("nan")
+    return a, b, target
+
+
+def run_under_policy(on_nonfinite: str, step, match: str):
+    """Call ``step``: it must warn and report ``skipped`` ("skip"), or raise ("raise")."""
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteLossError, match=match):
+            step()
+    else:
+        with pytest.warns(RuntimeWarning, match=match + ".*update skipped"):
+            stats = step()
+        assert stats["skipped"] == 1.0
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_a_fusion_step_with_a_nan_pixel_changes_nothing(on_nonfinite):
+    trainer = make_trainer("module", on_nonfinite=on_nonfinite, optimizer="adam")
+    trainer.fusion_step(make_batch(1))  # the optimisers have state, T's statistics have moved
+    before = full_state(trainer)
+    run_under_policy(
+        on_nonfinite,
+        lambda: trainer.fusion_step(with_nan_pixel(make_batch(2))),
+        "non-finite value in the fusion step",
+    )
+    assert_same_state(before, full_state(trainer))
+    assert torch.isfinite(
+        trainer.task_loss(trainer.fusion_model(*make_batch(3)[:2]), make_batch(3)[2])
+    )
+    assert trainer.fusion_step(make_batch(4))["skipped"] == 0.0  # and training goes on
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+@pytest.mark.parametrize("trainable_task", [True, False], ids=["T", "frozen-T"])
+def test_a_meta_step_with_a_nan_pixel_changes_nothing(on_nonfinite, trainable_task):
+    trainer = make_trainer("module", on_nonfinite=on_nonfinite)
+    if not trainable_task:  # called as it is, in training mode, by the outer loss
+        trainer.task_loss.requires_grad_(False)
+    trainer.meta_step(make_batch(1), make_batch(2))
+    before = full_state(trainer)
+    run_under_policy(
+        on_nonfinite,
+        lambda: trainer.meta_step(make_batch(3), with_nan_pixel(make_batch(4))),
+        "non-finite value in the meta step",
+    )
+    assert_same_state(before, full_state(trainer))
+
+
+def sqrt_at_zero(fused: torch.Tensor) -> torch.Tensor:
+    """Zero, with an infinite gradient: d sqrt(x)/dx at x = 0."""
+    return torch.sqrt(fused - fused.detach()).mean()
+
+
+def fusion_loss_with_an_infinite_gradient(fused, a, b, weights):
+    loss = (weights[:, :1] * (fused - a) ** 2 + weights[:, 1:] * (fused - b) ** 2).mean()
+    return loss + sqrt_at_zero(fused)
+
+
+class TaskWithAnInfiniteGradient(TinySegmentation):
+    def forward(self, fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.relu(self.norm(self.conv(fused))))
+        return F.cross_entropy(logits, masks) + sqrt_at_zero(logits)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+@pytest.mark.parametrize("grad_clip", [None, 1.0], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("culprit", ["fusion_model", "task"])
+def test_an_infinite_gradient_with_a_finite_loss_changes_nothing(on_nonfinite, grad_clip, culprit):
+    kwargs = dict(on_nonfinite=on_nonfinite, grad_clip=grad_clip, optimizer="adam")
+    if culprit == "fusion_model":
+        kwargs["fusion_loss"] = fusion_loss_with_an_infinite_gradient
+    trainer = make_trainer("module", **kwargs)
+    if culprit == "task":
+        trainer.task_loss.load_state_dict(TinySegmentation().double().state_dict())
+        trainer.task_loss.__class__ = TaskWithAnInfiniteGradient
+    before = full_state(trainer)
+    run_under_policy(
+        on_nonfinite,
+        lambda: trainer.fusion_step(make_batch(1)),
+        rf"NaN or infinite gradient in the fusion step at epoch 0, global step 0: {culprit}\.",
+    )
+    assert_same_state(before, full_state(trainer))
+    assert all(p.grad is None for p in trainer.fusion_model.parameters())
+
+
+def test_a_nan_anywhere_in_the_hypergradient_skips_the_meta_step(monkeypatch):
+    trainer = make_trainer("callable", on_nonfinite="skip")
+    hypergradient = trainer._hypergradient
+
+    def poisoned(*args):
+        gradients, tensors = hypergradient(*args)
+        last = list(gradients)[-1]  # after finite ones: Python's max() would not see it
+        gradients[last] = gradients[last].clone().fill_(float("nan"))
+        return gradients, tensors
+
+    monkeypatch.setattr(trainer, "_hypergradient", poisoned)
+    before = full_state(trainer)
+    with pytest.warns(RuntimeWarning, match="hypergradient_max=nan; update skipped"):
+        stats = trainer.meta_step(*task_batches("callable"))
+    assert stats["skipped"] == 1.0
+    assert_same_state(before, full_state(trainer))
+
+
+def test_a_checkpoint_holding_nan_is_refused_and_the_last_one_kept(tmp_path):
+    trainer = make_trainer("module")
+    trainer.save(tmp_path / "ckpt.pt")
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with torch.no_grad():
+        trainer.task_loss.norm.running_var[1] = float("inf")
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"refusing to write checkpoint .*ckpt\.pt: models\['task'\].*running_var'\] holds",
+    ):
+        trainer.save(tmp_path / "ckpt.pt")
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

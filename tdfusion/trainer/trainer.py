@@ -460,8 +460,9 @@ class MetaFusionTrainer:
     def meta_step(self, meta_train: Batch, meta_test: Batch) -> dict[str, float]:
         """One generator update (paper Eq. 6) from a meta-train and a meta-test batch.
 
-        ``F`` and ``T`` are left as they were (parameters and buffers); only ``G`` changes,
-        and only when the losses and every coordinate of the hypergradient are finite.
+        ``F`` and ``T`` are left as they were (parameters and buffers); only ``G``'s
+        parameters and optimiser state change, and only when the losses and every coordinate
+        of the hypergradient are finite.
         In a distributed run every rank calls it with its own batches; all ranks take the same
         step, that of the global batches, and return the same (averaged) statistics.
 
@@ -486,25 +487,39 @@ class MetaFusionTrainer:
             )
         self.fusion_model.train()
         self.loss_generator.train()
-        if isinstance(self.task_loss, nn.Module):
-            self.task_loss.train()
+        task = self.task_loss if isinstance(self.task_loss, nn.Module) else None
+        if task is not None:
+            task.train()
+        # The trainable networks run on private copies of their buffers, but a task module
+        # without trainable parameters is called as it is, in training mode: whatever the
+        # step's outcome, its batch-norm statistics (and any other buffer) are put back.
+        restore_buffers = snapshot_buffers(self.fusion_model, self.loss_generator, task)
+        try:
+            return self._meta_update(self.generator_optimizer, meta_train, meta_test)
+        finally:
+            restore_buffers()
+
+    def _meta_update(
+        self, optimizer: torch.optim.Optimizer, meta_train: Batch, meta_test: Batch
+    ) -> dict[str, float]:
+        """The meta step after its modes are set: hypergradient, the non-finite rule, G's step."""
         hypergradient, tensors = self._hypergradient(*self._prepare_meta(meta_train, meta_test))
         # torch's max, unlike Python's, is NaN when any value is: a NaN anywhere skips the step.
         magnitudes = [g.detach().abs().amax() for g in hypergradient.values() if g.numel()]
         largest = float(torch.stack(magnitudes).max()) if magnitudes else 0.0
-        lr = self.generator_optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"]
         stats = self._summarise("meta step", tensors, hypergradient_max=largest, generator_lr=lr)
         if stats["skipped"]:
             return stats
         # The generator's update rule: "normalized" divides by max|g| over all of G.
-        self.generator_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         for name, param in trainable_parameters(self.loss_generator).items():
             grad = hypergradient[name]
             if self.generator_update == "normalized":
                 grad = grad / largest if largest > 0 else torch.zeros_like(grad)
             param.grad = grad.detach()
-        self.generator_optimizer.step()
-        self.generator_optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return stats
 
     # ------------------------------------------------------------------ fusion step
