@@ -625,7 +625,8 @@ def test_checkpoint_is_written_atomically_and_loads_with_weights_only(tmp_path):
         checkpoint=tmp_path / "ckpt.pt",
         progress=False,
     )
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    # No temporary file left behind; the checkpoint's lock file stays (it holds no lock).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.pt.lock", "ckpt.pt"]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["format"] == "tdfusion.trainer" and checkpoint["epoch"] == 1
     assert set(checkpoint["optimizers"]) == {"fusion", "generator", "task"}
@@ -768,3 +769,412 @@ def test_loggers_write_on_the_main_process_only(tmp_path, monkeypatch, main_proc
         )
     else:
         assert _RecordingSummaryWriter.created == []
+
+
+# ---------------------------------------------------------------------- faults (issue 13)
+def full_state(trainer) -> dict:
+    """Every parameter, buffer and optimiser state of F, G and T, copied."""
+    modules = {"F": trainer.fusion_model, "G": trainer.loss_generator}
+    if isinstance(trainer.task_loss, nn.Module):
+        modules["T"] = trainer.task_loss
+    state = {key: module.state_dict() for key, module in modules.items()}
+    state.update({f"optimizer {k}": o.state_dict() for k, o in trainer.optimizers.items()})
+    return copy.deepcopy(state)
+
+
+def assert_same_state(before, after, where=""):
+    """Equal values, NaN included (a NaN that appeared counts as a change)."""
+    if isinstance(before, torch.Tensor):
+        assert torch.equal(before, after), f"{where} changed"
+    elif isinstance(before, dict):
+        assert before.keys() == after.keys(), f"{where} keys changed"
+        for key in before:
+            assert_same_state(before[key], after[key], f"{where}[{key!r}]")
+    elif isinstance(before, (list, tuple)):
+        assert len(before) == len(after), f"{where} length changed"
+        for index, (x, y) in enumerate(zip(before, after)):
+            assert_same_state(x, y, f"{where}[{index}]")
+    else:
+        assert before == after, f"{where} changed"
+
+
+def with_nan_pixel(batch):
+    a, b, target = batch
+    a = a.clone()
+    a[0, 0, 3, 4] = float("nan")
+    return a, b, target
+
+
+def run_under_policy(on_nonfinite: str, step, match: str):
+    """Call ``step``: it must warn and report ``skipped`` ("skip"), or raise ("raise")."""
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteLossError, match=match):
+            step()
+    else:
+        with pytest.warns(RuntimeWarning, match=match + ".*update skipped"):
+            stats = step()
+        assert stats["skipped"] == 1.0
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_a_fusion_step_with_a_nan_pixel_changes_nothing(on_nonfinite):
+    trainer = make_trainer("module", on_nonfinite=on_nonfinite, optimizer="adam")
+    trainer.fusion_step(make_batch(1))  # the optimisers have state, T's statistics have moved
+    before = full_state(trainer)
+    run_under_policy(
+        on_nonfinite,
+        lambda: trainer.fusion_step(with_nan_pixel(make_batch(2))),
+        "non-finite value in the fusion step",
+    )
+    assert_same_state(before, full_state(trainer))
+    assert torch.isfinite(
+        trainer.task_loss(trainer.fusion_model(*make_batch(3)[:2]), make_batch(3)[2])
+    )
+    assert trainer.fusion_step(make_batch(4))["skipped"] == 0.0  # and training goes on
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+@pytest.mark.parametrize("trainable_task", [True, False], ids=["T", "frozen-T"])
+def test_a_meta_step_with_a_nan_pixel_changes_nothing(on_nonfinite, trainable_task):
+    trainer = make_trainer("module", on_nonfinite=on_nonfinite)
+    if not trainable_task:  # called as it is, in training mode, by the outer loss
+        trainer.task_loss.requires_grad_(False)
+    trainer.meta_step(make_batch(1), make_batch(2))
+    before = full_state(trainer)
+    run_under_policy(
+        on_nonfinite,
+        lambda: trainer.meta_step(make_batch(3), with_nan_pixel(make_batch(4))),
+        "non-finite value in the meta step",
+    )
+    assert_same_state(before, full_state(trainer))
+
+
+def sqrt_at_zero(fused: torch.Tensor) -> torch.Tensor:
+    """Zero, with an infinite gradient: d sqrt(x)/dx at x = 0."""
+    return torch.sqrt(fused - fused.detach()).mean()
+
+
+def fusion_loss_with_an_infinite_gradient(fused, a, b, weights):
+    loss = (weights[:, :1] * (fused - a) ** 2 + weights[:, 1:] * (fused - b) ** 2).mean()
+    return loss + sqrt_at_zero(fused)
+
+
+class TaskWithAnInfiniteGradient(TinySegmentation):
+    def forward(self, fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.relu(self.norm(self.conv(fused))))
+        return F.cross_entropy(logits, masks) + sqrt_at_zero(logits)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+@pytest.mark.parametrize("grad_clip", [None, 1.0], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("culprit", ["fusion_model", "task"])
+def test_an_infinite_gradient_with_a_finite_loss_changes_nothing(on_nonfinite, grad_clip, culprit):
+    kwargs = dict(on_nonfinite=on_nonfinite, grad_clip=grad_clip, optimizer="adam")
+    if culprit == "fusion_model":
+        kwargs["fusion_loss"] = fusion_loss_with_an_infinite_gradient
+    trainer = make_trainer("module", **kwargs)
+    if culprit == "task":
+        trainer.task_loss.load_state_dict(TinySegmentation().double().state_dict())
+        trainer.task_loss.__class__ = TaskWithAnInfiniteGradient
+    before = full_state(trainer)
+    run_under_policy(
+        on_nonfinite,
+        lambda: trainer.fusion_step(make_batch(1)),
+        rf"NaN or infinite gradient in the fusion step at epoch 0, global step 0: {culprit}\.",
+    )
+    assert_same_state(before, full_state(trainer))
+    assert all(p.grad is None for p in trainer.fusion_model.parameters())
+
+
+def test_a_nan_anywhere_in_the_hypergradient_skips_the_meta_step(monkeypatch):
+    trainer = make_trainer("callable", on_nonfinite="skip")
+    hypergradient = trainer._hypergradient
+
+    def poisoned(*args):
+        gradients, tensors = hypergradient(*args)
+        last = list(gradients)[-1]  # after finite ones: Python's max() would not see it
+        gradients[last] = gradients[last].clone().fill_(float("nan"))
+        return gradients, tensors
+
+    monkeypatch.setattr(trainer, "_hypergradient", poisoned)
+    before = full_state(trainer)
+    with pytest.warns(RuntimeWarning, match="hypergradient_max=nan; update skipped"):
+        stats = trainer.meta_step(*task_batches("callable"))
+    assert stats["skipped"] == 1.0
+    assert_same_state(before, full_state(trainer))
+
+
+def test_a_checkpoint_holding_nan_is_refused_and_the_last_one_kept(tmp_path):
+    trainer = make_trainer("module")
+    trainer.save(tmp_path / "ckpt.pt")
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with torch.no_grad():
+        trainer.task_loss.norm.running_var[1] = float("inf")
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"refusing to write checkpoint .*ckpt\.pt: models\['task'\].*running_var'\] holds",
+    ):
+        trainer.save(tmp_path / "ckpt.pt")
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+SIGTERM_DURING_A_CHECKPOINT_WRITE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_trainer import resumable_trainer, segmentation_loader
+
+real_save, writes = torch.save, []
+
+def save_then_terminated(obj, file, *args, **kwargs):
+    real_save(obj, file, *args, **kwargs)
+    writes.append(file)
+    if len(writes) == 2:  # the second epoch's checkpoint, before it replaces the first
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs here, inside the write
+            pass
+
+torch.save = save_then_terminated
+resumable_trainer().fit(
+    segmentation_loader(), epochs=3, meta_steps=1, checkpoint=sys.argv[1], progress=False
+)
+print("SIGTERM was ignored")
+"""
+
+
+def test_sigterm_during_a_checkpoint_write_keeps_the_last_checkpoint_and_exits_143(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(tests.parent), "OMP_NUM_THREADS": "1"}
+    checkpoint = tmp_path / "ckpt.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_DURING_A_CHECKPOINT_WRITE, str(checkpoint), str(tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert load_checkpoint(checkpoint)["epoch"] == 1  # the last complete checkpoint
+    # The abandoned write left no temporary file (the lock file holds no lock).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.pt.lock", "ckpt.pt"]
+
+
+def test_fit_handles_sigterm_only_while_it_runs_and_restores_the_handler():
+    import signal
+    import threading
+
+    seen = []
+    record = LambdaCallback(on_step_end=lambda t, s: seen.append(signal.getsignal(signal.SIGTERM)))
+    previous = signal.getsignal(signal.SIGTERM)
+    make_trainer("module").fit(segmentation_loader(), 1, 0, callbacks=[record], progress=False)
+    assert seen and all(handler not in (signal.SIG_DFL, previous) for handler in seen)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+    # Only the main thread can set handlers: elsewhere fit trains without one.
+    errors = []
+
+    def fit_in_a_thread():
+        try:
+            make_trainer("module").fit(segmentation_loader(), 1, 0, progress=False)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=fit_in_a_thread)
+    thread.start()
+    thread.join()
+    assert errors == []
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_resumed_csv_log_holds_each_step_once(tmp_path):
+    log, checkpoint = tmp_path / "log.csv", tmp_path / "ckpt.pt"
+    resumable_trainer().fit(
+        segmentation_loader(),
+        epochs=1,
+        meta_steps=2,
+        checkpoint=checkpoint,
+        callbacks=[CSVLogger(log)],
+        progress=False,
+    )
+
+    class Killed(Exception):
+        pass
+
+    def kill_during_the_second_epoch(trainer, stats):
+        if stats["phase"] == "fusion" and stats["step"] == 1:
+            raise Killed  # after the logger wrote this step's row; no checkpoint of epoch 2
+
+    with pytest.raises(Killed):
+        resumable_trainer().fit(
+            segmentation_loader(),
+            epochs=2,
+            meta_steps=2,
+            resume=checkpoint,
+            checkpoint=checkpoint,
+            callbacks=[CSVLogger(log), LambdaCallback(on_step_end=kill_during_the_second_epoch)],
+            progress=False,
+        )
+    with log.open("a") as stream:
+        stream.write("fusion,1,2")  # and a row torn by the kill
+    resumed = resumable_trainer()
+    resumed.fit(
+        segmentation_loader(),
+        epochs=2,
+        meta_steps=2,
+        resume=checkpoint,
+        callbacks=[CSVLogger(log)],
+        progress=False,
+    )
+    with log.open(newline="") as stream:
+        steps = [int(row["global_step"]) for row in csv.DictReader(stream)]
+    assert steps == list(range(resumed.global_step))
+
+
+class TaskReturning(nn.Module):
+    """A trainable task whose loss is ``make(fused, target)``, whatever that is."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+        self.make = make
+
+    def forward(self, fused, target):
+        return self.make(fused * self.scale, target)
+
+
+BAD_TASK_LOSSES = {
+    "None": (lambda fused, target: None, "got None"),
+    "float": (lambda fused, target: 0.5, "got float 0.5"),
+    "no graph": (lambda fused, target: torch.tensor(0.5), "got a tensor without a graph"),
+    "not scalar": (lambda fused, target: (fused - target) ** 2, r"got a tensor of shape \(2, 1,"),
+    "integer": (lambda fused, target: (fused > 0.5).sum(), "got a torch.int64 tensor"),
+}
+
+
+@pytest.mark.parametrize("step", ["meta_step", "fusion_step"])
+@pytest.mark.parametrize("bad", list(BAD_TASK_LOSSES))
+def test_a_task_loss_that_is_not_a_scalar_with_a_graph_is_named(step, bad):
+    make, found = BAD_TASK_LOSSES[bad]
+    task = TaskReturning(make)
+    if step == "meta_step":
+        task.requires_grad_(False)  # a fixed task: only the outer loss is computed
+    trainer = MetaFusionTrainer(TinyFusion().double(), task, TinyGenerator().double(), device="cpu")
+    a, b, _ = make_batch(1)
+    with pytest.raises(
+        TypeError,
+        match=rf"{step.replace('_', ' ')}: task_loss must return a scalar tensor "
+        rf"with a graph, {found}",
+    ):
+        getattr(trainer, step)(*([(a, b, a), (b, a, b)] if step == "meta_step" else [(a, b, a)]))
+
+
+class _NoLength:
+    def __iter__(self):
+        return iter(())
+
+
+@pytest.mark.parametrize("loader", ["empty dataset", "no length"])
+def test_an_empty_loader_is_refused_before_any_checkpoint(tmp_path, loader):
+    from tdfusion.errors import DataError
+
+    empty = (
+        DataLoader(TensorDataset(*make_batch(1, n=0)), batch_size=2)
+        if loader == "empty dataset"
+        else _NoLength()
+    )
+    with pytest.raises(DataError, match="train_loader yielded no batches"):
+        make_trainer("module").fit(
+            empty, epochs=2, meta_steps=0, checkpoint=tmp_path / "ckpt.pt", progress=False
+        )
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_resuming_a_finished_run_warns_that_there_is_nothing_to_train(tmp_path):
+    trainer = make_trainer("module")
+    trainer.fit(segmentation_loader(), 1, 0, checkpoint=tmp_path / "ckpt.pt", progress=False)
+    with pytest.warns(UserWarning, match=r"nothing to train: checkpoint .*ckpt\.pt is at epoch 1"):
+        make_trainer("module").fit(
+            segmentation_loader(), 1, 0, resume=tmp_path / "ckpt.pt", progress=False
+        )
+
+
+class UnboundedFusion(TinyFusion):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 10.0 * (super().forward(a, b) - 0.5)  # about [-0.5, 0.5]
+
+
+def test_a_fused_image_outside_the_unit_range_warns_once():
+    torch.manual_seed(0)
+    trainer = MetaFusionTrainer(
+        UnboundedFusion().double(), reconstruct_a, TinyGenerator().double(), device="cpu"
+    )
+    a, b, _ = make_batch(1)
+    with pytest.warns(UserWarning, match=r"the fusion model returned values in \[-"):
+        trainer.fusion_step((a, b, a))
+    with warnings_as_errors():
+        trainer.fusion_step((a, b, a))
+
+
+def test_zero_size_images_are_a_data_error():
+    from tdfusion.errors import DataError
+
+    empty = torch.rand(2, 1, 0, 12, dtype=torch.float64)
+    with pytest.raises(DataError, match=r"batch: a and b hold no pixels \(shape \(2, 1, 0, 12\)\)"):
+        make_trainer("callable").fusion_step((empty, empty, empty))
+
+
+def test_a_second_fit_on_the_same_checkpoint_fails_with_one_line(tmp_path):
+    from tdfusion.errors import OutputInUseError
+
+    checkpoint = tmp_path / "ckpt.pt"
+    failures = []
+
+    def second_fit(trainer, stats):
+        if failures:
+            return
+        try:
+            make_trainer("module").fit(
+                segmentation_loader(), 1, 0, checkpoint=checkpoint, progress=False
+            )
+        except OutputInUseError as error:
+            failures.append(str(error))
+
+    first = make_trainer("module")
+    first.fit(
+        segmentation_loader(),
+        1,
+        0,
+        checkpoint=checkpoint,
+        callbacks=[LambdaCallback(on_step_end=second_fit)],
+        progress=False,
+    )
+    (message,) = failures
+    assert "\n" not in message and f"{checkpoint} is in use by another tdfusion process" in message
+    assert load_checkpoint(checkpoint)["epoch"] == 1  # the first run's, whole
+    # Released when fit returns: the next run takes it.
+    make_trainer("module").fit(
+        segmentation_loader(), 2, 0, resume=checkpoint, checkpoint=checkpoint, progress=False
+    )
+
+
+def test_resuming_from_a_file_that_runs_code_is_refused_without_unsafe_advice(tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return (exec, ("open('ran', 'w').close()",))
+
+    torch.save({"format": "tdfusion.trainer", "payload": RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as caught:
+        make_trainer("module").fit(
+            segmentation_loader(), 1, 0, resume=tmp_path / "evil.pt", progress=False
+        )
+    message = str(caught.value)
+    assert "refers to exec" in message and "never runs code" in message
+    assert "weights_only=False" not in message and "\x1b" not in message
+    assert not (tmp_path / "ran").exists()

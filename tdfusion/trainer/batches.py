@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tdfusion.errors import DataError
+
 __all__ = [
     "Batch",
     "BatchPreparer",
@@ -54,6 +56,8 @@ def check_batch(
     ------
     TypeError, ValueError
         Saying what was expected and what came.
+    DataError
+        If the sources hold no pixels.
 
     Example
     -------
@@ -77,6 +81,11 @@ def check_batch(
         raise ValueError(
             f"{where}: a and b must have the same shape, got a {tuple(a.shape)} and "
             f"b {tuple(b.shape)}"
+        )
+    if a.numel() == 0:
+        raise DataError(
+            f"{where}: a and b hold no pixels (shape {tuple(a.shape)}); every image of a "
+            "batch needs a height and width of at least 1"
         )
     if in_channels is not None and a.shape[1] != in_channels:
         raise ValueError(
@@ -278,6 +287,7 @@ class BatchPreparer:
         self.dtype = dtype
         self.in_channels = in_channels
         self.range_warned = False
+        self.fused_range_warned = False
 
     def __call__(self, batch: Batch, where: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``(a, b, target)`` checked and moved; see :func:`check_batch`."""
@@ -294,6 +304,27 @@ class BatchPreparer:
                     stacklevel=3,
                 )
         return a, b, move_target(target, self.device, self.dtype)
+
+    def check_fused_range(self, fused: torch.Tensor, what: str) -> None:
+        """Warn once when a fused image leaves [0, 1], where the losses and tasks expect it.
+
+        Parameters
+        ----------
+        fused : torch.Tensor
+            An output of the fusion model.
+        what : str
+            Who made it, for the message (``"the fusion model"``).
+        """
+        if self.fused_range_warned or fused.numel() == 0:
+            return
+        low, high = (float(v) for v in torch.aminmax(fused.detach()))
+        if low < 0.0 or high > 1.0:
+            self.fused_range_warned = True
+            warnings.warn(
+                f"{what} returned values in [{low:.3g}, {high:.3g}]; fused images should lie "
+                "in [0, 1] like the sources (end the network with a sigmoid or a clamp)",
+                stacklevel=4,
+            )
 
 
 def prepare_meta_batches(trainer: Any, meta_train: Batch, meta_test: Batch) -> tuple[tuple, tuple]:

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tdfusion.errors import OptionalDependencyError
+from tdfusion.files import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from tdfusion.trainer.trainer import MetaFusionTrainer
 
-__all__ = ["CSVLogger", "Callback", "LambdaCallback", "TensorBoardLogger"]
+__all__ = ["CSVLogger", "Callback", "LambdaCallback", "TensorBoardLogger", "drop_logged_steps"]
 
 
 class Callback:
@@ -86,8 +87,11 @@ CSV_FIELDS = (
 class CSVLogger(Callback):
     """Append one row per training step to a CSV file.
 
-    The file is opened in append mode, so a resumed run continues the same log. In a
-    distributed run only rank 0 writes (the statistics are already means over ranks).
+    The file is opened in append mode, so a resumed run continues the same log. When
+    training starts, rows of the steps the trainer has not taken yet are removed (a run
+    resumed from its last checkpoint repeats the steps logged after it), so the log holds
+    every step once. In a distributed run only rank 0 writes (the statistics are already
+    means over ranks).
 
     Parameters
     ----------
@@ -97,6 +101,10 @@ class CSVLogger(Callback):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+
+    def on_fit_start(self, trainer: MetaFusionTrainer) -> None:
+        if trainer.is_main_process:
+            drop_logged_steps(self.path, trainer.global_step)
 
     def on_step_end(self, trainer: MetaFusionTrainer, stats: dict[str, Any]) -> None:
         if not trainer.is_main_process:
@@ -152,3 +160,48 @@ class TensorBoardLogger(Callback):
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+
+def drop_logged_steps(path: str | os.PathLike[str], first_step: int) -> int:
+    """Remove the rows of a CSV log whose ``global_step`` is ``first_step`` or later.
+
+    The rows are those a run wrote after the checkpoint it is resumed from; the resumed run
+    writes them again. A row torn by a killed writer goes too. The file is rewritten
+    atomically, and left alone when there is nothing to remove.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A log written by :class:`CSVLogger`; nothing happens if it does not exist.
+    first_step : int
+        The trainer's ``global_step`` when training starts.
+
+    Returns
+    -------
+    int
+        The number of rows removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as stream:
+        rows = list(csv.reader(stream))
+    if not rows or "global_step" not in rows[0]:
+        return 0
+    header, body = rows[0], rows[1:]
+    column = header.index("global_step")
+
+    def kept(row: list[str]) -> bool:
+        if len(row) != len(header):
+            return False
+        try:
+            return int(row[column]) < first_step
+        except ValueError:
+            return False
+
+    keep = [row for row in body if kept(row)]
+    if len(keep) == len(body):
+        return 0
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as stream:
+        csv.writer(stream).writerows([header, *keep])
+    return len(body) - len(keep)

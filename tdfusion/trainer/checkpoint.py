@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tdfusion.errors import CheckpointError, describe_load_error
+from tdfusion.errors import CheckpointError, NonFiniteLossError, describe_load_error
 from tdfusion.files import atomic_save
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +41,7 @@ __all__ = [
     "TRAINER_CHECKPOINT_FORMAT",
     "atomic_save",
     "capture_rng_state",
+    "first_nonfinite",
     "load_checkpoint",
     "load_trainer",
     "load_trainer_state",
@@ -395,9 +396,24 @@ def save_trainer(
     -------
     pathlib.Path
         The written file.
+
+    Raises
+    ------
+    NonFiniteLossError
+        If a network or optimiser state holds NaN or infinite values: nothing is written and
+        the file already at ``path`` (the last good checkpoint) is kept. Every rank raises.
     """
     strategy = trainer.strategy
     state = trainer_state(trainer, loader_generators)
+    # Every rank holds the same models, so every rank refuses alike (no rank waits alone).
+    poisoned = first_nonfinite(state["models"], "models") or first_nonfinite(
+        state["optimizers"], "optimizers"
+    )
+    if poisoned is not None:
+        raise NonFiniteLossError(
+            f"refusing to write checkpoint {os.fspath(path)}: {poisoned} holds NaN or infinite "
+            "values; the file already there, if any, is kept"
+        )
     if strategy.distributed:
         state["rng_per_rank"] = strategy.gather_objects(state["rng"])
     written = Path(path)
@@ -405,6 +421,44 @@ def save_trainer(
         written = atomic_save(state, path)
     strategy.barrier()
     return written
+
+
+def first_nonfinite(state: Any, where: str = "") -> str | None:
+    """The first floating-point tensor in nested dicts and lists that holds NaN or infinity.
+
+    Parameters
+    ----------
+    state : Any
+        State dicts, optimiser states, or containers of them.
+    where : str
+        Prefix of the returned key path.
+
+    Returns
+    -------
+    str or None
+        Its key path (``models['fusion_model']['conv.weight']``), or ``None`` when every
+        tensor is finite.
+
+    Example
+    -------
+    >>> first_nonfinite({"fusion": {"w": torch.tensor([0.0, float("nan")])}})
+    "['fusion']['w']"
+    """
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(state.isfinite().all()):
+            return where
+        return None
+    if isinstance(state, Mapping):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = first_nonfinite(value, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def load_trainer(

@@ -30,6 +30,7 @@ from tdfusion.trainer.meta import (
     trainable_parameters,
     vector_jacobian_product,
 )
+from tdfusion.trainer.statistics import check_task_loss
 
 __all__ = [
     "HYPERGRADIENT_METHODS",
@@ -249,7 +250,9 @@ def inner_step(
             else:
                 fused_train = call_functionally(fusion_model, (task_a, task_b))
         task_values = list(task_params.values())
-        meta_train_task_loss = call_functionally(task, (fused_train, target_train))
+        meta_train_task_loss = check_task_loss(
+            call_functionally(task, (fused_train, target_train)), "meta step"
+        )
         task_gradients = gradients(meta_train_task_loss, task_values)
         if reduce is not None:
             task_gradients = tuple(reduce(task_gradients, False))
@@ -264,8 +267,10 @@ def inner_step(
         substitutes = dict(zip(fusion_names, fusion_values_prime))
         fused_test = call_functionally(fusion_model, (test_a, test_b), substitutes)
         if task_params:
-            return call_functionally(task, (fused_test, target_test), task_substitutes)
-        return task(fused_test, target_test)
+            loss = call_functionally(task, (fused_test, target_test), task_substitutes)
+        else:
+            loss = task(fused_test, target_test)
+        return check_task_loss(loss, "meta step")
 
     return InnerStepResult(
         fusion_model=fusion_model,

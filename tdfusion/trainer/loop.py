@@ -10,16 +10,21 @@ checkpoints find it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from tdfusion.distributed import shuffles_plainly
-from tdfusion.errors import DistributedError
+from tdfusion.errors import DataError, DistributedError, OutputInUseError
+from tdfusion.files import output_lock
 from tdfusion.trainer.batches import Batch
 from tdfusion.trainer.callbacks import Callback
 from tdfusion.trainer.checkpoint import (
@@ -81,7 +86,9 @@ def fit(
     resume : str or os.PathLike, optional
         Checkpoint to continue from (written by ``save`` or by ``checkpoint``).
     checkpoint : str or os.PathLike, optional
-        File rewritten atomically after every epoch with everything needed to resume.
+        File rewritten atomically after every epoch with everything needed to resume. The
+        main process holds a lock on it while ``fit`` runs (a second ``fit`` writing the same
+        file fails at once), and a checkpoint holding NaN or infinite values is never written.
     callbacks : sequence of Callback
         Hooks called after each step and epoch (e.g. :class:`~tdfusion.trainer.CSVLogger`).
     progress : bool
@@ -91,6 +98,19 @@ def fit(
     -------
     list of dict
         ``history``: one summary per epoch (mean losses of each phase).
+
+    Raises
+    ------
+    DataError
+        If ``train_loader`` yields no batches.
+    OutputInUseError
+        If another process (or another ``fit`` of this one) is writing ``checkpoint``.
+    NonFiniteLossError
+        With ``on_nonfinite="raise"``, at a NaN or infinite loss or gradient; and whenever
+        the models hold non-finite values when the checkpoint is due (the last one is kept).
+    SystemExit
+        With status 143 (128 + SIGTERM) when the process is sent ``SIGTERM``: like Ctrl-C,
+        a checkpoint write in progress is abandoned and the previous checkpoint kept.
 
     Notes
     -----
@@ -106,16 +126,102 @@ def fit(
     statistics they get are means over ranks); the built-in loggers write on rank 0 only,
     as do progress bars and ``checkpoint``. The ``resume`` file must be readable by every
     rank.
+
+    ``SIGTERM`` is handled while ``fit`` runs in the main thread and the signal has its
+    default action (a handler of the caller's is left alone); the previous handler is
+    restored when ``fit`` returns. A run already at ``epochs`` warns that there is nothing
+    to train.
     """
     if epochs < 0 or meta_steps < 0:
         raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:
+            _lock_checkpoint(trainer, Path(checkpoint), stack)
+        stack.enter_context(_sigterm_exits())
+        return _train(
+            trainer,
+            train_loader,
+            epochs,
+            meta_steps,
+            fusion_steps=fusion_steps,
+            resume=resume,
+            checkpoint=checkpoint,
+            callbacks=callbacks,
+            progress=progress,
+        )
+
+
+def _lock_checkpoint(trainer: MetaFusionTrainer, checkpoint: Path, stack: Any) -> None:
+    """Hold the checkpoint's lock on the main process; every rank fails if it is taken."""
+    failure = None
+    if trainer.strategy.is_main:
+        try:
+            stack.enter_context(output_lock(checkpoint.parent, checkpoint.name, purpose="training"))
+        except OutputInUseError as error:
+            failure = str(error)
+    failure = trainer.strategy.broadcast_object(failure)
+    if failure is not None:
+        raise OutputInUseError(failure)
+
+
+#: Exit status of a run ended by SIGTERM, the shell's convention (128 + signal number).
+SIGTERM_STATUS = 128 + int(getattr(signal, "SIGTERM", 15))
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` as SIGINT raises
+    KeyboardInterrupt: ``finally`` blocks run, so an atomic write in progress removes its
+    temporary file and the last checkpoint stays. Only in the main thread (the only one
+    that can set handlers) and only over the default action."""
+    sigterm = getattr(signal, "SIGTERM", None)
+    if (
+        sigterm is None
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(sigterm) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(SIGTERM_STATUS)
+
+    previous = signal.signal(sigterm, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(sigterm, previous)
+
+
+def _train(
+    trainer: MetaFusionTrainer,
+    train_loader: Iterable[Batch],
+    epochs: int,
+    meta_steps: int,
+    *,
+    fusion_steps: int | None,
+    resume: str | os.PathLike[str] | None,
+    checkpoint: str | os.PathLike[str] | None,
+    callbacks: Sequence[Callback],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The body of :func:`fit`, under its checkpoint lock and SIGTERM handler."""
     progress = progress and trainer.is_main_process
     resume_rng = None
     if resume is not None:
         state = load_checkpoint(resume, map_location=trainer.device)
         trainer.load_state_dict(state)
         resume_rng = saved_rng_state(state, trainer.world_size, trainer.rank)
+    if trainer.epoch >= epochs and trainer.is_main_process:
+        source = "the trainer" if resume is None else f"checkpoint {os.fspath(resume)}"
+        warnings.warn(
+            f"nothing to train: {source} is at epoch {trainer.epoch} and epochs={epochs}; "
+            "pass a larger epochs to train further",
+            stacklevel=3,
+        )
     train_loader = shard_for_training(trainer, train_loader, meta_steps)
+    if _is_empty(train_loader):
+        raise DataError(_NO_BATCHES)
     loader_generators = _loader_generators(train_loader)
     if resume_rng is not None:
         restore_rng_state(resume_rng, trainer.generator, *loader_generators)
@@ -143,6 +249,20 @@ def fit(
     for callback in callbacks:
         callback.on_fit_end(trainer)
     return trainer.history
+
+
+_NO_BATCHES = (
+    "train_loader yielded no batches: nothing to train on (an empty dataset, or a batch "
+    "size larger than the dataset with drop_last=True)"
+)
+
+
+def _is_empty(loader: Iterable[Batch]) -> bool:
+    """Whether a loader with a length has none (one without a length is checked as it runs)."""
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return False
 
 
 def _epoch_line(epoch: int, summary: Mapping[str, Any], epochs: int) -> str:
@@ -296,7 +416,10 @@ class _Phases:
                     break
                 yield lambda batch=batch: self.trainer.fusion_step(batch)
 
-        return self.run("fusion", steps(), total)
+        summary = self.run("fusion", steps(), total)
+        if summary["fusion_steps"] == 0 and fusion_steps != 0:
+            raise DataError(_NO_BATCHES)  # before any checkpoint of an empty epoch
+        return summary
 
     def run(
         self, phase: str, steps: Iterable[Callable[[], dict[str, float]]], total: int | None

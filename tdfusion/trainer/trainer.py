@@ -50,7 +50,12 @@ from tdfusion.trainer.options import (
     make_optimizers,
     trainer_config,
 )
-from tdfusion.trainer.statistics import step_statistics
+from tdfusion.trainer.statistics import (
+    check_gradients,
+    check_task_loss,
+    snapshot_buffers,
+    step_statistics,
+)
 
 __all__ = ["Batch", "MetaFusionTrainer"]
 
@@ -123,9 +128,9 @@ class MetaFusionTrainer:
     grad_clip : float, optional
         Clip the gradient norm of ``F`` and ``T`` in the fusion phase to this value.
     on_nonfinite : {"raise", "skip"}
-        What a NaN or infinite loss or hypergradient does: raise
+        What a NaN or infinite loss, gradient or hypergradient does: raise
         :class:`~tdfusion.errors.NonFiniteLossError` naming the step and the losses, or skip
-        that update with a warning.
+        that update with a warning. Either way the update changes nothing.
     seed : int or torch.Generator, optional
         Seed (or generator) for the crop offsets; saved and restored with checkpoints.
     optimizer : {"adam", "sgd"} or callable
@@ -434,7 +439,9 @@ class MetaFusionTrainer:
     def meta_step(self, meta_train: Batch, meta_test: Batch) -> dict[str, float]:
         """One generator update (paper Eq. 6) from a meta-train and a meta-test batch.
 
-        ``F`` and ``T`` are left as they were (parameters and buffers); only ``G`` changes.
+        ``F`` and ``T`` are left as they were (parameters and buffers); only ``G``'s
+        parameters and optimiser state change, and only when the losses and every coordinate
+        of the hypergradient are finite.
         In a distributed run every rank calls it with its own batches; all ranks take the same
         step, that of the global batches, and return the same (averaged) statistics.
 
@@ -459,25 +466,39 @@ class MetaFusionTrainer:
             )
         self.fusion_model.train()
         self.loss_generator.train()
-        if isinstance(self.task_loss, nn.Module):
-            self.task_loss.train()
+        task = self.task_loss if isinstance(self.task_loss, nn.Module) else None
+        if task is not None:
+            task.train()
+        # The trainable networks run on private copies of their buffers, but a task module
+        # without trainable parameters is called as it is, in training mode: whatever the
+        # step's outcome, its batch-norm statistics (and any other buffer) are put back.
+        restore_buffers = snapshot_buffers(self.fusion_model, self.loss_generator, task)
+        try:
+            return self._meta_update(self.generator_optimizer, meta_train, meta_test)
+        finally:
+            restore_buffers()
+
+    def _meta_update(
+        self, optimizer: torch.optim.Optimizer, meta_train: Batch, meta_test: Batch
+    ) -> dict[str, float]:
+        """The meta step after its modes are set: hypergradient, the non-finite rule, G's step."""
         hypergradient, tensors = self._hypergradient(*self._prepare_meta(meta_train, meta_test))
-        largest = max(
-            (float(g.abs().max()) for g in hypergradient.values() if g.numel()), default=0.0
-        )
-        lr = self.generator_optimizer.param_groups[0]["lr"]
+        # torch's max, unlike Python's, is NaN when any value is: a NaN anywhere skips the step.
+        magnitudes = [g.detach().abs().amax() for g in hypergradient.values() if g.numel()]
+        largest = float(torch.stack(magnitudes).max()) if magnitudes else 0.0
+        lr = optimizer.param_groups[0]["lr"]
         stats = self._summarise("meta step", tensors, hypergradient_max=largest, generator_lr=lr)
         if stats["skipped"]:
             return stats
         # The generator's update rule: "normalized" divides by max|g| over all of G.
-        self.generator_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         for name, param in trainable_parameters(self.loss_generator).items():
             grad = hypergradient[name]
             if self.generator_update == "normalized":
                 grad = grad / largest if largest > 0 else torch.zeros_like(grad)
             param.grad = grad.detach()
-        self.generator_optimizer.step()
-        self.generator_optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return stats
 
     # ------------------------------------------------------------------ fusion step
@@ -490,6 +511,11 @@ class MetaFusionTrainer:
         distributed run every rank calls it with its own batch; the gradients are averaged over
         ranks (DistributedDataParallel), so all ranks take the same step, and the returned
         statistics are means over ranks.
+
+        The losses and then the (clipped) gradients of ``F`` and ``T`` are checked before
+        either optimiser steps. A step that is skipped or raises for a non-finite value (or
+        fails otherwise) leaves every parameter, buffer (batch-norm statistics) and optimiser
+        state of ``F``, ``G`` and ``T`` as it was.
 
         Parameters
         ----------
@@ -504,14 +530,37 @@ class MetaFusionTrainer:
         """
         self.fusion_model.train()
         self.loss_generator.eval()
+        task = self.task_module
+        # The forward passes run in training mode before the losses and gradients are known to
+        # be finite; a skipped or failed step puts the batch-norm statistics back.
+        restore_buffers = snapshot_buffers(self.fusion_model, self.loss_generator, task)
+        try:
+            stats = self._fusion_gradients(batch, task)
+        except BaseException:
+            restore_buffers()
+            self._clear_gradients(task)
+            raise
+        if stats["skipped"]:
+            restore_buffers()
+            self._clear_gradients(task)
+            return stats
+        self.fusion_optimizer.step()
+        if task is not None and self.task_optimizer is not None:
+            self.task_optimizer.step()
+        # Batch-norm statistics are updated by each rank's own batch: keep them equal.
+        self.strategy.sync_buffers_(self.fusion_model, task)
+        return stats
+
+    def _fusion_gradients(self, batch: Batch, task: nn.Module | None) -> dict[str, float]:
+        """The fusion step up to its optimiser steps: losses, gradients, the non-finite rule."""
         a, b, target = self._prepare(batch, "batch")
         crop_a, crop_b = random_crop(a, b, self.fusion_crop, self.generator, "batch")
         with torch.no_grad():
             weights = self.loss_generator(crop_a, crop_b)
         fused = self._fusion_replica(crop_a, crop_b)
+        self._prepare.check_fused_range(fused, "the fusion model")
         terms = fusion_loss_terms(self.fusion_loss, fused, crop_a, crop_b, weights)
 
-        task = self.task_module
         task_loss = None
         if task is not None:
             task.train()
@@ -521,7 +570,7 @@ class MetaFusionTrainer:
                     fused_task = fused.detach()
                 else:
                     fused_task = self.fusion_model(task_a, task_b)
-            task_loss = self._task_replica(fused_task, target)
+            task_loss = check_task_loss(self._task_replica(fused_task, target), "fusion step")
 
         # The logged values are means over ranks, and a non-finite value on any rank makes
         # every rank skip (one rank skipping alone would hang the others).
@@ -537,21 +586,43 @@ class MetaFusionTrainer:
         if stats["skipped"]:
             return stats
 
-        self._update(self.fusion_optimizer, self.fusion_model, terms.total)
+        # Both backward passes, then both gradient checks, then (in fusion_step) both
+        # optimiser steps: a non-finite gradient of either network skips the whole step.
+        gradients = self._backward(
+            "fusion_model", self.fusion_optimizer, self.fusion_model, terms.total
+        )
         if task is not None and task_loss is not None and self.task_optimizer is not None:
-            self._update(self.task_optimizer, task, task_loss)
-        # Batch-norm statistics are updated by each rank's own batch: keep them equal.
-        self.strategy.sync_buffers_(self.fusion_model, task)
+            gradients.update(self._backward("task", self.task_optimizer, task, task_loss))
+        check_gradients(
+            gradients,
+            "fusion step",
+            stats,
+            on_nonfinite=self.on_nonfinite,
+            position=self._position,
+            warn=self.is_main_process,
+        )
         return stats
 
-    def _update(
-        self, optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor
-    ) -> None:
+    def _backward(
+        self, role: str, optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        """Fresh gradients of ``loss``, clipped: ``role.name`` -> the gradient to step along."""
         optimizer.zero_grad(set_to_none=True)
         self.strategy.backward(loss)
+        parameters = trainable_parameters(module)
         if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(trainable_parameters(module).values(), self.grad_clip)
-        optimizer.step()
+            nn.utils.clip_grad_norm_(parameters.values(), self.grad_clip)
+        return {f"{role}.{name}": p.grad for name, p in parameters.items()}
+
+    def _clear_gradients(self, task: nn.Module | None) -> None:
+        """Drop the gradients of a step that was not taken (they may hold NaN)."""
+        self.fusion_optimizer.zero_grad(set_to_none=True)
+        if task is not None and self.task_optimizer is not None:
+            self.task_optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def _position(self) -> str:
+        return f"epoch {self.epoch}, global step {self.global_step}"
 
     def _summarise(
         self, where: str, tensors: Mapping[str, torch.Tensor | None], **extra: float
@@ -560,7 +631,7 @@ class MetaFusionTrainer:
             self.strategy.mean_stats(tensors),
             where,
             on_nonfinite=self.on_nonfinite,
-            position=f"epoch {self.epoch}, global step {self.global_step}",
+            position=self._position,
             warn=self.is_main_process,
             **extra,
         )
