@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tdfusion.data import read_luma
+from tdfusion.files import list_images
 from tdfusion.metrics import evaluate_files
 
 METRICS = ("EN", "SF", "SCD", "VIF", "Qabf", "SSIM")
@@ -65,8 +66,7 @@ def ring_step_ratio(image: np.ndarray) -> float:
 
 def score(fused: Path, ir: Path, vis: Path) -> dict[str, float]:
     rows = []
-    for fused_file in sorted(fused.iterdir()):
-        stem = fused_file.stem
+    for stem, fused_file in list_images(fused, "fused").items():
         ir_file = next(ir.glob(stem + ".*"))
         vis_file = next(vis.glob(stem + ".*"))
         metrics = evaluate_files(fused_file, ir_file, vis_file)
