@@ -30,6 +30,7 @@ from tdfusion.errors import DataError
 from tdfusion.files import LOCK_NAME, output_lock
 
 __all__ = [
+    "PRESETS",
     "RECIPES",
     "Recipe",
     "build_dataset",
@@ -96,6 +97,23 @@ class Recipe:
     exposure_augment : bool
         Also darken each source of a cropped pair at random
         (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
+    weighting : {"linear", "squared"}
+        How the weights enter the intensity loss: the paper's Eq. 2 (linear) or the research
+        code's ``mse(w * (a - f), 0)`` (squared).
+    task_inner_optimizer : str
+        The task network's inner step ``T'`` (``task_inner_optimizer`` of
+        :class:`~tdfusion.MetaFusionTrainer`): ``"sgd"``, ``"adam"``, ``"task_optimizer"`` or
+        ``"task_optimizer_persistent"`` (the research code).
+    fusion_step_order : {"simultaneous", "sequential"}
+        Whether the fusion step feeds ``T`` with ``F`` before or after ``F``'s update.
+    label_resolution : {"task", "full"}
+        Segmentation: masks resized (nearest) to ``task_size`` and the cross-entropy taken there
+        on padded inputs (``"task"``), or masks at the dataset's full size and the research
+        code's cross-entropy (``"full"``: no padding, logits upsampled with
+        ``align_corners=True``).
+    preset : {"default", "research"}
+        The preset of :data:`PRESETS` the recipe was built with; ``replace(preset=...)``
+        applies one (the other changes given with it override it).
     """
 
     name: str
@@ -124,12 +142,31 @@ class Recipe:
     alpha: float = 1.0
     data_crop: int | None = None
     exposure_augment: bool = False
+    weighting: str = "linear"
+    task_inner_optimizer: str = "sgd"
+    fusion_step_order: str = "simultaneous"
+    label_resolution: str = "task"
+    preset: str = "default"
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some settings changed (unknown names are an error)."""
+        """A copy with some settings changed (unknown names are an error).
+
+        ``preset=NAME`` applies the settings of :data:`PRESETS` ``[NAME]`` first; the other
+        changes given in the same call override them.
+
+        Example
+        -------
+        >>> recipe = RECIPES["msrs-segmentation"].replace(preset="research", epochs=40)
+        >>> recipe.weighting, recipe.task_inner_optimizer, recipe.epochs
+        ('squared', 'task_optimizer_persistent', 40)
+        """
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown recipe settings: {sorted(unknown)}")
+        if "preset" in changes:
+            if changes["preset"] not in PRESETS:
+                raise ValueError(f"unknown preset {changes['preset']!r}; one of {sorted(PRESETS)}")
+            changes = {**PRESETS[changes["preset"]], **changes}
         if "task_size" in changes and changes["task_size"] is not None:
             changes["task_size"] = tuple(int(v) for v in changes["task_size"])
         return dataclasses.replace(self, **changes)
@@ -170,6 +207,30 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+#: Recipe settings by preset name. ``"default"`` is tdfusion's (the paper's equations);
+#: ``"research"`` reproduces the authors' research code's meta and fusion steps: squared
+#: weights, ``T'`` by one step of ``T``'s own Adam with its state kept, the cross-entropy at the
+#: full label resolution without padding, and ``T`` fed with ``F`` after ``F``'s update in the
+#: fusion step (the inner SGD step, the normalised generator update, the crops, the task size
+#: and the swap are the same in both). See :doc:`/howto/paper_settings`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "weighting": "linear",
+        "task_inner_optimizer": "sgd",
+        "fusion_step_order": "simultaneous",
+        "label_resolution": "task",
+        "generator_update": "normalized",
+    },
+    "research": {
+        "weighting": "squared",
+        "task_inner_optimizer": "task_optimizer_persistent",
+        "fusion_step_order": "sequential",
+        "label_resolution": "full",
+        "generator_update": "normalized",
+    },
+}
+
+
 def load_recipe(
     name: str | None = None, config: str | os.PathLike[str] | None = None, **overrides: Any
 ) -> Recipe:
@@ -182,7 +243,8 @@ def load_recipe(
     config : str or os.PathLike, optional
         JSON file of settings.
     **overrides
-        Settings that replace the recipe's.
+        Settings that replace the recipe's; ``preset="research"`` applies a preset of
+        :data:`PRESETS` over the recipe and the config file.
 
     Returns
     -------
@@ -204,7 +266,13 @@ def load_recipe(
             f"{sorted(RECIPES)}"
         )
     settings.pop("name", None)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    preset = overrides.pop("preset", None)
+    if preset is not None:  # a preset given here overrides the config file's settings
+        if preset not in PRESETS:
+            raise DataError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
+        settings.update(PRESETS[preset], preset=preset)
+    settings.update(overrides)
     return RECIPES[name].replace(**settings)
 
 
@@ -282,9 +350,9 @@ def _build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str
         root = Path(data_root)
         dataset = PairedImageDataset(root / "ir", root / "vi", transform=transform)
     elif recipe.dataset == "msrs":
-        dataset = MSRSDataset(data_root, split, recipe.task, mask_size=recipe.task_size)
+        dataset = MSRSDataset(data_root, split, recipe.task, mask_size=_mask_size(recipe))
     elif recipe.dataset == "fmb":
-        dataset = FMBDataset(data_root, split, mask_size=recipe.task_size)
+        dataset = FMBDataset(data_root, split, mask_size=_mask_size(recipe))
     elif recipe.dataset == "m3fd":
         dataset = M3FDDataset(data_root, split)
     elif recipe.dataset == "llvip":
@@ -294,6 +362,15 @@ def _build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str
     if recipe.stride > 1:
         dataset.names = sorted(dataset.names)[:: recipe.stride]
     return dataset
+
+
+def _mask_size(recipe: Recipe) -> tuple[int, int] | None:
+    """Where segmentation masks are compared: the task size, or (``"full"``) as stored."""
+    if recipe.label_resolution not in ("task", "full"):
+        raise ValueError(
+            f"label_resolution must be 'task' or 'full', got {recipe.label_resolution!r}"
+        )
+    return None if recipe.label_resolution == "full" else recipe.task_size
 
 
 def no_task(fused: torch.Tensor, target: Any) -> torch.Tensor:
@@ -319,7 +396,13 @@ def build_task(recipe: Recipe) -> Any:
     if recipe.task == "none":
         return no_task
     if recipe.task == "segmentation":
-        return SegmentationTask(recipe.num_classes, encoder=recipe.encoder)
+        research_loss = _mask_size(recipe) is None and recipe.task_size is not None
+        return SegmentationTask(
+            recipe.num_classes,
+            encoder=recipe.encoder,
+            pad=not research_loss,
+            align_corners=research_loss,
+        )
     if recipe.task == "detection":
         return DetectionTask(recipe.num_classes, model=recipe.model)
     raise ValueError(f"unknown task {recipe.task!r}")
@@ -357,7 +440,7 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
         ReFusionNet(),
         build_task(recipe),
         generator,
-        LearnableFusionLoss(alpha=recipe.alpha),
+        LearnableFusionLoss(alpha=recipe.alpha, weighting=recipe.weighting),  # type: ignore[arg-type]
         inner_lr=recipe.inner_lr,
         generator_lr=recipe.generator_lr,
         generator_update=recipe.generator_update,  # type: ignore[arg-type]
@@ -370,6 +453,8 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
         ),
         device=device,
         seed=recipe.seed,
+        task_inner_optimizer=recipe.task_inner_optimizer,  # type: ignore[arg-type]
+        fusion_step_order=recipe.fusion_step_order,  # type: ignore[arg-type]
     )
 
 

@@ -36,8 +36,16 @@ from tdfusion.trainer.hypergradient import (
     inner_step,
     outer_gradient,
 )
-from tdfusion.trainer.meta import InnerOptimizer, OptimizerStep, trainable_parameters
+from tdfusion.trainer.meta import (
+    InnerOptimizer,
+    OptimizerStep,
+    TaskInnerOptimizer,
+    TaskOptimizerStep,
+    trainable_parameters,
+)
 from tdfusion.trainer.options import (
+    PRESETS,
+    FusionStepOrder,
     GeneratorUpdate,
     HypergradientMethodName,
     OnNonFinite,
@@ -104,8 +112,8 @@ class MetaFusionTrainer:
         Where to train; ``None`` picks CUDA when available, else the CPU. The models are moved
         there and keep their dtype (float64 works, e.g. for gradient checks).
     task_inner_lr : float, optional
-        Step size ``eta_T'`` of the task clone (Eq. 5); defaults to ``task_lr``. The clone uses
-        the same kind of step as ``inner_optimizer`` (the ``task_inner_step`` attribute).
+        Step size ``eta_T'`` of the task clone (Eq. 5); defaults to ``task_lr``. Used by a named
+        ``task_inner_optimizer`` (``"sgd"``, ``"adam"``).
     fusion_crop : int or (int, int), optional
         Random crop (same offsets for ``a`` and ``b``) on which the fusion loss is computed;
         the task always sees the whole image. The paper uses 256.
@@ -145,6 +153,21 @@ class MetaFusionTrainer:
         ``"forward"`` by one forward-mode derivative of ``F`` and first-order backward passes
         (fast, little memory), ``"backprop"`` by second-order back-propagation (any ``F``);
         ``"auto"`` uses ``"forward"`` and falls back, with a warning, to ``"backprop"``.
+    task_inner_optimizer : str or torchopt.base.GradientTransformation, optional
+        The task network's inner step ``T'`` (Eq. 5), the ``task_inner_step`` attribute.
+        ``None`` (default): the same kind of step as ``inner_optimizer`` with ``task_inner_lr``.
+        ``"sgd"``, ``"adam"`` or a ``GradientTransformation``: as for ``inner_optimizer`` (fresh
+        state each meta step). ``"task_optimizer"``: one ``step()`` of ``T``'s own optimiser
+        (``task_optimizer``, Adam by default, with its moments as they stand and its current
+        learning rate), its state put back afterwards. ``"task_optimizer_persistent"``: the
+        same, but the state after the step is kept (each meta step moves ``T``'s moments and
+        step count, which the fusion phase then uses), as the research code does. ``T'`` is never
+        differentiated (it depends on ``F``'s detached output), so the optimiser's state enters
+        the outer loss as constants.
+    fusion_step_order : {"simultaneous", "sequential"}
+        In :meth:`fusion_step`, whether ``T`` learns from ``F``'s output before this step's
+        update of ``F`` (Eq. 8 and 9 side by side) or after it (the research code).
+
     Attributes
     ----------
     epoch : int
@@ -161,7 +184,9 @@ class MetaFusionTrainer:
         :class:`~tdfusion.distributed.DataParallel`).
     fusion_inner_step, task_inner_step : tdfusion.trainer.OptimizerStep
         The differentiable inner steps of ``F`` (Eq. 4) and ``T`` (Eq. 5): callables
-        ``step(parameters, gradients, lr_scale) -> parameters``.
+        ``step(parameters, gradients, lr_scale) -> parameters``; ``task_inner_step`` is a
+        :class:`~tdfusion.trainer.meta.TaskOptimizerStep` with ``task_inner_optimizer=
+        "task_optimizer"`` (or ``"task_optimizer_persistent"``).
     distributed : bool
         Whether this trainer is one rank of a multi-process run.
     rank, world_size : int
@@ -206,6 +231,8 @@ class MetaFusionTrainer:
         optimizer: str | OptimizerFactory = "adam",
         distributed: bool | None = None,
         ddp_options: Mapping[str, Any] | None = None,
+        task_inner_optimizer: TaskInnerOptimizer | None = None,
+        fusion_step_order: FusionStepOrder = "simultaneous",
     ) -> None:
         check_arguments(
             fusion_model,
@@ -220,10 +247,20 @@ class MetaFusionTrainer:
                 "fusion_lr": fusion_lr,
                 "task_lr": task_lr,
             },
+            fusion_step_order=fusion_step_order,
+            task_inner_optimizer=task_inner_optimizer,
         )
         self.task_inner_lr = float(task_lr if task_inner_lr is None else task_inner_lr)
         self.fusion_inner_step = OptimizerStep(inner_optimizer, float(inner_lr))
-        self.task_inner_step: InnerStep = OptimizerStep(inner_optimizer, self.task_inner_lr)
+        self.task_inner_optimizer = task_inner_optimizer
+        own_step = isinstance(task_inner_optimizer, str) and task_inner_optimizer.startswith(
+            "task_optimizer"
+        )
+        self.task_inner_step: InnerStep = OptimizerStep(
+            inner_optimizer if task_inner_optimizer is None or own_step else task_inner_optimizer,
+            self.task_inner_lr,
+        )
+        self.fusion_step_order = fusion_step_order
         self.strategy: Strategy = select_strategy(distributed, device)
         self.device = self.strategy.device
         self.distributed = self.strategy.distributed
@@ -281,6 +318,10 @@ class MetaFusionTrainer:
         self.fusion_optimizer = optimizers["fusion"]
         self.task_optimizer = optimizers.get("task")
         self.generator_optimizer = optimizers.get("generator")  # None: a fixed loss
+        if own_step and self.task_optimizer is not None:
+            self.task_inner_step = TaskOptimizerStep(
+                self.task_optimizer, persistent=task_inner_optimizer == "task_optimizer_persistent"
+            )
         self.schedulers: dict[str, Any] = (
             {} if lr_scheduler is None else {k: lr_scheduler(o) for k, o in optimizers.items()}
         )
@@ -342,6 +383,62 @@ class MetaFusionTrainer:
         return optimizers
 
     config = trainer_config  # the hyper-parameters saved in checkpoints (options.py)
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        fusion_model: nn.Module,
+        task_loss: TaskLoss,
+        loss_generator: nn.Module | None = None,
+        fusion_loss: Callable[..., torch.Tensor] | None = None,
+        **keywords: Any,
+    ) -> MetaFusionTrainer:
+        """A trainer set up by a named preset of :data:`~tdfusion.trainer.options.PRESETS`.
+
+        ``"research"`` reproduces the meta and fusion steps of the authors' research code:
+        ``LearnableFusionLoss(weighting="squared")``, SGD for ``F'``, ``T'`` by one step of
+        ``T``'s own Adam whose state is kept (``task_inner_optimizer=
+        "task_optimizer_persistent"``), the normalised generator update and
+        ``fusion_step_order="sequential"``. The research code's cross-entropy is a setting of
+        the task (``SegmentationTask(..., pad=False, align_corners=True)`` with masks at the
+        label resolution); :data:`tdfusion.recipes.PRESETS` sets both. See
+        :doc:`/howto/paper_settings` for every difference.
+
+        Parameters
+        ----------
+        preset : {"default", "research"}
+            The preset.
+        fusion_model, task_loss, loss_generator : see the class
+            As for the constructor.
+        fusion_loss : callable, optional
+            Default: ``LearnableFusionLoss(alpha=1.0, weighting=...)`` with the preset's
+            weighting (``"linear"`` unless the preset says otherwise).
+        **keywords
+            Further constructor arguments; they override the preset's.
+
+        Returns
+        -------
+        MetaFusionTrainer
+            The trainer.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tdfusion import MetaFusionTrainer
+        >>> from tdfusion.nets import ReFusionNet
+        >>> trainer = MetaFusionTrainer.from_preset(
+        ...     "research", ReFusionNet(), torch.nn.functional.mse_loss, device="cpu")
+        >>> trainer.fusion_loss.weighting, trainer.fusion_step_order
+        ('squared', 'sequential')
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        settings = {**PRESETS[preset], **keywords}
+        weighting = settings.pop("weighting", "linear")
+        if fusion_loss is None:
+            fusion_loss = LearnableFusionLoss(alpha=1.0, weighting=weighting)
+        return cls(fusion_model, task_loss, loss_generator, fusion_loss, **settings)
 
     def _prepare_meta(self, meta_train: Batch, meta_test: Batch) -> tuple[Prepared, Prepared]:
         """``(a, b, target, crop_a, crop_b)`` and ``(a, b, target)``: the crop on which the
@@ -499,6 +596,9 @@ class MetaFusionTrainer:
             param.grad = grad.detach()
         self.generator_optimizer.step()
         self.generator_optimizer.zero_grad(set_to_none=True)
+        commit = getattr(self.task_inner_step, "commit", None)
+        if commit is not None:  # T's optimiser keeps its meta-step state (the research code)
+            commit()
         return stats
 
     # ------------------------------------------------------------------ fusion step
@@ -507,7 +607,8 @@ class MetaFusionTrainer:
 
         ``G``'s weights are computed without gradient. ``T``, when trainable, learns from the
         task loss on ``F``'s output (before this step's update of ``F``, as Eq. 8 and 9 are
-        simultaneous), detached so that the task does not shape ``F`` directly. In a
+        simultaneous; after it with ``fusion_step_order="sequential"``, as the research code
+        does), detached so that the task does not shape ``F`` directly. In a
         distributed run every rank calls it with its own batch; the gradients are averaged over
         ranks (DistributedDataParallel), so all ranks take the same step, and the returned
         statistics are means over ranks.
@@ -533,16 +634,10 @@ class MetaFusionTrainer:
         terms = fusion_loss_terms(self.fusion_loss, fused, crop_a, crop_b, weights)
 
         task = self.task_module
+        sequential = self.fusion_step_order == "sequential"
         task_loss = None
-        if task is not None:
-            task.train()
-            task_a, task_b = resize_for_task(a, b, self.task_size)
-            with torch.no_grad():
-                if task_a is crop_a and task_b is crop_b:
-                    fused_task = fused.detach()
-                else:
-                    fused_task = self.fusion_model(task_a, task_b)
-            task_loss = self._task_replica(fused_task, target)
+        if task is not None and not sequential:
+            task_loss = self._fusion_phase_task_loss(task, (a, b, target), (crop_a, crop_b), fused)
 
         # The logged values are means over ranks, and a non-finite value on any rank makes
         # every rank skip (one rank skipping alone would hang the others).
@@ -559,11 +654,37 @@ class MetaFusionTrainer:
             return stats
 
         self._update(self.fusion_optimizer, self.fusion_model, terms.total)
+        if task is not None and sequential:  # T learns from F after this step's update
+            task_loss = self._fusion_phase_task_loss(task, (a, b, target), None, None)
+            task_stats = self._summarise("fusion step", {"task_loss": task_loss})
+            stats.update(task_stats)
+            if task_stats["skipped"]:
+                task_loss = None
         if task is not None and task_loss is not None and self.task_optimizer is not None:
             self._update(self.task_optimizer, task, task_loss)
         # Batch-norm statistics are updated by each rank's own batch: keep them equal.
         self.strategy.sync_buffers_(self.fusion_model, task)
         return stats
+
+    def _fusion_phase_task_loss(
+        self,
+        task: nn.Module,
+        batch: Prepared,
+        crop: tuple[torch.Tensor, torch.Tensor] | None,
+        fused_crop: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``L_t(T(F(a, b)))`` with ``F``'s output detached; ``fused_crop`` (``F(crop)``) is
+        reused when the task sees the sources uncropped and unresized."""
+        a, b, target = batch
+        task.train()
+        task_a, task_b = resize_for_task(a, b, self.task_size)
+        with torch.no_grad():
+            reuse = crop is not None and task_a is crop[0] and task_b is crop[1]
+            if reuse and fused_crop is not None:
+                fused_task = fused_crop.detach()
+            else:
+                fused_task = self.fusion_model(task_a, task_b)
+        return self._task_replica(fused_task, target)
 
     def _update(
         self, optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor
