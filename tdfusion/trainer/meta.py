@@ -209,7 +209,7 @@ class TaskOptimizerStep:
         used (its schedule, not ``lr_scale``).
     persistent : bool
         ``False``: the optimiser's state is as before after every call. ``True`` (the research
-        code): the state after the step is kept in :attr:`pending` and becomes the optimiser's
+        code): the state after the step is kept in ``pending`` and becomes the optimiser's
         state when :meth:`commit` is called (``MetaFusionTrainer.meta_step`` does so once the
         generator's update is taken, so that ``hypergradient`` changes nothing).
 
