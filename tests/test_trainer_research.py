@@ -330,3 +330,19 @@ def test_the_fusion_step_order(order):
     optimizer.step()
     for ours, expected in zip(trainer.task_loss.parameters(), task.parameters()):
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_checkpoint_keeps_the_task_step_and_its_optimizer(tmp_path):
+    trainer = make_trainer(task_inner_optimizer="task_optimizer_persistent")
+    trainer.fusion_step(batch(3))
+    trainer.meta_step(batch(1), batch(2))
+    trainer.save(tmp_path / "last.pt")
+    fusion, generator, task = models()
+    loaded = MetaFusionTrainer.load(tmp_path / "last.pt", fusion, task, generator)
+    step = loaded.task_inner_step
+    assert isinstance(step, TaskOptimizerStep) and step.persistent
+    assert step.optimizer is loaded.task_optimizer
+    for (s, m, v), (t, n, w) in zip(
+        adam_state(loaded.task_optimizer), adam_state(trainer.task_optimizer)
+    ):
+        assert s == t == 2 and torch.equal(m, n) and torch.equal(v, w)

@@ -417,6 +417,12 @@ class MetaFusionTrainer:
         **keywords
             Further constructor arguments; they override the preset's.
 
+        Notes
+        -----
+        Checkpoints keep the preset's constructor arguments but not the fusion loss: rebuild a
+        ``"research"`` trainer with ``MetaFusionTrainer.load(path, F, T, G,
+        fusion_loss=LearnableFusionLoss(weighting="squared"))``.
+
         Returns
         -------
         MetaFusionTrainer
