@@ -17,10 +17,10 @@ are compared (``--work``):
   Adam, masks at the full 480x640 and the unpadded cross-entropy upsampled with
   ``align_corners=True``; ours is ``MetaFusionTrainer.from_preset("research", ...)``.
 
-Timings are taken in one process per kind of work, the three steps (research meta step, our meta
-step, our fusion step) alternating on the same inputs, as medians after a warm-up round. Peak
-memory and its growth over the steps are measured in a fresh child process per variant, so that
-each peak is its own. Run from the repository root::
+Timings are taken in one child process per kind of work, the three steps (research meta step,
+our meta step, our fusion step) alternating on the same inputs, as medians after a warm-up
+round. Peak memory and its growth over the steps are measured in a fresh child process per
+variant, so that each peak is its own. Run from the repository root::
 
     python benchmarks/meta_step.py [--work both] [--steps 3] [--memory-steps 20] [--threads 2]
 
@@ -138,7 +138,8 @@ def run_child(mode: str, steps: int, data: Path, threads: int, work: str) -> dic
 def report(work: str, args: argparse.Namespace) -> str:
     """Measure one kind of work; print the details and return the summary line."""
     print(f"--- work: {work}")
-    times = time_side_by_side(args.steps, args.data, work)
+    # Every measurement runs in a child process, so that this one holds no memory meanwhile.
+    times = run_child("timing", args.steps, args.data, args.threads, work)
     ours_meta = run_child("ours-meta", args.memory_steps, args.data, args.threads, work)
     research = run_child("research-meta", args.research_steps, args.data, args.threads, work)
     meta = statistics.median(times["ours-meta"])
@@ -196,6 +197,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "timing":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(time_side_by_side(args.steps, args.data, args.work)))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.data, args.threads, args.work)))
         return
