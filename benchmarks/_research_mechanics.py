@@ -11,8 +11,13 @@ What makes the research code's meta step slow and leaky, reproduced on the same 
   saved to disk before and reloaded from disk after every meta step;
 - the fused image for the task clone is computed with autograd on and then detached.
 
+The networks are tdfusion's (ReFusionNet, LossGenerator and the task module given), not the
+research code's own modules: this is the research code's *mechanics* on tdfusion's networks.
 Only the mechanics differ from :class:`tdfusion.MetaFusionTrainer`; the networks, the losses,
-the crops and the task input are the same, so timings compare like with like.
+the crops and the task input are the same, so timings compare like with like. With
+``weighting="squared"``, a task module built as ``SegmentationTask(..., pad=False,
+align_corners=True)`` and masks at the full label size, it also does the research code's work
+(``T`` is always adapted by its own Adam, as in the research code).
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ class ResearchMechanics:
         lr: float = 1e-4,
         fusion_crop: int = 256,
         task_size: tuple[int, int] = (240, 320),
+        weighting: str = "linear",
     ) -> None:
         self.fusion, self.generator, self.task = fusion, generator, task
         self.inner_lr, self.lr = inner_lr, lr
         self.fusion_crop, self.task_size = fusion_crop, task_size
+        self.weighting = weighting
         self.fusion_optimizer = torch.optim.Adam(fusion.parameters(), lr=lr)
         self.task_optimizer = torch.optim.Adam(task.parameters(), lr=lr)
         self.generator_optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
@@ -95,7 +102,9 @@ class ResearchMechanics:
         crop_a, crop_b = self._crop(a, b)
         fused = self.fusion(crop_a, crop_b)
         weights = self.generator(crop_a, crop_b)
-        fusion_loss = learnable_fusion_loss(fused, crop_a, crop_b, weights)
+        fusion_loss = learnable_fusion_loss(
+            fused, crop_a, crop_b, weights, weighting=self.weighting
+        )
         fusion_loss.backward(create_graph=True, retain_graph=True)
         fast = {n: p - self.inner_lr * p.grad for n, p in self.fusion.named_parameters()}
 

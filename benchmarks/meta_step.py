@@ -2,16 +2,29 @@
 
 Setting (the paper's MSRS recipe): ReFusionNet F, LossGenerator G, SegFormer-b0 T (9 classes),
 fusion loss on random 256x256 crops, task input resized to 240x320, one 480x640 pair per batch
-fed in both orders (batch 2). The baseline is the research code's mechanics
-(``_research_mechanics.py``) on the same networks and inputs. Timings are taken in this one
-process, the three steps (research meta step, our meta step, our fusion step) alternating on
-the same inputs, as medians after a warm-up round. Peak memory and its growth over the steps
-are measured in a fresh child process per variant, so that each peak is its own. Run from the
-repository root::
+fed in both orders (batch 2).
 
-    python benchmarks/meta_step.py [--steps 3] [--memory-steps 20] [--threads 2]
+The baseline is *not* the authors' code: it runs tdfusion's own networks (ReFusionNet,
+LossGenerator, tdfusion's SegFormer task) with the research code's mechanics
+(``_research_mechanics.py``: ``.backward(create_graph=True)`` into every parameter, fast weights
+written into the module, the task network saved to and reloaded from disk). Two kinds of work
+are compared (``--work``):
 
-The last line prints the ratios this benchmark claims.
+- ``tdfusion``: tdfusion's default step (linear weights, ``T'`` an SGD step, masks at the task
+  size 240x320, padded cross-entropy) against the mechanics doing the same work, except that
+  its ``T'`` is a step of ``T``'s Adam as in the research code;
+- ``research``: the research code's work on both sides: squared weights, ``T'`` by ``T``'s own
+  Adam, masks at the full 480x640 and the unpadded cross-entropy upsampled with
+  ``align_corners=True``; ours is ``MetaFusionTrainer.from_preset("research", ...)``.
+
+Timings are taken in one child process per kind of work, the three steps (research meta step,
+our meta step, our fusion step) alternating on the same inputs, as medians after a warm-up
+round. Peak memory and its growth over the steps are measured in a fresh child process per
+variant, so that each peak is its own. Run from the repository root::
+
+    python benchmarks/meta_step.py [--work both] [--steps 3] [--memory-steps 20] [--threads 2]
+
+The last lines (one per kind of work) print the ratios this benchmark claims.
 """
 
 from __future__ import annotations
@@ -25,66 +38,61 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import rss_gib  # noqa: E402
+from _msrs_sample import load_pairs  # noqa: E402
+
+#: The mask size of each kind of work: the task size, or the full label map (research code).
+MASK_SIZE = {"tdfusion": (240, 320), "research": (480, 640)}
 
 
-def load_pairs(data: Path, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Y channels in [0, 1] of real MSRS pairs (random images when the data is absent)."""
-    folder = data / "MSRS" / "example"
-    names = sorted(p.name for p in (folder / "ir").glob("*.png"))[:count] if folder.is_dir() else []
-    pairs = []
-    for name in names:
-        ir = np.asarray(Image.open(folder / "ir" / name).convert("L"), dtype=np.float32) / 255
-        rgb = np.asarray(Image.open(folder / "vi" / name).convert("RGB"), dtype=np.float32) / 255
-        luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        pairs.append((torch.from_numpy(ir)[None, None], torch.from_numpy(luma)[None, None]))
-    generator = torch.Generator().manual_seed(0)
-    while len(pairs) < count:
-        pairs.append(tuple(torch.rand(1, 1, 480, 640, generator=generator) for _ in range(2)))
-    return pairs
-
-
-def make_batches(data: Path, count: int):
-    """Batches of one pair fed in both orders, with random 9-class masks at the task size."""
+def make_batches(data: Path, count: int, work: str = "tdfusion"):
+    """Batches of one pair fed in both orders, with random 9-class masks at the work's size."""
     generator = torch.Generator().manual_seed(1)
     batches = []
     for ir, vis in load_pairs(data, count):
-        masks = torch.randint(0, 9, (1, 240, 320), generator=generator)
+        masks = torch.randint(0, 9, (1, *MASK_SIZE[work]), generator=generator)
         batches.append((torch.cat([ir, vis]), torch.cat([vis, ir]), torch.cat([masks, masks])))
     return batches
 
 
-def build(mode: str, batches):
+def build(mode: str, batches, work: str = "tdfusion"):
     """One variant, freshly initialised from the same seed: returns ``step(i)``."""
     torch.manual_seed(0)
     from tdfusion import MetaFusionTrainer
     from tdfusion.nets import LossGenerator, ReFusionNet
     from tdfusion.tasks import SegmentationTask
 
-    fusion, generator, task = ReFusionNet(), LossGenerator(), SegmentationTask(9)
+    research = work == "research"
+    fusion, generator = ReFusionNet(), LossGenerator()
+    task = SegmentationTask(9, pad=not research, align_corners=research)
     if mode == "research-meta":
         from _research_mechanics import ResearchMechanics
 
-        runner = ResearchMechanics(fusion, generator, task)
+        weighting = "squared" if research else "linear"
+        runner = ResearchMechanics(fusion, generator, task, weighting=weighting)
         return lambda i: runner.meta_step(batches[i % 4], batches[(i + 1) % 4])
-    trainer = MetaFusionTrainer(
-        fusion, task, generator, fusion_crop=256, task_size=(240, 320), device="cpu"
+    trainer = MetaFusionTrainer.from_preset(
+        "research" if research else "default",
+        fusion,
+        task,
+        generator,
+        fusion_crop=256,
+        task_size=(240, 320),
+        device="cpu",
     )
     if mode == "ours-meta":
         return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
     return lambda i: trainer.fusion_step(batches[i % 4])
 
 
-def child(mode: str, steps: int, data: Path, threads: int) -> dict:
+def child(mode: str, steps: int, data: Path, threads: int, work: str) -> dict:
     """Run one variant for ``steps`` steps (after a warm-up) and report its memory."""
     torch.set_num_threads(threads)
-    step = build(mode, make_batches(data, 4))
+    step = build(mode, make_batches(data, 4, work), work)
     memory = []
     for i in range(steps + 1):
         step(i)
@@ -92,11 +100,11 @@ def child(mode: str, steps: int, data: Path, threads: int) -> dict:
     return {"mode": mode, "rss": memory, "peak": rss_gib()[1]}
 
 
-def time_side_by_side(steps: int, data: Path) -> dict[str, list[float]]:
+def time_side_by_side(steps: int, data: Path, work: str) -> dict[str, list[float]]:
     """Alternate the three variants in this process on the same inputs; seconds per step."""
-    batches = make_batches(data, 4)
+    batches = make_batches(data, 4, work)
     variants = {
-        mode: build(mode, batches) for mode in ("research-meta", "ours-meta", "ours-fusion")
+        mode: build(mode, batches, work) for mode in ("research-meta", "ours-meta", "ours-fusion")
     }
     times: dict[str, list[float]] = {mode: [] for mode in variants}
     for i in range(steps + 1):  # round 0 is the warm-up
@@ -108,12 +116,14 @@ def time_side_by_side(steps: int, data: Path) -> dict[str, list[float]]:
     return times
 
 
-def run_child(mode: str, steps: int, data: Path, threads: int) -> dict:
+def run_child(mode: str, steps: int, data: Path, threads: int, work: str) -> dict:
     command = [
         sys.executable,
         __file__,
         "--child",
         mode,
+        "--work",
+        work,
         "--steps",
         str(steps),
         "--data",
@@ -125,34 +135,13 @@ def run_child(mode: str, steps: int, data: Path, threads: int) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument(
-        "--memory-steps",
-        type=int,
-        default=20,
-        help="meta steps of our trainer for the memory figure",
-    )
-    parser.add_argument(
-        "--research-steps",
-        type=int,
-        default=5,
-        help="meta steps of the research mechanics (each ~30 s on 2 cores)",
-    )
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 2)))
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args.steps, args.data, args.threads)))
-        return
-
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU: {os.cpu_count()} cores")
-    times = time_side_by_side(args.steps, args.data)
-    ours_meta = run_child("ours-meta", args.memory_steps, args.data, args.threads)
-    research = run_child("research-meta", args.research_steps, args.data, args.threads)
+def report(work: str, args: argparse.Namespace) -> str:
+    """Measure one kind of work; print the details and return the summary line."""
+    print(f"--- work: {work}")
+    # Every measurement runs in a child process, so that this one holds no memory meanwhile.
+    times = run_child("timing", args.steps, args.data, args.threads, work)
+    ours_meta = run_child("ours-meta", args.memory_steps, args.data, args.threads, work)
+    research = run_child("research-meta", args.research_steps, args.data, args.threads, work)
     meta = statistics.median(times["ours-meta"])
     fusion = statistics.median(times["ours-fusion"])
     baseline = statistics.median(times["research-meta"])
@@ -173,12 +162,54 @@ def main() -> None:
         f"memory growth over the run: ours {growth:+.2f} GiB ({len(ours_meta['rss']) - 1} meta "
         f"steps), research {research_growth:+.2f} GiB ({len(research['rss']) - 1} meta steps)"
     )
-    print(
-        f"meta step: ours {meta:.2f} s, research mechanics {baseline:.2f} s, speed-up "
-        f"{baseline / meta:.2f}x; ours meta/fusion {meta / fusion:.2f}x "
-        f"(fusion step {fusion:.2f} s); peak memory over {len(ours_meta['rss']) - 1} meta steps "
-        f"ours {ours_meta['peak']:.2f} GiB vs research {research['peak']:.2f} GiB"
+    ours_name = "ours (research preset)" if work == "research" else "ours (default)"
+    return (
+        f"meta step, {work} work: {ours_name} {meta:.2f} s, research mechanics on tdfusion's "
+        f"networks {baseline:.2f} s, speed-up {baseline / meta:.2f}x; ours meta/fusion "
+        f"{meta / fusion:.2f}x (fusion step {fusion:.2f} s); peak memory over "
+        f"{len(ours_meta['rss']) - 1} meta steps ours {ours_meta['peak']:.2f} GiB vs research "
+        f"{research['peak']:.2f} GiB"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--work",
+        choices=["tdfusion", "research", "both"],
+        default="both",
+        help="whose work both sides do: tdfusion's default, the research code's, or both",
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=20,
+        help="meta steps of our trainer for the memory figure",
+    )
+    parser.add_argument(
+        "--research-steps",
+        type=int,
+        default=5,
+        help="meta steps of the research mechanics (each ~15-30 s on 2 cores)",
+    )
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 2)))
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "timing":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(time_side_by_side(args.steps, args.data, args.work)))
+        return
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.data, args.threads, args.work)))
+        return
+
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU: {os.cpu_count()} cores")
+    works = ["tdfusion", "research"] if args.work == "both" else [args.work]
+    summaries = [report(work, args) for work in works]
+    print("\n".join(summaries))
 
 
 if __name__ == "__main__":

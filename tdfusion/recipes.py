@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,10 @@ import torch
 
 from tdfusion.errors import DataError
 from tdfusion.files import LOCK_NAME, missing_folders, output_lock, remove_unused_folders
+from tdfusion.recipe_tables import DATASETS, TASKS, no_task, read_transform
 
 __all__ = [
+    "PRESETS",
     "RECIPES",
     "Recipe",
     "build_dataset",
@@ -101,6 +103,23 @@ class Recipe:
     init_weights : str or None
         Fusion weights to start from (a name of :func:`~tdfusion.nets.list_pretrained`, a
         ``save_pretrained`` file or a trainer checkpoint); ``None``: a fresh network.
+    weighting : {"linear", "squared"}
+        How the weights enter the intensity loss: the paper's Eq. 2 (linear) or the research
+        code's ``mse(w * (a - f), 0)`` (squared).
+    task_inner_optimizer : str
+        The task network's inner step ``T'`` (``task_inner_optimizer`` of
+        :class:`~tdfusion.MetaFusionTrainer`): ``"sgd"``, ``"adam"``, ``"task_optimizer"`` or
+        ``"task_optimizer_persistent"`` (the research code).
+    fusion_step_order : {"simultaneous", "sequential"}
+        Whether the fusion step feeds ``T`` with ``F`` before or after ``F``'s update.
+    label_resolution : {"task", "full"}
+        Segmentation: masks resized (nearest) to ``task_size`` and the cross-entropy taken there
+        on padded inputs (``"task"``), or masks at the dataset's full size and the research
+        code's cross-entropy (``"full"``: no padding, logits upsampled with
+        ``align_corners=True``).
+    preset : {"default", "research"}
+        The preset of :data:`PRESETS` the recipe was built with; ``replace(preset=...)``
+        applies one (the other changes given with it override it).
     """
 
     name: str
@@ -131,12 +150,31 @@ class Recipe:
     exposure_augment: bool = False
     exposure_gamma: float = 1.0
     init_weights: str | None = None
+    weighting: str = "linear"
+    task_inner_optimizer: str = "sgd"
+    fusion_step_order: str = "simultaneous"
+    label_resolution: str = "task"
+    preset: str = "default"
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some settings changed (unknown names are an error)."""
+        """A copy with some settings changed (unknown names are an error).
+
+        ``preset=NAME`` applies the settings of :data:`PRESETS` ``[NAME]`` first; the other
+        changes given in the same call override them.
+
+        Example
+        -------
+        >>> recipe = RECIPES["msrs-segmentation"].replace(preset="research", epochs=40)
+        >>> recipe.weighting, recipe.task_inner_optimizer, recipe.epochs
+        ('squared', 'task_optimizer_persistent', 40)
+        """
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown recipe settings: {sorted(unknown)}")
+        if "preset" in changes:
+            if changes["preset"] not in PRESETS:
+                raise ValueError(f"unknown preset {changes['preset']!r}; one of {sorted(PRESETS)}")
+            changes = {**PRESETS[changes["preset"]], **changes}
         if "task_size" in changes and changes["task_size"] is not None:
             changes["task_size"] = tuple(int(v) for v in changes["task_size"])
         return dataclasses.replace(self, **changes)
@@ -192,6 +230,30 @@ RECIPES["roadscene-finetune"] = _PRETRAIN.replace(
 )
 
 
+#: Recipe settings by preset name. ``"default"`` is tdfusion's (the paper's equations);
+#: ``"research"`` reproduces the authors' research code's meta and fusion steps: squared
+#: weights, ``T'`` by one step of ``T``'s own Adam with its state kept, the cross-entropy at the
+#: full label resolution without padding, and ``T`` fed with ``F`` after ``F``'s update in the
+#: fusion step (the inner SGD step, the normalised generator update, the crops, the task size
+#: and the swap are the same in both). See :doc:`/howto/paper_settings`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "weighting": "linear",
+        "task_inner_optimizer": "sgd",
+        "fusion_step_order": "simultaneous",
+        "label_resolution": "task",
+        "generator_update": "normalized",
+    },
+    "research": {
+        "weighting": "squared",
+        "task_inner_optimizer": "task_optimizer_persistent",
+        "fusion_step_order": "sequential",
+        "label_resolution": "full",
+        "generator_update": "normalized",
+    },
+}
+
+
 def load_recipe(
     name: str | None = None, config: str | os.PathLike[str] | None = None, **overrides: Any
 ) -> Recipe:
@@ -204,7 +266,8 @@ def load_recipe(
     config : str or os.PathLike, optional
         JSON file of settings.
     **overrides
-        Settings that replace the recipe's.
+        Settings that replace the recipe's; ``preset="research"`` applies a preset of
+        :data:`PRESETS` over the recipe and the config file.
 
     Returns
     -------
@@ -226,7 +289,13 @@ def load_recipe(
             f"{sorted(RECIPES)}"
         )
     settings.pop("name", None)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    preset = overrides.pop("preset", None)
+    if preset is not None:  # a preset given here overrides the config file's settings
+        if preset not in PRESETS:
+            raise DataError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
+        settings.update(PRESETS[preset], preset=preset)
+    settings.update(overrides)
     return RECIPES[name].replace(**settings)
 
 
@@ -272,105 +341,11 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
 
     reader = _known(DATASETS, recipe.dataset, "dataset", recipe)
     try:
-        dataset = reader(recipe, data_root, split, _read_transform(recipe))
+        dataset = reader(recipe, data_root, split, read_transform(recipe))
     except DataError as error:
         layout = LAYOUTS[recipe.dataset].description.format(split=split)
         raise DataError(f"{error}; a {recipe.dataset} data root holds {layout}") from None
     return keep_every(dataset, recipe.stride)
-
-
-def _read_transform(recipe: Recipe):
-    """The transform applied to every pair when it is read (``data_crop``), or None."""
-    if recipe.data_crop is None:
-        return None
-    from tdfusion.data import (
-        Compose,
-        RandomCrop,
-        RandomExposure,
-        RandomHorizontalFlip,
-        RandomVerticalFlip,
-    )
-
-    augment = torch.Generator().manual_seed(recipe.seed + 1)
-    return Compose(
-        [
-            RandomCrop(recipe.data_crop, generator=augment),
-            RandomHorizontalFlip(generator=augment),
-            RandomVerticalFlip(generator=augment),
-            *(
-                [RandomExposure(max_gamma=recipe.exposure_gamma, generator=augment)]
-                if recipe.exposure_augment
-                else []
-            ),
-        ]
-    )
-
-
-def _msrs(recipe: Recipe, root, split: str, transform):
-    from tdfusion.data import MSRSDataset
-
-    return MSRSDataset(root, split, recipe.task, mask_size=recipe.task_size, transform=transform)
-
-
-def _fmb(recipe: Recipe, root, split: str, transform):
-    from tdfusion.data import FMBDataset
-
-    return FMBDataset(root, split, mask_size=recipe.task_size, transform=transform)
-
-
-def _m3fd(recipe: Recipe, root, split: str, transform):
-    from tdfusion.data import M3FDDataset
-
-    return M3FDDataset(root, split, transform=transform)
-
-
-def _llvip(recipe: Recipe, root, split: str, transform):
-    from tdfusion.data import LLVIPDataset
-
-    return LLVIPDataset(root, split, transform=transform)
-
-
-def _roadscene(recipe: Recipe, root, split: str, transform):
-    from tdfusion.data.datasets import layout_dataset
-    from tdfusion.data.layouts import LAYOUTS
-
-    return layout_dataset(LAYOUTS["roadscene"], root, None, transform=transform)
-
-
-#: The dataset readers by :attr:`Recipe.dataset`: ``(recipe, root, split, transform) ->
-#: dataset``; the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`.
-DATASETS: dict[str, Callable[..., Any]] = {
-    "msrs": _msrs,
-    "fmb": _fmb,
-    "m3fd": _m3fd,
-    "llvip": _llvip,
-    "roadscene": _roadscene,
-}
-
-
-def no_task(fused: torch.Tensor, target: Any) -> torch.Tensor:
-    """The task loss of a recipe without a task (fusion pre-training): always zero."""
-    return fused.sum() * 0.0
-
-
-def _segmentation_task(recipe: Recipe):
-    from tdfusion.tasks import SegmentationTask
-
-    return SegmentationTask(recipe.num_classes, encoder=recipe.encoder)
-
-
-def _detection_task(recipe: Recipe):
-    from tdfusion.tasks import DetectionTask
-
-    return DetectionTask(recipe.num_classes, model=recipe.model)
-
-
-#: The task builders by :attr:`Recipe.task`: ``recipe -> task network`` (or task loss).
-TASKS: dict[str, Callable[[Recipe], Any]] = {
-    "segmentation": _segmentation_task,
-    "detection": _detection_task,
-    "none": lambda recipe: no_task,
-}
 
 
 def build_task(recipe: Recipe) -> Any:
@@ -429,7 +404,7 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
         else ReFusionNet.from_pretrained(recipe.init_weights),
         build_task(recipe),
         generator,
-        LearnableFusionLoss(alpha=recipe.alpha),
+        LearnableFusionLoss(alpha=recipe.alpha, weighting=recipe.weighting),  # type: ignore[arg-type]
         inner_lr=recipe.inner_lr,
         generator_lr=recipe.generator_lr,
         generator_update=recipe.generator_update,  # type: ignore[arg-type]
@@ -442,6 +417,8 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
         ),
         device=device,
         seed=recipe.seed,
+        task_inner_optimizer=recipe.task_inner_optimizer,  # type: ignore[arg-type]
+        fusion_step_order=recipe.fusion_step_order,  # type: ignore[arg-type]
     )
 
 

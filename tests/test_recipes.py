@@ -13,7 +13,13 @@ import torch
 
 from tdfusion.cli import main
 from tdfusion.errors import DataError
-from tdfusion.recipes import RECIPES, build_dataset, load_recipe, make_smoke_dataset
+from tdfusion.recipes import (
+    RECIPES,
+    build_dataset,
+    build_trainer,
+    load_recipe,
+    make_smoke_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +56,36 @@ def test_load_recipe_merges_config_and_overrides(tmp_path):
     config.write_text("{not json")
     with pytest.raises(DataError, match="cannot read recipe config"):
         load_recipe(config=config)
+
+
+def test_the_research_preset_sets_the_research_code_s_steps(tmp_path):
+    recipe = RECIPES["msrs-segmentation"].replace(preset="research", weighting="linear")
+    assert recipe.preset == "research" and recipe.weighting == "linear"  # explicit wins
+    recipe = load_recipe("msrs-segmentation", preset="research", epochs=40)
+    assert (recipe.weighting, recipe.task_inner_optimizer, recipe.label_resolution) == (
+        "squared",
+        "task_optimizer_persistent",
+        "full",
+    )
+    # A --preset given with a config file overrides the file's settings.
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(RECIPES["msrs-segmentation"].to_dict()))
+    assert load_recipe(config=config, preset="research").fusion_step_order == "sequential"
+    with pytest.raises(DataError, match="unknown preset"):
+        load_recipe("msrs-segmentation", preset="paper")
+
+    recipe = recipe.replace(task_size=(96, 128))
+    trainer = build_trainer(recipe, device="cpu")
+    assert trainer.fusion_loss.weighting == "squared"
+    assert trainer.task_inner_step.persistent and trainer.fusion_step_order == "sequential"
+    assert (trainer.task_loss.pad, trainer.task_loss.align_corners) == (False, True)
+    default = build_trainer(RECIPES["msrs-segmentation"], device="cpu")
+    assert default.config()["task_inner_optimizer"] == "sgd"
+    assert (default.task_loss.pad, default.fusion_loss.weighting) == (True, "linear")
+    # The masks stay at the dataset's size: the research code's label resolution.
+    root = make_smoke_dataset(recipe, tmp_path / "data")
+    a, _, masks = build_dataset(recipe, root)[0]
+    assert masks.shape == a.shape[-2:]
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

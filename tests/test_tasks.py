@@ -766,3 +766,23 @@ def test_adapters_train_as_the_task_network_inside_the_trainer(kind: str) -> Non
     stats = trainer.fusion_step(batch)
     assert math.isfinite(stats["task_loss"])
     assert any(not torch.equal(v, before[k]) for k, v in task.state_dict().items())
+
+
+def test_segmentation_research_loss_is_unpadded_and_at_the_label_resolution() -> None:
+    """``pad=False, align_corners=True``: the research code's cross-entropy."""
+    torch.manual_seed(0)
+    task = SegmentationTask(num_classes=9, pad=False, align_corners=True)
+    fused = torch.rand(1, 1, *MSRS_SIZE)  # 240 is not a multiple of 32: no padding anyway
+    masks = torch.randint(0, 9, (1, 480, 640))
+    with evaluation_mode(task), torch.no_grad():
+        loss = task(fused, masks)
+        logits = task.network(fused)
+        padded = SegmentationTask(num_classes=9)
+        padded.load_state_dict(task.state_dict())
+        default = padded(fused, masks)
+    upsampled = torch.nn.functional.interpolate(
+        logits, size=(480, 640), mode="bilinear", align_corners=True
+    )
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(upsampled, masks))
+    assert not torch.allclose(loss, default)  # the padded default is another loss
+    assert task.predict(fused).shape == (1, *MSRS_SIZE)

@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     argparse.ArgumentParser
         The sub-command's parser, with ``handler`` set to :func:`run`.
     """
-    from tdfusion.recipes import RECIPES
+    from tdfusion.recipes import PRESETS, RECIPES
 
     parser = subparsers.add_parser(
         "train",
@@ -86,6 +86,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--fusion-crop", type=positive_int, help="fusion-loss crop (paper: 256)")
     parser.add_argument(
         "--task-size", type=positive_int, nargs=2, metavar=("H", "W"), help="task input size"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help=(
+            "'research' reproduces the authors' research code's meta and fusion steps (squared "
+            "weights, T adapted by its own Adam, cross-entropy at the label resolution, T fed "
+            "with F after its update); 'default' is tdfusion's (the paper's equations)"
+        ),
     )
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument(
@@ -135,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "init_weights": args.init_weights,
         "num_workers": args.num_workers,
+        "preset": args.preset,
     }
     if args.smoke:
         overrides = {**SMOKE_SETTINGS, **{k: v for k, v in overrides.items() if v is not None}}

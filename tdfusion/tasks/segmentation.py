@@ -43,10 +43,15 @@ class SegmentationTask(nn.Module):
     """SegFormer trained from scratch with pixel-wise cross-entropy (the paper's segmentation T).
 
     The network is ``segmentation_models_pytorch.Segformer`` with random initialisation
-    (``encoder_weights=None``: nothing is downloaded). Images of any size are accepted: SegFormer
-    needs H and W divisible by 32, so the input is padded at the bottom/right by edge replication
-    and the logits are cropped back, then bilinearly resized to the mask size when it differs
-    (the paper upsamples the logits to the label size).
+    (``encoder_weights=None``: nothing is downloaded). Images of any size are accepted: by
+    default the input is padded at the bottom/right to a multiple of 32 by edge replication and
+    the logits are cropped back, then bilinearly resized to the mask size when it differs (the
+    paper upsamples the logits to the label size).
+
+    The research code's loss is ``pad=False, align_corners=True`` with masks at the dataset's
+    full label resolution (e.g. 480 x 640 for MSRS while the task input is 240 x 320): the
+    unpadded input goes through the network and the logits are upsampled to the label map with
+    ``align_corners=True``.
 
     Parameters
     ----------
@@ -60,6 +65,13 @@ class SegmentationTask(nn.Module):
         Mask value excluded from the loss (e.g. 255); ``None`` uses every pixel.
     decoder_channels : int
         Width of the all-MLP decoder (256 for SegFormer-B0).
+    pad : bool
+        Pad the input to a multiple of the encoder's stride (32). ``False`` feeds it as it is
+        (the research code; MiT's overlapping patch embeddings accept any size), and the
+        logits, whose size may then differ from the input's by a few pixels, are resized.
+    align_corners : bool
+        ``align_corners`` of the bilinear resizing of the logits to the mask size (the research
+        code: ``True``).
     check_targets : bool
         Check that every mask value is a class index or ``ignore_index`` (one device-to-host
         synchronisation per call) and raise :class:`~tdfusion.errors.DataError` otherwise,
@@ -86,6 +98,12 @@ class SegmentationTask(nn.Module):
     >>> task(fused, masks).backward()
     >>> task.predict(fused).shape
     torch.Size([2, 240, 320])
+
+    The research code's loss, at the full label resolution:
+
+    >>> research = SegmentationTask(num_classes=9, pad=False, align_corners=True)
+    >>> research(fused, torch.randint(0, 9, (2, 480, 640))).shape
+    torch.Size([])
     """
 
     def __init__(
@@ -97,6 +115,8 @@ class SegmentationTask(nn.Module):
         *,
         decoder_channels: int = 256,
         check_targets: bool = True,
+        pad: bool = True,
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -107,8 +127,12 @@ class SegmentationTask(nn.Module):
         self.in_channels = int(in_channels)
         self.ignore_index = ignore_index
         self.check_targets = check_targets
+        self.pad = bool(pad)
+        self.align_corners = bool(align_corners)
         self.network = _build_segformer(encoder, in_channels, num_classes, decoder_channels)
         self.stride = int(self.network.encoder.output_stride)
+        if not self.pad:  # smp refuses sizes that are not multiples of the stride
+            self.network.requires_divisible_input_shape = False
 
     def logits(self, fused: torch.Tensor) -> torch.Tensor:
         """Class scores at the input resolution.
@@ -124,9 +148,20 @@ class SegmentationTask(nn.Module):
             Shape ``(N, num_classes, H, W)``, unnormalised.
         """
         check_fused_image(fused, self.in_channels)
+        return self._resize(self._network_logits(fused), fused.shape[-2:])
+
+    def _network_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """The network's logits: at the input size when padded, about it otherwise."""
+        if not self.pad:
+            return self.network(fused)
         height, width = fused.shape[-2:]
         padded = pad_to_multiple(fused, self.stride, mode="replicate")
         return self.network(padded)[..., :height, :width]
+
+    def _resize(self, logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        if logits.shape[-2:] == size:
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
 
     def forward(self, fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the SegFormer logits against ``masks``.
@@ -145,11 +180,7 @@ class SegmentationTask(nn.Module):
         """
         check_fused_image(fused, self.in_channels)
         masks = self._check_masks(fused, masks)
-        logits = self.logits(fused)
-        if logits.shape[-2:] != masks.shape[-2:]:
-            logits = F.interpolate(
-                logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
-            )
+        logits = self._resize(self._network_logits(fused), masks.shape[-2:])
         ignore_index = -100 if self.ignore_index is None else self.ignore_index
         return F.cross_entropy(logits, masks, ignore_index=ignore_index)
 

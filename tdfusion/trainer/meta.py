@@ -12,10 +12,15 @@ substituted with :func:`torch.func.functional_call`. They compute
   ``v^T dtheta_F'/dtheta_G`` through the inner step. By the chain rule this equals
   back-propagating the outer loss through the inner step in one go, but the outer graph is freed
   before the second-order backward starts.
+
+The one exception is :class:`TaskOptimizerStep`, the research code's ``T'``: a step of ``T``'s
+own optimiser, taken on the real parameters and undone at once (parameters, gradients and, unless
+asked to keep it, the optimiser's state).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,10 +34,14 @@ __all__ = [
     "InnerOptimizer",
     "InnerOptimizerName",
     "OptimizerStep",
+    "TaskInnerOptimizer",
+    "TaskOptimizerStep",
     "call_functionally",
     "differentiable_step",
     "gradients",
     "make_inner_optimizer",
+    "optimizer_state",
+    "restore_optimizer_state",
     "trainable_parameters",
     "vector_jacobian_product",
 ]
@@ -40,6 +49,10 @@ __all__ = [
 InnerOptimizerName = Literal["sgd", "adam"]
 #: An inner optimiser: a name, or any torchopt ``GradientTransformation`` (its own step size).
 InnerOptimizer = InnerOptimizerName | torchopt.base.GradientTransformation
+#: The task network's inner step: an inner optimiser, or one step of ``T``'s own optimiser
+#: (``"task_optimizer"``; ``"task_optimizer_persistent"`` keeps that step's state, as the
+#: research code does).
+TaskInnerOptimizer = InnerOptimizer | Literal["task_optimizer", "task_optimizer_persistent"]
 
 
 def make_inner_optimizer(
@@ -137,6 +150,149 @@ class OptimizerStep:
     ) -> tuple[torch.Tensor, ...]:
         """``params`` after one step along ``grads`` (see :func:`differentiable_step`)."""
         return differentiable_step(self.transformation(lr_scale), params, grads)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[Any, dict[str, Any]]:
+    """A copy of an optimiser's per-parameter state (moments, step counts).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Any optimiser.
+
+    Returns
+    -------
+    dict
+        Parameter -> its state, tensors cloned, for :func:`restore_optimizer_state`.
+    """
+    return {
+        param: {
+            key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            for key, value in state.items()
+        }
+        for param, state in optimizer.state.items()
+    }
+
+
+def restore_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Mapping[Any, dict[str, Any]]
+) -> None:
+    """Put back a state from :func:`optimizer_state` (the learning rates are not touched).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimiser the state was taken from.
+    state : mapping
+        Parameter -> state.
+    """
+    optimizer.state.clear()
+    optimizer.state.update(state)
+
+
+class TaskOptimizerStep:
+    """One step of the task network's own optimiser, as the inner step ``T'`` (Eq. 5).
+
+    The research code adapts ``T`` with one ``step()`` of ``T``'s own optimiser (Adam), whose
+    moments and step count persist across meta steps and into the ordinary F/T phase; only
+    ``T``'s weights are reloaded afterwards. This step does the same on the real parameters and
+    puts them (and their ``.grad``) back at once, so that ``T'`` is returned as new tensors.
+
+    ``T'`` is not differentiated: it depends on ``F``'s output on the meta-train batch, which is
+    detached (``theta_T`` is a constant of ``theta_G``), so the optimiser's state enters
+    ``T'(F'(x_mts))`` as constants and any optimiser works, stepped by its own code.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        ``T``'s optimiser (``MetaFusionTrainer.task_optimizer``). Its current learning rate is
+        used (its schedule, not ``lr_scale``).
+    persistent : bool
+        ``False``: the optimiser's state is as before after every call. ``True`` (the research
+        code): the state after the step is kept in ``pending`` and becomes the optimiser's
+        state when :meth:`commit` is called (``MetaFusionTrainer.meta_step`` does so once the
+        generator's update is taken, so that ``hypergradient`` changes nothing).
+
+    Attributes
+    ----------
+    pending : dict or None
+        The optimiser state after the last call (``persistent`` only), until :meth:`commit`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> weight = torch.nn.Parameter(torch.ones(2))
+    >>> adam = torch.optim.Adam([weight], lr=0.1)
+    >>> step = TaskOptimizerStep(adam, persistent=True)
+    >>> step((weight,), (torch.tensor([1.0, -2.0]),))[0]  # Adam's first step: lr * sign(g)
+    tensor([0.9000, 1.1000])
+    >>> weight.data, len(adam.state)  # T and its optimiser are as before ...
+    (tensor([1., 1.]), 0)
+    >>> step.commit(); int(adam.state[weight]["step"])  # ... until the state is committed
+    1
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, persistent: bool = False) -> None:
+        self.optimizer = optimizer
+        self.persistent = bool(persistent)
+        self.pending: dict[Any, dict[str, Any]] | None = None
+
+    def __repr__(self) -> str:
+        kind = type(self.optimizer).__name__
+        return f"TaskOptimizerStep({kind}, persistent={self.persistent})"
+
+    def __call__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        lr_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, ...]:
+        """``params`` after one step of the optimiser along ``grads``; ``params`` are unchanged.
+
+        Parameters
+        ----------
+        params : sequence of torch.Tensor
+            ``T``'s trainable parameters, all handled by the optimiser.
+        grads : sequence of torch.Tensor
+            Their gradients.
+        lr_scale : float
+            Not used: the optimiser's learning rate follows its own schedule.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``theta_T'``, detached.
+        """
+        params = tuple(params)
+        handled = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if any(id(p) not in handled for p in params):
+            raise ValueError(
+                "task_inner_optimizer='task_optimizer' needs the task network's parameters in "
+                "its optimiser; some trainable parameters are not"
+            )
+        state = optimizer_state(self.optimizer)
+        saved = [(p.detach().clone(), p.grad) for p in params]
+        try:
+            with torch.no_grad():
+                for param, grad in zip(params, grads):
+                    param.grad = grad.detach().clone()
+                self.optimizer.step()
+                adapted = tuple(p.detach().clone() for p in params)
+            # The optimiser changed its state in place; keep that one and put a copy back.
+            self.pending = dict(self.optimizer.state) if self.persistent else None
+        finally:
+            with torch.no_grad():
+                for param, (value, grad) in zip(params, saved):
+                    param.copy_(value)
+                    param.grad = grad
+            restore_optimizer_state(self.optimizer, state)
+        return adapted
+
+    def commit(self) -> None:
+        """Make the state after the last step the optimiser's (nothing when not persistent)."""
+        if self.pending is not None:
+            restore_optimizer_state(self.optimizer, self.pending)
+            self.pending = None
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,17 +6,22 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from tdfusion.distributed import describe_replica
 
 __all__ = [
     "CONFIG_KEYS",
+    "FUSION_STEP_ORDERS",
     "GENERATOR_OPTIMIZERS",
     "OPTIMIZERS",
+    "PRESETS",
+    "TASK_INNER_OPTIMIZERS",
     "check_arguments",
     "make_optimizers",
     "optimizer_factory",
     "trainer_config",
+    "trainer_from_preset",
 ]
 
 TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -25,12 +30,37 @@ OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimiz
 GeneratorUpdate = Literal["normalized", "optimizer"]
 OnNonFinite = Literal["raise", "skip"]
 HypergradientMethodName = Literal["auto", "forward", "backprop"]
+FusionStepOrder = Literal["simultaneous", "sequential"]
+
+#: ``fusion_step_order=``: ``"simultaneous"`` feeds ``T`` with ``F`` before this step's update
+#: of ``F`` (Eq. 8 and 9 side by side); ``"sequential"`` with ``F`` after it (research code).
+FUSION_STEP_ORDERS = ("simultaneous", "sequential")
+
+#: The names ``task_inner_optimizer=`` takes (besides a torchopt ``GradientTransformation``).
+TASK_INNER_OPTIMIZERS = ("sgd", "adam", "task_optimizer", "task_optimizer_persistent")
+
+#: Keyword presets of :meth:`MetaFusionTrainer.from_preset`. ``"research"`` reproduces the
+#: authors' research code: squared weights in ``L_int`` (``weighting``, for the default fusion
+#: loss), plain SGD for ``F'`` with ``F``'s current learning rate, ``T'`` by one step of ``T``'s
+#: own optimiser whose state is kept, the normalised generator update, and the fusion step
+#: feeding ``T`` with ``F`` after its update. ``"default"`` is the constructor's defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "research": {
+        "weighting": "squared",
+        "inner_optimizer": "sgd",
+        "task_inner_optimizer": "task_optimizer_persistent",
+        "generator_update": "normalized",
+        "fusion_step_order": "sequential",
+    },
+}
 
 #: The hyper-parameters ``MetaFusionTrainer.config()`` returns: constructor arguments saved in
 #: checkpoints (and compared between ranks), read from the trainer's attributes of that name.
 CONFIG_KEYS = (
     "inner_lr",
     "inner_optimizer",
+    "task_inner_optimizer",
     "task_inner_lr",
     "generator_lr",
     "generator_update",
@@ -42,6 +72,7 @@ CONFIG_KEYS = (
     "on_nonfinite",
     "hypergradient_method",
     "optimizer",
+    "fusion_step_order",
 )
 
 #: Optimisers of ``F`` and ``T`` by name (``optimizer=`` of :class:`MetaFusionTrainer`).
@@ -99,6 +130,8 @@ def check_arguments(
     hypergradient_methods: Iterable[str],
     on_nonfinite: str,
     learning_rates: dict[str, float],
+    fusion_step_order: str = "simultaneous",
+    task_inner_optimizer: Any = None,
 ) -> None:
     """Refuse constructor arguments of :class:`MetaFusionTrainer` that cannot work.
 
@@ -106,12 +139,16 @@ def check_arguments(
     ----------
     fusion_model, task_loss : Any
         Must be an ``nn.Module`` and a callable.
-    generator_update, hypergradient_method, on_nonfinite : str
+    generator_update, hypergradient_method, on_nonfinite, fusion_step_order : str
         Must be known names (``hypergradient_methods`` are the known methods besides "auto").
     hypergradient_methods : iterable of str
         The methods of :data:`~tdfusion.trainer.hypergradient.HYPERGRADIENT_METHODS`.
     learning_rates : dict of str to float
         Argument name -> value, each must be positive.
+    fusion_step_order : str
+        One of :data:`FUSION_STEP_ORDERS`.
+    task_inner_optimizer : str, torchopt.base.GradientTransformation or None
+        A name must be one of :data:`TASK_INNER_OPTIMIZERS`.
 
     Raises
     ------
@@ -131,6 +168,15 @@ def check_arguments(
         raise ValueError(
             f"hypergradient_method must be one of {', '.join(map(repr, methods))}, got "
             f"{hypergradient_method!r}"
+        )
+    if isinstance(task_inner_optimizer, str) and task_inner_optimizer not in TASK_INNER_OPTIMIZERS:
+        raise ValueError(
+            f"task_inner_optimizer must be one of {', '.join(map(repr, TASK_INNER_OPTIMIZERS))} "
+            f"or a torchopt GradientTransformation, got {task_inner_optimizer!r}"
+        )
+    if fusion_step_order not in FUSION_STEP_ORDERS:
+        raise ValueError(
+            f"fusion_step_order must be 'simultaneous' or 'sequential', got {fusion_step_order!r}"
         )
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
@@ -196,15 +242,17 @@ def trainer_config(trainer: Any) -> dict[str, Any]:
     -------
     dict
         Constructor arguments (without the modules, device and scheduler factory, and
-        without an ``optimizer`` factory or an ``inner_optimizer`` transformation).
+        without an ``optimizer`` factory or an ``inner_optimizer`` or
+        ``task_inner_optimizer`` transformation).
     """
     config: dict[str, Any] = {key: getattr(trainer, key) for key in CONFIG_KEYS}
     for key in ("fusion_crop", "task_size"):
         config[key] = None if config[key] is None else list(config[key])
     if trainer.optimizer is None:  # a factory cannot be saved
         del config["optimizer"]
-    if not isinstance(trainer.inner_optimizer, str):  # nor can a transformation
-        del config["inner_optimizer"]
+    for key in ("inner_optimizer", "task_inner_optimizer"):
+        if config[key] is not None and not isinstance(config[key], str):  # a transformation
+            del config[key]
     return config
 
 
@@ -239,3 +287,70 @@ def join_replicas(trainer: Any, ddp_options: Mapping[str, Any] | None) -> None:
     )
     trainer.strategy.start_from_main(trainer.loss_generator)
     trainer.generator.set_state(trainer.strategy.broadcast_object(trainer.generator.get_state()))
+
+
+def trainer_from_preset(
+    cls: Any,
+    preset: str,
+    fusion_model: nn.Module,
+    task_loss: TaskLoss,
+    loss_generator: nn.Module | None = None,
+    fusion_loss: Callable[..., torch.Tensor] | None = None,
+    **keywords: Any,
+) -> Any:
+    """A trainer set up by a named preset of :data:`PRESETS`
+    (:meth:`MetaFusionTrainer.from_preset <tdfusion.MetaFusionTrainer.from_preset>`).
+
+    ``"research"`` reproduces the meta and fusion steps of the authors' research code:
+    ``LearnableFusionLoss(weighting="squared")``, SGD for ``F'``, ``T'`` by one step of
+    ``T``'s own Adam whose state is kept (``task_inner_optimizer=
+    "task_optimizer_persistent"``), the normalised generator update and
+    ``fusion_step_order="sequential"``. The research code's cross-entropy is a setting of
+    the task (``SegmentationTask(..., pad=False, align_corners=True)`` with masks at the
+    label resolution); :data:`tdfusion.recipes.PRESETS` sets both. See
+    :doc:`/howto/paper_settings` for every difference.
+
+    Parameters
+    ----------
+    cls : type
+        :class:`~tdfusion.MetaFusionTrainer` (or a subclass).
+    preset : {"default", "research"}
+        The preset.
+    fusion_model, task_loss, loss_generator : see the class
+        As for the constructor.
+    fusion_loss : callable, optional
+        Default: ``LearnableFusionLoss(alpha=1.0, weighting=...)`` with the preset's
+        weighting (``"linear"`` unless the preset says otherwise).
+    **keywords
+        Further constructor arguments; they override the preset's.
+
+    Notes
+    -----
+    Checkpoints keep the preset's constructor arguments but not the fusion loss: rebuild a
+    ``"research"`` trainer with ``MetaFusionTrainer.load(path, F, T, G,
+    fusion_loss=LearnableFusionLoss(weighting="squared"))``.
+
+    Returns
+    -------
+    MetaFusionTrainer
+        The trainer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tdfusion import MetaFusionTrainer
+    >>> from tdfusion.nets import ReFusionNet
+    >>> trainer = MetaFusionTrainer.from_preset(
+    ...     "research", ReFusionNet(), torch.nn.functional.mse_loss, device="cpu")
+    >>> trainer.fusion_loss.weighting, trainer.fusion_step_order
+    ('squared', 'sequential')
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    settings = {**PRESETS[preset], **keywords}
+    weighting = settings.pop("weighting", "linear")
+    if fusion_loss is None:
+        from tdfusion.losses import LearnableFusionLoss
+
+        fusion_loss = LearnableFusionLoss(alpha=1.0, weighting=weighting)
+    return cls(fusion_model, task_loss, loss_generator, fusion_loss, **settings)

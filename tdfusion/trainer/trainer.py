@@ -18,6 +18,7 @@ from torch import nn
 from tdfusion.distributed import Strategy, select_strategy
 from tdfusion.losses import LearnableFusionLoss
 from tdfusion.trainer import checkpoint as checkpoints
+from tdfusion.trainer import fusion_step as fusion_steps
 from tdfusion.trainer import loop
 from tdfusion.trainer.batches import (
     Batch,
@@ -25,20 +26,24 @@ from tdfusion.trainer.batches import (
     crop_size,
     module_dtype,
     prepare_meta_batches,
-    random_crop,
-    resize_for_task,
 )
 from tdfusion.trainer.hypergradient import (
     HYPERGRADIENT_METHODS,
     ForwardModeUnsupported,
     InnerStep,
     InnerStepResult,
-    fusion_loss_terms,
     inner_step,
     outer_gradient,
 )
-from tdfusion.trainer.meta import InnerOptimizer, OptimizerStep, trainable_parameters
+from tdfusion.trainer.meta import (
+    InnerOptimizer,
+    OptimizerStep,
+    TaskInnerOptimizer,
+    TaskOptimizerStep,
+    trainable_parameters,
+)
 from tdfusion.trainer.options import (
+    FusionStepOrder,
     GeneratorUpdate,
     HypergradientMethodName,
     OnNonFinite,
@@ -49,10 +54,9 @@ from tdfusion.trainer.options import (
     join_replicas,
     make_optimizers,
     trainer_config,
+    trainer_from_preset,
 )
 from tdfusion.trainer.statistics import (
-    check_gradients,
-    check_task_loss,
     snapshot_buffers,
     step_statistics,
 )
@@ -111,8 +115,8 @@ class MetaFusionTrainer:
         Where to train; ``None`` picks CUDA when available, else the CPU. The models are moved
         there and keep their dtype (float64 works, e.g. for gradient checks).
     task_inner_lr : float, optional
-        Step size ``eta_T'`` of the task clone (Eq. 5); defaults to ``task_lr``. The clone uses
-        the same kind of step as ``inner_optimizer`` (the ``task_inner_step`` attribute).
+        Step size ``eta_T'`` of the task clone (Eq. 5); defaults to ``task_lr``. Used by a named
+        ``task_inner_optimizer`` (``"sgd"``, ``"adam"``).
     fusion_crop : int or (int, int), optional
         Random crop (same offsets for ``a`` and ``b``) on which the fusion loss is computed;
         the task always sees the whole image. The paper uses 256.
@@ -152,6 +156,21 @@ class MetaFusionTrainer:
         ``"forward"`` by one forward-mode derivative of ``F`` and first-order backward passes
         (fast, little memory), ``"backprop"`` by second-order back-propagation (any ``F``);
         ``"auto"`` uses ``"forward"`` and falls back, with a warning, to ``"backprop"``.
+    task_inner_optimizer : str or torchopt.base.GradientTransformation, optional
+        The task network's inner step ``T'`` (Eq. 5), the ``task_inner_step`` attribute.
+        ``None`` (default): the same kind of step as ``inner_optimizer`` with ``task_inner_lr``.
+        ``"sgd"``, ``"adam"`` or a ``GradientTransformation``: as for ``inner_optimizer`` (fresh
+        state each meta step). ``"task_optimizer"``: one ``step()`` of ``T``'s own optimiser
+        (``task_optimizer``, Adam by default, with its moments as they stand and its current
+        learning rate), its state put back afterwards. ``"task_optimizer_persistent"``: the
+        same, but the state after the step is kept (each meta step moves ``T``'s moments and
+        step count, which the fusion phase then uses), as the research code does. ``T'`` is never
+        differentiated (it depends on ``F``'s detached output), so the optimiser's state enters
+        the outer loss as constants.
+    fusion_step_order : {"simultaneous", "sequential"}
+        In :meth:`fusion_step`, whether ``T`` learns from ``F``'s output before this step's
+        update of ``F`` (Eq. 8 and 9 side by side) or after it (the research code).
+
     Attributes
     ----------
     epoch : int
@@ -168,7 +187,9 @@ class MetaFusionTrainer:
         :class:`~tdfusion.distributed.DataParallel`).
     fusion_inner_step, task_inner_step : tdfusion.trainer.OptimizerStep
         The differentiable inner steps of ``F`` (Eq. 4) and ``T`` (Eq. 5): callables
-        ``step(parameters, gradients, lr_scale) -> parameters``.
+        ``step(parameters, gradients, lr_scale) -> parameters``; ``task_inner_step`` is a
+        :class:`~tdfusion.trainer.meta.TaskOptimizerStep` with ``task_inner_optimizer=
+        "task_optimizer"`` (or ``"task_optimizer_persistent"``).
     distributed : bool
         Whether this trainer is one rank of a multi-process run.
     rank, world_size : int
@@ -213,6 +234,8 @@ class MetaFusionTrainer:
         optimizer: str | OptimizerFactory = "adam",
         distributed: bool | None = None,
         ddp_options: Mapping[str, Any] | None = None,
+        task_inner_optimizer: TaskInnerOptimizer | None = None,
+        fusion_step_order: FusionStepOrder = "simultaneous",
     ) -> None:
         check_arguments(
             fusion_model,
@@ -227,10 +250,20 @@ class MetaFusionTrainer:
                 "fusion_lr": fusion_lr,
                 "task_lr": task_lr,
             },
+            fusion_step_order=fusion_step_order,
+            task_inner_optimizer=task_inner_optimizer,
         )
         self.task_inner_lr = float(task_lr if task_inner_lr is None else task_inner_lr)
         self.fusion_inner_step = OptimizerStep(inner_optimizer, float(inner_lr))
-        self.task_inner_step: InnerStep = OptimizerStep(inner_optimizer, self.task_inner_lr)
+        self.task_inner_optimizer = task_inner_optimizer
+        own_step = isinstance(task_inner_optimizer, str) and task_inner_optimizer.startswith(
+            "task_optimizer"
+        )
+        self.task_inner_step: InnerStep = OptimizerStep(
+            inner_optimizer if task_inner_optimizer is None or own_step else task_inner_optimizer,
+            self.task_inner_lr,
+        )
+        self.fusion_step_order = fusion_step_order
         self.strategy: Strategy = select_strategy(distributed, device)
         self.device = self.strategy.device
         self.distributed = self.strategy.distributed
@@ -288,6 +321,10 @@ class MetaFusionTrainer:
         self.fusion_optimizer = optimizers["fusion"]
         self.task_optimizer = optimizers.get("task")
         self.generator_optimizer = optimizers.get("generator")  # None: a fixed loss
+        if own_step and self.task_optimizer is not None:
+            self.task_inner_step = TaskOptimizerStep(
+                self.task_optimizer, persistent=task_inner_optimizer == "task_optimizer_persistent"
+            )
         self.schedulers: dict[str, Any] = (
             {} if lr_scheduler is None else {k: lr_scheduler(o) for k, o in optimizers.items()}
         )
@@ -334,6 +371,7 @@ class MetaFusionTrainer:
     config = trainer_config  # the hyper-parameters saved in checkpoints (options.py)
 
     _prepare_meta = prepare_meta_batches
+    from_preset = classmethod(trainer_from_preset)
 
     # ------------------------------------------------------------------ meta step
     def _inner_step(
@@ -499,126 +537,14 @@ class MetaFusionTrainer:
             param.grad = grad.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        commit = getattr(self.task_inner_step, "commit", None)
+        if commit is not None:  # T's optimiser keeps its meta-step state (the research code)
+            commit()
         return stats
 
     # ------------------------------------------------------------------ fusion step
-    def fusion_step(self, batch: Batch) -> dict[str, float]:
-        """One update of ``F`` under the learnable fusion loss (Eq. 8) and of ``T`` (Eq. 9).
-
-        ``G``'s weights are computed without gradient. ``T``, when trainable, learns from the
-        task loss on ``F``'s output (before this step's update of ``F``, as Eq. 8 and 9 are
-        simultaneous), detached so that the task does not shape ``F`` directly. In a
-        distributed run every rank calls it with its own batch; the gradients are averaged over
-        ranks (DistributedDataParallel), so all ranks take the same step, and the returned
-        statistics are means over ranks.
-
-        The losses and then the (clipped) gradients of ``F`` and ``T`` are checked before
-        either optimiser steps. A step that is skipped or raises for a non-finite value (or
-        fails otherwise) leaves every parameter, buffer (batch-norm statistics) and optimiser
-        state of ``F``, ``G`` and ``T`` as it was.
-
-        Parameters
-        ----------
-        batch : tuple
-            ``(a, b, target)``.
-
-        Returns
-        -------
-        dict of str to float
-            ``fusion_loss``, ``fusion_intensity``, ``fusion_gradient``, ``weight_a_mean``,
-            ``task_loss`` (when ``T`` is trainable), ``fusion_lr`` and ``skipped``.
-        """
-        self.fusion_model.train()
-        self.loss_generator.eval()
-        task = self.task_module
-        # The forward passes run in training mode before the losses and gradients are known to
-        # be finite; a skipped or failed step puts the batch-norm statistics back.
-        restore_buffers = snapshot_buffers(self.fusion_model, self.loss_generator, task)
-        try:
-            stats = self._fusion_gradients(batch, task)
-        except BaseException:
-            restore_buffers()
-            self._clear_gradients(task)
-            raise
-        if stats["skipped"]:
-            restore_buffers()
-            self._clear_gradients(task)
-            return stats
-        self.fusion_optimizer.step()
-        if task is not None and self.task_optimizer is not None:
-            self.task_optimizer.step()
-        # Batch-norm statistics are updated by each rank's own batch: keep them equal.
-        self.strategy.sync_buffers_(self.fusion_model, task)
-        return stats
-
-    def _fusion_gradients(self, batch: Batch, task: nn.Module | None) -> dict[str, float]:
-        """The fusion step up to its optimiser steps: losses, gradients, the non-finite rule."""
-        a, b, target = self._prepare(batch, "batch")
-        crop_a, crop_b = random_crop(a, b, self.fusion_crop, self.generator, "batch")
-        with torch.no_grad():
-            weights = self.loss_generator(crop_a, crop_b)
-        fused = self._fusion_replica(crop_a, crop_b)
-        self._prepare.check_fused_range(fused, "the fusion model")
-        terms = fusion_loss_terms(self.fusion_loss, fused, crop_a, crop_b, weights)
-
-        task_loss = None
-        if task is not None:
-            task.train()
-            task_a, task_b = resize_for_task(a, b, self.task_size)
-            with torch.no_grad():
-                if task_a is crop_a and task_b is crop_b:
-                    fused_task = fused.detach()
-                else:
-                    fused_task = self.fusion_model(task_a, task_b)
-            task_loss = check_task_loss(self._task_replica(fused_task, target), "fusion step")
-
-        # The logged values are means over ranks, and a non-finite value on any rank makes
-        # every rank skip (one rank skipping alone would hang the others).
-        tensors = {
-            "fusion_loss": terms.total,
-            "fusion_intensity": terms.intensity,
-            "fusion_gradient": terms.gradient,
-            "weight_a_mean": weights[:, 0].mean(),
-            "task_loss": task_loss,
-        }
-        lr = self.fusion_optimizer.param_groups[0]["lr"]
-        stats = self._summarise("fusion step", tensors, fusion_lr=lr)
-        if stats["skipped"]:
-            return stats
-
-        # Both backward passes, then both gradient checks, then (in fusion_step) both
-        # optimiser steps: a non-finite gradient of either network skips the whole step.
-        gradients = self._backward(
-            "fusion_model", self.fusion_optimizer, self.fusion_model, terms.total
-        )
-        if task is not None and task_loss is not None and self.task_optimizer is not None:
-            gradients.update(self._backward("task", self.task_optimizer, task, task_loss))
-        check_gradients(
-            gradients,
-            "fusion step",
-            stats,
-            on_nonfinite=self.on_nonfinite,
-            position=self._position,
-            warn=self.is_main_process,
-        )
-        return stats
-
-    def _backward(
-        self, role: str, optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor
-    ) -> dict[str, torch.Tensor | None]:
-        """Fresh gradients of ``loss``, clipped: ``role.name`` -> the gradient to step along."""
-        optimizer.zero_grad(set_to_none=True)
-        self.strategy.backward(loss)
-        parameters = trainable_parameters(module)
-        if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(parameters.values(), self.grad_clip)
-        return {f"{role}.{name}": p.grad for name, p in parameters.items()}
-
-    def _clear_gradients(self, task: nn.Module | None) -> None:
-        """Drop the gradients of a step that was not taken (they may hold NaN)."""
-        self.fusion_optimizer.zero_grad(set_to_none=True)
-        if task is not None and self.task_optimizer is not None:
-            self.task_optimizer.zero_grad(set_to_none=True)
+    # The fusion phase's step (Eq. 8 and 9) is a function of a trainer in its own module.
+    fusion_step = fusion_steps.fusion_step
 
     @property
     def _position(self) -> str:

@@ -1,0 +1,199 @@
+"""The fusion phase's step (paper Eq. 8 and 9): ``F`` under the fusion loss, ``T`` under the task.
+
+:meth:`MetaFusionTrainer.fusion_step <tdfusion.MetaFusionTrainer.fusion_step>` is
+:func:`fusion_step`: the losses and the (clipped) gradients are checked under the trainer's
+``on_nonfinite`` rule before any optimiser steps, and a step that is skipped or fails leaves
+every parameter, buffer and optimiser state as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdfusion.trainer.batches import random_crop, resize_for_task
+from tdfusion.trainer.hypergradient import fusion_loss_terms
+from tdfusion.trainer.meta import trainable_parameters
+from tdfusion.trainer.statistics import check_gradients, check_task_loss, snapshot_buffers
+
+__all__ = ["fusion_step"]
+
+Batch = Any
+Prepared = tuple[torch.Tensor, torch.Tensor, Any]
+
+
+def fusion_step(trainer: Any, batch: Batch) -> dict[str, float]:
+    """One update of ``F`` under the learnable fusion loss (Eq. 8) and of ``T`` (Eq. 9).
+
+    ``G``'s weights are computed without gradient. ``T``, when trainable, learns from the
+    task loss on ``F``'s output (before this step's update of ``F``, as Eq. 8 and 9 are
+    simultaneous; after it with ``fusion_step_order="sequential"``, as the research code
+    does), detached so that the task does not shape ``F`` directly. In a
+    distributed run every rank calls it with its own batch; the gradients are averaged over
+    ranks (DistributedDataParallel), so all ranks take the same step, and the returned
+    statistics are means over ranks.
+
+    The losses and then the (clipped) gradients of ``F`` and ``T`` are checked before
+    either optimiser steps. A step that is skipped or raises for a non-finite value (or
+    fails otherwise) leaves every parameter, buffer (batch-norm statistics) and optimiser
+    state of ``F``, ``G`` and ``T`` as it was.
+
+    Parameters
+    ----------
+    batch : tuple
+        ``(a, b, target)``.
+
+    Returns
+    -------
+    dict of str to float
+        ``fusion_loss``, ``fusion_intensity``, ``fusion_gradient``, ``weight_a_mean``,
+        ``task_loss`` (when ``T`` is trainable), ``fusion_lr`` and ``skipped``.
+    """
+    trainer.fusion_model.train()
+    trainer.loss_generator.eval()
+    task = trainer.task_module
+    # The forward passes run in training mode before the losses and gradients are known to
+    # be finite; a skipped or failed step puts the batch-norm statistics back.
+    # "sequential" (the research code): T learns from F after this step's update of F, so
+    # T's losses and gradients are checked after F's step, and a non-finite value then
+    # skips T's update only.
+    sequential = trainer.fusion_step_order == "sequential"
+    restore_buffers = snapshot_buffers(trainer.fusion_model, trainer.loss_generator, task)
+    try:
+        stats, prepared = _fusion_gradients(trainer, batch, None if sequential else task)
+    except BaseException:
+        restore_buffers()
+        _clear_gradients(trainer, task)
+        raise
+    if stats["skipped"]:
+        restore_buffers()
+        _clear_gradients(trainer, task)
+        return stats
+    trainer.fusion_optimizer.step()
+    if task is not None and trainer.task_optimizer is not None:
+        if sequential:
+            stats.update(_sequential_task_update(trainer, task, prepared))
+        else:
+            trainer.task_optimizer.step()
+    # Batch-norm statistics are updated by each rank's own batch: keep them equal.
+    trainer.strategy.sync_buffers_(trainer.fusion_model, task)
+    return stats
+
+
+def _sequential_task_update(trainer: Any, task: nn.Module, prepared: Prepared) -> dict[str, float]:
+    """T's update from the fused images of the just-updated F, under the non-finite rule."""
+    restore_buffers = snapshot_buffers(task)
+    try:
+        task_loss = _fusion_phase_task_loss(trainer, task, prepared, None, None)
+        stats = trainer._summarise("fusion step", {"task_loss": task_loss})
+        if not stats["skipped"]:
+            gradients = _backward(trainer, "task", trainer.task_optimizer, task, task_loss)
+            check_gradients(
+                gradients,
+                "fusion step",
+                stats,
+                on_nonfinite=trainer.on_nonfinite,
+                position=trainer._position,
+                warn=trainer.is_main_process,
+            )
+    except BaseException:
+        restore_buffers()
+        trainer.task_optimizer.zero_grad(set_to_none=True)
+        raise
+    if stats["skipped"]:
+        restore_buffers()
+        trainer.task_optimizer.zero_grad(set_to_none=True)
+    else:
+        trainer.task_optimizer.step()
+    return stats
+
+
+def _fusion_gradients(
+    trainer: Any, batch: Batch, task: nn.Module | None
+) -> tuple[dict[str, float], Prepared]:
+    """The fusion step up to its optimiser steps: losses, gradients, the non-finite rule;
+    also the prepared batch."""
+    a, b, target = trainer._prepare(batch, "batch")
+    crop_a, crop_b = random_crop(a, b, trainer.fusion_crop, trainer.generator, "batch")
+    with torch.no_grad():
+        weights = trainer.loss_generator(crop_a, crop_b)
+    fused = trainer._fusion_replica(crop_a, crop_b)
+    trainer._prepare.check_fused_range(fused, "the fusion model")
+    terms = fusion_loss_terms(trainer.fusion_loss, fused, crop_a, crop_b, weights)
+
+    task_loss = None
+    if task is not None:
+        task_loss = _fusion_phase_task_loss(trainer, task, (a, b, target), (crop_a, crop_b), fused)
+
+    # The logged values are means over ranks, and a non-finite value on any rank makes
+    # every rank skip (one rank skipping alone would hang the others).
+    tensors = {
+        "fusion_loss": terms.total,
+        "fusion_intensity": terms.intensity,
+        "fusion_gradient": terms.gradient,
+        "weight_a_mean": weights[:, 0].mean(),
+        "task_loss": task_loss,
+    }
+    lr = trainer.fusion_optimizer.param_groups[0]["lr"]
+    stats = trainer._summarise("fusion step", tensors, fusion_lr=lr)
+    if stats["skipped"]:
+        return stats, (a, b, target)
+
+    # Both backward passes, then both gradient checks, then (in fusion_step) both
+    # optimiser steps: a non-finite gradient of either network skips the whole step.
+    gradients = _backward(
+        trainer, "fusion_model", trainer.fusion_optimizer, trainer.fusion_model, terms.total
+    )
+    if task is not None and task_loss is not None and trainer.task_optimizer is not None:
+        gradients.update(_backward(trainer, "task", trainer.task_optimizer, task, task_loss))
+    check_gradients(
+        gradients,
+        "fusion step",
+        stats,
+        on_nonfinite=trainer.on_nonfinite,
+        position=trainer._position,
+        warn=trainer.is_main_process,
+    )
+    return stats, (a, b, target)
+
+
+def _fusion_phase_task_loss(
+    trainer: Any,
+    task: nn.Module,
+    batch: Prepared,
+    crop: tuple[torch.Tensor, torch.Tensor] | None,
+    fused_crop: torch.Tensor | None,
+) -> torch.Tensor:
+    """``L_t(T(F(a, b)))`` with ``F``'s output detached; ``fused_crop`` (``F(crop)``) is
+    reused when the task sees the sources uncropped and unresized."""
+    a, b, target = batch
+    task.train()
+    task_a, task_b = resize_for_task(a, b, trainer.task_size)
+    with torch.no_grad():
+        reuse = crop is not None and task_a is crop[0] and task_b is crop[1]
+        if reuse and fused_crop is not None:
+            fused_task = fused_crop.detach()
+        else:
+            fused_task = trainer.fusion_model(task_a, task_b)
+    return check_task_loss(trainer._task_replica(fused_task, target), "fusion step")
+
+
+def _backward(
+    trainer: Any, role: str, optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor
+) -> dict[str, torch.Tensor | None]:
+    """Fresh gradients of ``loss``, clipped: ``role.name`` -> the gradient to step along."""
+    optimizer.zero_grad(set_to_none=True)
+    trainer.strategy.backward(loss)
+    parameters = trainable_parameters(module)
+    if trainer.grad_clip is not None:
+        nn.utils.clip_grad_norm_(parameters.values(), trainer.grad_clip)
+    return {f"{role}.{name}": p.grad for name, p in parameters.items()}
+
+
+def _clear_gradients(trainer: Any, task: nn.Module | None) -> None:
+    """Drop the gradients of a step that was not taken (they may hold NaN)."""
+    trainer.fusion_optimizer.zero_grad(set_to_none=True)
+    if task is not None and trainer.task_optimizer is not None:
+        trainer.task_optimizer.zero_grad(set_to_none=True)
