@@ -114,10 +114,12 @@ class ReFusionNet(TwoSourceNetwork):
 
 def _runs_banded(source: torch.Tensor) -> bool:
     # Inference mode rules out autograd and forward-mode tangents; under torch.compile the
-    # band loop would be traced and unrolled, and on a GPU whole-image kernels are faster.
+    # band loop would be traced and unrolled, on a GPU whole-image kernels are faster, and
+    # autocast's per-operation dtypes are the modules' business.
     return (
         torch.is_inference_mode_enabled()
         and source.device.type == "cpu"
         and type(source) is torch.Tensor
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
     )
