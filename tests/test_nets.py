@@ -337,7 +337,7 @@ def test_banded_forward_computes_what_the_modules_compute(
 
 @pytest.mark.parametrize("config", [{}, {"bias": True}])
 def test_banded_forward_in_float32_stays_within_rounding(config: dict) -> None:
-    # Folding the layer norms into the projections rounds differently; the perturbed weights
+    # Folding the attention into its output projection rounds differently; the perturbed weights
     # amplify it more than trained ones (1e-6 on the authors' weights).
     net = perturbed(ReFusionNet(**config))
     a, b = pair(2, 1, 20, 24)

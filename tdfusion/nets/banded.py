@@ -14,8 +14,8 @@ convolutions), whose intermediates stay in the cache:
    to the values and added to the input; the feed-forward network follows in the same band.
 
 The result equals :meth:`ReFusionNet.forward <tdfusion.nets.ReFusionNet.forward>` up to
-float rounding (the layer norm's affine map is folded into the next projection and sums are
-taken in another order: about 1e-6 in float32). Only the forward is computed: no autograd, no
+float rounding (the attention is folded into its output projection and sums are taken in
+another order: about 1e-6 in float32). Only the forward is computed: no autograd, no
 forward-mode derivative. :class:`~tdfusion.nets.ReFusionNet` runs it by itself under
 :func:`torch.inference_mode` on the CPU (see ``ReFusionNet.banded``).
 """
@@ -90,15 +90,14 @@ def _conv_rows(
     return out.permute(0, 2, 3, 1).contiguous()
 
 
-def _pointwise(conv: nn.Conv2d, norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # A 1x1 convolution as (weight, bias) of F.linear, with a preceding layer norm's affine map
-    # folded in: W (n * gamma + beta) + b = (W gamma) n + (W beta + b).
-    weight = conv.weight[:, :, 0, 0]
-    bias = conv.bias if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    if norm is not None:
-        bias = bias + weight @ norm.bias
-        weight = weight * norm.weight
-    return weight, bias
+def _pointwise(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # A 1x1 convolution as the (weight, bias) of F.linear.
+    return conv.weight[:, :, 0, 0], conv.bias
+
+
+def _layer_norm(band: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    # LayerNorm2d of a channels-last band: the native kernel over the last axis.
+    return F.layer_norm(band, band.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
 class _AttentionStatistics:
@@ -162,24 +161,24 @@ def _block(block: RestormerBlock, features: torch.Tensor, rows: int) -> torch.Te
     # One Restormer block in two sweeps, channels-last (N, H, W, C) in and out.
     batch, height, width, channels = features.shape
     attention, ffn = block.attn, block.ffn
-    qkv_weight, qkv_bias = _pointwise(attention.qkv, block.attn_norm)
+    qkv_weight, qkv_bias = _pointwise(attention.qkv)
     statistics = _AttentionStatistics(batch, channels, features)
     values = features.new_empty(batch, height, width, channels)
     for first, stop, start, end in _bands(height, rows):
-        normalised = F.layer_norm(features[:, start:end], (channels,), eps=block.attn_norm.eps)
+        normalised = _layer_norm(features[:, start:end], block.attn_norm)
         qkv = _conv_rows(
             F.linear(normalised, qkv_weight, qkv_bias), attention.qkv_dwconv, first, stop, height
         )
         statistics.add(qkv[..., :channels], qkv[..., channels : 2 * channels])
         values[:, first:stop] = qkv[..., 2 * channels :]
     mixing = statistics.mixing(attention.temperature, attention.project_out)
-    in_weight, in_bias = _pointwise(ffn.project_in, block.ffn_norm)
+    in_weight, in_bias = _pointwise(ffn.project_in)
     out_weight, out_bias = _pointwise(ffn.project_out)
     hidden = out_weight.shape[1]
     out = torch.empty_like(features)
     for first, stop, start, end in _bands(height, rows):
         attended = _attend(features, values, mixing, attention.project_out.bias, start, end)
-        normalised = F.layer_norm(attended, (channels,), eps=block.ffn_norm.eps)
+        normalised = _layer_norm(attended, block.ffn_norm)
         expanded = _conv_rows(
             F.linear(normalised, in_weight, in_bias), ffn.dwconv, first, stop, height
         )
@@ -219,7 +218,8 @@ def _fusion(
         _pointwise(fusion.project_out_a),
         _pointwise(fusion.project_out_b),
     )
-    out_weight, out_bias = torch.cat([out_a, out_b], dim=1), bias_a + bias_b
+    out_weight = torch.cat([out_a, out_b], dim=1)
+    out_bias = None if bias_a is None or bias_b is None else bias_a + bias_b
     expanded_channels = out_a.shape[1]
     out = features_a.new_empty(batch, height, width, 2 * channels)
     for first, stop, start, end in _bands(height, rows):
