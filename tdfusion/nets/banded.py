@@ -77,22 +77,37 @@ def _bands(height: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
 
 
 def _conv_rows(
-    band: torch.Tensor, conv: nn.Conv2d, first: int, stop: int, height: int
+    band: torch.Tensor,
+    conv: nn.Conv2d,
+    first: int,
+    stop: int,
+    height: int,
+    channels: slice | None = None,
 ) -> torch.Tensor:
     # A 3x3 convolution (padding 1) of rows [first, stop), given the (N, rows, W, C) input rows
-    # [first - 1, stop + 1) clipped to the image; zero rows stand in beyond its edges.
+    # [first - 1, stop + 1) clipped to the image; zero rows stand in beyond its edges. With
+    # ``channels``, that slice of a depthwise convolution's channels (``band`` holds those).
+    weight, bias, groups = conv.weight, conv.bias, conv.groups
+    if channels is not None:
+        weight = weight[channels]
+        bias = None if bias is None else bias[channels]
+        groups = weight.shape[0]
     top, bottom = int(first == 0), int(stop == height)
     if top or bottom:
         band = F.pad(band, (0, 0, 0, 0, top, bottom))
-    out = F.conv2d(
-        band.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=(0, 1), groups=conv.groups
-    )
+    out = F.conv2d(band.permute(0, 3, 1, 2), weight, bias, padding=(0, 1), groups=groups)
     return out.permute(0, 2, 3, 1).contiguous()
 
 
-def _pointwise(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # A 1x1 convolution as the (weight, bias) of F.linear.
-    return conv.weight[:, :, 0, 0], conv.bias
+def _pointwise(
+    conv: nn.Conv2d, channels: slice | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # A 1x1 convolution (or the output channels ``channels`` of it) as F.linear's weight and
+    # bias. Gates and contents are computed apart, so that each lies contiguous for GELU.
+    weight, bias = conv.weight[:, :, 0, 0], conv.bias
+    if channels is None:
+        return weight, bias
+    return weight[channels], None if bias is None else bias[channels]
 
 
 def _layer_norm(band: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -172,17 +187,23 @@ def _block(block: RestormerBlock, features: torch.Tensor, rows: int) -> torch.Te
         statistics.add(qkv[..., :channels], qkv[..., channels : 2 * channels])
         values[:, first:stop] = qkv[..., 2 * channels :]
     mixing = statistics.mixing(attention.temperature, attention.project_out)
-    in_weight, in_bias = _pointwise(ffn.project_in)
     out_weight, out_bias = _pointwise(ffn.project_out)
-    hidden = out_weight.shape[1]
+    gate_half, content_half = slice(0, out_weight.shape[1]), slice(out_weight.shape[1], None)
+    gate_in, content_in = (
+        _pointwise(ffn.project_in, gate_half),
+        _pointwise(ffn.project_in, content_half),
+    )
     out = torch.empty_like(features)
     for first, stop, start, end in _bands(height, rows):
         attended = _attend(features, values, mixing, attention.project_out.bias, start, end)
         normalised = _layer_norm(attended, block.ffn_norm)
-        expanded = _conv_rows(
-            F.linear(normalised, in_weight, in_bias), ffn.dwconv, first, stop, height
+        gate = _conv_rows(
+            F.linear(normalised, *gate_in), ffn.dwconv, first, stop, height, gate_half
         )
-        gated = F.gelu(expanded[..., :hidden]).mul_(expanded[..., hidden:])
+        content = _conv_rows(
+            F.linear(normalised, *content_in), ffn.dwconv, first, stop, height, content_half
+        )
+        gated = F.gelu(gate).mul_(content)
         residual = attended[:, first - start : stop - start]
         torch.add(residual, F.linear(gated, out_weight, out_bias), out=out[:, first:stop])
     return out
@@ -211,7 +232,6 @@ def _fusion(
         values_b[:, first:stop] = band_b[..., 2 * channels :]
     mixing_a = statistics_a.mixing(fusion.temperature_a, fusion.attn_project_a)
     mixing_b = statistics_b.mixing(fusion.temperature_b, fusion.attn_project_b)
-    gate_in = _pointwise(fusion.gate_in)
     expand_a, expand_b = _pointwise(fusion.expand_a), _pointwise(fusion.expand_b)
     # joint + P_a branch_a + P_b branch_b = joint + [P_a P_b] [branch_a; branch_b]
     (out_a, bias_a), (out_b, bias_b) = (
@@ -220,21 +240,27 @@ def _fusion(
     )
     out_weight = torch.cat([out_a, out_b], dim=1)
     out_bias = None if bias_a is None or bias_b is None else bias_a + bias_b
-    expanded_channels = out_a.shape[1]
+    half_a, half_b = slice(0, out_a.shape[1]), slice(out_a.shape[1], None)
+    gate_in_a, gate_in_b = _pointwise(fusion.gate_in, half_a), _pointwise(fusion.gate_in, half_b)
     out = features_a.new_empty(batch, height, width, 2 * channels)
     for first, stop, start, end in _bands(height, rows):
         updated_a = _attend(features_a, values_a, mixing_a, fusion.attn_project_a.bias, start, end)
         updated_b = _attend(features_b, values_b, mixing_b, fusion.attn_project_b.bias, start, end)
         joint = torch.cat([updated_a, updated_b], dim=-1)
-        gates = _conv_rows(F.linear(joint, *gate_in), fusion.gate_dwconv, first, stop, height)
+        gate_a = _conv_rows(
+            F.linear(joint, *gate_in_a), fusion.gate_dwconv, first, stop, height, half_a
+        )
+        gate_b = _conv_rows(
+            F.linear(joint, *gate_in_b), fusion.gate_dwconv, first, stop, height, half_b
+        )
         branch_a = _conv_rows(
             F.linear(updated_a, *expand_a), fusion.expand_dwconv_a, first, stop, height
         )
         branch_b = _conv_rows(
             F.linear(updated_b, *expand_b), fusion.expand_dwconv_b, first, stop, height
         )
-        branch_a.mul_(F.gelu(gates[..., :expanded_channels]))
-        branch_b.mul_(F.gelu(gates[..., expanded_channels:]))
+        branch_a.mul_(F.gelu(gate_a))
+        branch_b.mul_(F.gelu(gate_b))
         branches = torch.cat([branch_a, branch_b], dim=-1)
         torch.add(
             joint[:, first - start : stop - start],
