@@ -349,6 +349,21 @@ def test_banded_forward_in_float32_stays_within_rounding(config: dict) -> None:
     assert (fused - expected).abs().max() <= 4 * (plain - expected).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_banded_forward_on_threads_gives_the_same_bits_and_restores_the_thread_count(
+    threads: int,
+) -> None:
+    # Bands are spread over threads, their sums added in band order: the result cannot depend
+    # on which thread computed what.
+    net = perturbed(ReFusionNet(dim=8, num_blocks=2, num_heads=4))
+    a, b = pair(2, 1, 23, 9)
+    with torch.inference_mode():
+        alone = banded_forward(net, a, b, band_pixels=18, threads=1)
+        spread = banded_forward(net, a, b, band_pixels=18, threads=threads)
+    assert torch.equal(alone, spread)
+    assert torch.get_num_threads() == 1  # as the autouse fixture set it
+
+
 def test_inference_mode_on_the_cpu_runs_banded_and_everything_else_the_modules(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -22,8 +22,9 @@ forward-mode derivative. :class:`~tdfusion.nets.ReFusionNet` runs it by itself u
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ __all__ = ["DEFAULT_BAND_PIXELS", "band_rows", "banded_forward"]
 #: float32) at 2 MiB, the size of this reference machine's L2 caches together.
 DEFAULT_BAND_PIXELS = 8192
 _NORMALIZE_EPS = 1e-12
+_Result = TypeVar("_Result")
+_Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def band_rows(height: int, width: int, band_pixels: int = DEFAULT_BAND_PIXELS) -> int:
@@ -116,20 +119,30 @@ def _layer_norm(band: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 
 class _AttentionStatistics:
-    """The whole-image sums one channel attention needs: ``q^T k`` and the squared norms."""
+    """The whole-image sums one channel attention needs: ``q^T k`` and the squared norms.
 
-    def __init__(self, batch: int, channels: int, like: torch.Tensor) -> None:
-        options = {"dtype": like.dtype, "device": like.device}
-        self.product = torch.zeros(batch, channels, channels, **options)
-        self.query_squares = torch.zeros(batch, channels, **options)
-        self.key_squares = torch.zeros(batch, channels, **options)
+    Each band's sums are computed apart (:meth:`of_band`) and added in band order, so the
+    result does not depend on which thread computed which band.
+    """
 
-    def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
+    def __init__(self, partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        product, query_squares, key_squares = (
+            torch.stack(sums).sum(dim=0) for sums in zip(*partials)
+        )
+        self.product, self.query_squares, self.key_squares = product, query_squares, key_squares
+
+    @staticmethod
+    def of_band(
+        query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q^T k, sum q^2, sum k^2)`` of one band's (N, rows, W, C) queries and keys."""
         query = query.flatten(1, 2)  # (N, pixels, C)
         key = key.flatten(1, 2)
-        self.product.baddbmm_(query.transpose(1, 2), key)
-        self.query_squares += query.square().sum(dim=1)
-        self.key_squares += key.square().sum(dim=1)
+        return (
+            torch.bmm(query.transpose(1, 2), key),
+            query.square().sum(dim=1),
+            key.square().sum(dim=1),
+        )
 
     def mixing(self, temperature: torch.Tensor, project_out: nn.Conv2d) -> torch.Tensor:
         """``(W_out A)^T`` per sample: attention then output projection, for row vectors."""
@@ -162,30 +175,55 @@ def _attend(
     return attended.unflatten(1, (end - start, features.shape[2]))
 
 
-def _embed(conv: nn.Conv2d, source: torch.Tensor, rows: int) -> torch.Tensor:
+class _Sweeps:
+    """Runs a function of ``(first, stop, start, end)`` on every band, on ``pool`` if given."""
+
+    def __init__(self, height: int, rows: int, pool: ThreadPoolExecutor | None) -> None:
+        self.height = height
+        self.bands = list(_bands(height, rows))
+        self.pool = pool
+
+    def map(self, function: Callable[[int, int, int, int], _Result]) -> list[_Result]:
+        """``function`` of every band, in band order."""
+        if self.pool is None:
+            return [function(*band) for band in self.bands]
+
+        def in_worker(band: tuple[int, int, int, int]) -> _Result:
+            with torch.inference_mode():  # a thread-local mode: enter it in each worker
+                return function(*band)
+
+        return list(self.pool.map(in_worker, self.bands))
+
+
+def _embed(conv: nn.Conv2d, source: torch.Tensor, sweeps: _Sweeps) -> torch.Tensor:
     # The 3x3 embedding of a one-channel source, written channels-last band by band.
     batch, _, height, width = source.shape
     pixels = source.permute(0, 2, 3, 1)  # (N, H, W, 1): the same memory as (N, 1, H, W)
     out = source.new_empty(batch, height, width, conv.out_channels)
-    for first, stop, start, end in _bands(height, rows):
+
+    def band(first: int, stop: int, start: int, end: int) -> None:
         out[:, first:stop] = _conv_rows(pixels[:, start:end], conv, first, stop, height)
+
+    sweeps.map(band)
     return out
 
 
-def _block(block: RestormerBlock, features: torch.Tensor, rows: int) -> torch.Tensor:
+def _block(block: RestormerBlock, features: torch.Tensor, sweeps: _Sweeps) -> torch.Tensor:
     # One Restormer block in two sweeps, channels-last (N, H, W, C) in and out.
     batch, height, width, channels = features.shape
     attention, ffn = block.attn, block.ffn
     qkv_weight, qkv_bias = _pointwise(attention.qkv)
-    statistics = _AttentionStatistics(batch, channels, features)
     values = features.new_empty(batch, height, width, channels)
-    for first, stop, start, end in _bands(height, rows):
+
+    def first_sweep(first: int, stop: int, start: int, end: int) -> _Sums:
         normalised = _layer_norm(features[:, start:end], block.attn_norm)
         qkv = _conv_rows(
             F.linear(normalised, qkv_weight, qkv_bias), attention.qkv_dwconv, first, stop, height
         )
-        statistics.add(qkv[..., :channels], qkv[..., channels : 2 * channels])
         values[:, first:stop] = qkv[..., 2 * channels :]
+        return _AttentionStatistics.of_band(qkv[..., :channels], qkv[..., channels : 2 * channels])
+
+    statistics = _AttentionStatistics(sweeps.map(first_sweep))
     mixing = statistics.mixing(attention.temperature, attention.project_out)
     out_weight, out_bias = _pointwise(ffn.project_out)
     gate_half, content_half = slice(0, out_weight.shape[1]), slice(out_weight.shape[1], None)
@@ -194,7 +232,8 @@ def _block(block: RestormerBlock, features: torch.Tensor, rows: int) -> torch.Te
         _pointwise(ffn.project_in, content_half),
     )
     out = torch.empty_like(features)
-    for first, stop, start, end in _bands(height, rows):
+
+    def second_sweep(first: int, stop: int, start: int, end: int) -> None:
         attended = _attend(features, values, mixing, attention.project_out.bias, start, end)
         normalised = _layer_norm(attended, block.ffn_norm)
         gate = _conv_rows(
@@ -206,32 +245,46 @@ def _block(block: RestormerBlock, features: torch.Tensor, rows: int) -> torch.Te
         gated = F.gelu(gate).mul_(content)
         residual = attended[:, first - start : stop - start]
         torch.add(residual, F.linear(gated, out_weight, out_bias), out=out[:, first:stop])
+
+    sweeps.map(second_sweep)
     return out
 
 
 def _fusion(
-    fusion: CrossAttentionFusion, features_a: torch.Tensor, features_b: torch.Tensor, rows: int
+    fusion: CrossAttentionFusion,
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    sweeps: _Sweeps,
 ) -> torch.Tensor:
     # The cross-attention fusion block in two sweeps; (N, H, W, 2C) out.
     batch, height, width, channels = features_a.shape
     qkv_a, qkv_b = _pointwise(fusion.qkv_a), _pointwise(fusion.qkv_b)
-    statistics_a = _AttentionStatistics(batch, channels, features_a)  # b's queries, a's keys
-    statistics_b = _AttentionStatistics(batch, channels, features_a)  # a's queries, b's keys
     values_a = features_a.new_empty(batch, height, width, channels)
     values_b = features_a.new_empty(batch, height, width, channels)
-    for first, stop, start, end in _bands(height, rows):
+
+    def first_sweep(first: int, stop: int, start: int, end: int) -> tuple[_Sums, _Sums]:
         band_a = _conv_rows(
             F.linear(features_a[:, start:end], *qkv_a), fusion.qkv_dwconv_a, first, stop, height
         )
         band_b = _conv_rows(
             F.linear(features_b[:, start:end], *qkv_b), fusion.qkv_dwconv_b, first, stop, height
         )
-        statistics_a.add(band_b[..., :channels], band_a[..., channels : 2 * channels])
-        statistics_b.add(band_a[..., :channels], band_b[..., channels : 2 * channels])
         values_a[:, first:stop] = band_a[..., 2 * channels :]
         values_b[:, first:stop] = band_b[..., 2 * channels :]
-    mixing_a = statistics_a.mixing(fusion.temperature_a, fusion.attn_project_a)
-    mixing_b = statistics_b.mixing(fusion.temperature_b, fusion.attn_project_b)
+        keys = slice(channels, 2 * channels)
+        return (
+            _AttentionStatistics.of_band(band_b[..., :channels], band_a[..., keys]),
+            _AttentionStatistics.of_band(band_a[..., :channels], band_b[..., keys]),
+        )
+
+    sums = sweeps.map(first_sweep)
+    # a attends with b's queries to its own keys, and b with a's queries.
+    mixing_a = _AttentionStatistics([s[0] for s in sums]).mixing(
+        fusion.temperature_a, fusion.attn_project_a
+    )
+    mixing_b = _AttentionStatistics([s[1] for s in sums]).mixing(
+        fusion.temperature_b, fusion.attn_project_b
+    )
     expand_a, expand_b = _pointwise(fusion.expand_a), _pointwise(fusion.expand_b)
     # joint + P_a branch_a + P_b branch_b = joint + [P_a P_b] [branch_a; branch_b]
     (out_a, bias_a), (out_b, bias_b) = (
@@ -243,7 +296,8 @@ def _fusion(
     half_a, half_b = slice(0, out_a.shape[1]), slice(out_a.shape[1], None)
     gate_in_a, gate_in_b = _pointwise(fusion.gate_in, half_a), _pointwise(fusion.gate_in, half_b)
     out = features_a.new_empty(batch, height, width, 2 * channels)
-    for first, stop, start, end in _bands(height, rows):
+
+    def second_sweep(first: int, stop: int, start: int, end: int) -> None:
         updated_a = _attend(features_a, values_a, mixing_a, fusion.attn_project_a.bias, start, end)
         updated_b = _attend(features_b, values_b, mixing_b, fusion.attn_project_b.bias, start, end)
         joint = torch.cat([updated_a, updated_b], dim=-1)
@@ -267,23 +321,47 @@ def _fusion(
             F.linear(branches, out_weight, out_bias),
             out=out[:, first:stop],
         )
+
+    sweeps.map(second_sweep)
     return out
 
 
-def _head(net: ReFusionNet, features: torch.Tensor, rows: int) -> torch.Tensor:
+def _head(net: ReFusionNet, features: torch.Tensor, sweeps: _Sweeps) -> torch.Tensor:
     # 3x3 convolution, activation, 3x3 convolution, sigmoid; (N, 1, H, W) out.
     batch, height, width, _ = features.shape
     out = features.new_empty(batch, height, width, 1)
-    for first, stop, start, end in _bands(height, rows):
+
+    def band(first: int, stop: int, start: int, end: int) -> None:
         # The outer convolution needs the inner one's rows [start, end), which need one more.
         inner_rows = features[:, max(start - 1, 0) : min(end + 1, height)]
         inner = net.head_act(_conv_rows(inner_rows, net.head_conv, start, end, height))
         torch.sigmoid(_conv_rows(inner, net.head_out, first, stop, height), out=out[:, first:stop])
+
+    sweeps.map(band)
     return out.permute(0, 3, 1, 2)
 
 
+def _forward(net: ReFusionNet, a: torch.Tensor, b: torch.Tensor, sweeps: _Sweeps) -> torch.Tensor:
+    features_a = _embed(net.embed_a, a, sweeps)
+    features_b = _embed(net.embed_b, b, sweeps)
+    for block in net.encoder_a:
+        features_a = _block(block, features_a, sweeps)
+    for block in net.encoder_b:
+        features_b = _block(block, features_b, sweeps)
+    features = _fusion(net.fusion, features_a, features_b, sweeps)
+    del features_a, features_b
+    for block in net.decoder:
+        features = _block(block, features, sweeps)
+    return _head(net, features, sweeps)
+
+
 def banded_forward(
-    net: ReFusionNet, a: torch.Tensor, b: torch.Tensor, *, band_pixels: int = DEFAULT_BAND_PIXELS
+    net: ReFusionNet,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    band_pixels: int = DEFAULT_BAND_PIXELS,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """ReFusionNet's forward computed band by band (inference only).
 
@@ -295,6 +373,10 @@ def banded_forward(
         The sources, (N, 1, H, W), floating point.
     band_pixels : int
         About how many pixels each band holds (see :func:`band_rows`).
+    threads : int, optional
+        Bands computed at once, each by one thread; ``None``: ``torch.get_num_threads()``.
+        While it runs with more than one, PyTorch's own thread count is set to 1 (and put
+        back afterwards), so that each band's operations run where its thread is.
 
     Returns
     -------
@@ -320,14 +402,15 @@ def banded_forward(
     check_source_pair(a, b, type(net).__name__)
     height, width = a.shape[-2:]
     rows = band_rows(height, width, band_pixels)
-    features_a = _embed(net.embed_a, a, rows)
-    features_b = _embed(net.embed_b, b, rows)
-    for block in net.encoder_a:
-        features_a = _block(block, features_a, rows)
-    for block in net.encoder_b:
-        features_b = _block(block, features_b, rows)
-    features = _fusion(net.fusion, features_a, features_b, rows)
-    del features_a, features_b
-    for block in net.decoder:
-        features = _block(block, features, rows)
-    return _head(net, features, rows)
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads <= 1 or len(range(0, height, rows)) == 1:
+        return _forward(net, a, b, _Sweeps(height, rows, None))
+    # One thread per band at a time: PyTorch's own threads would meet at a barrier after every
+    # operation of every band, and wait there for long on a machine that also runs other work.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers, started now, take this setting
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="tdfusion-band") as pool:
+            return _forward(net, a, b, _Sweeps(height, rows, pool))
+    finally:
+        torch.set_num_threads(previous)
