@@ -116,11 +116,15 @@ def main() -> None:
     large_bytes = 8 * a.shape[-2] * a.shape[-1] * a.element_size()
 
     counts = {}
+    # The counting modes are thread-local: count on one thread (the banded forward then runs
+    # its bands in this thread; the operations are the same).
+    torch.set_num_threads(1)
     for name, function in functions.items():
         flop_counter, traffic = FlopCounterMode(display=False), MemoryTrafficMode(large_bytes)
         with flop_counter, traffic:
             function()
         counts[name] = (flop_counter.get_total_flops(), traffic.bytes)
+    torch.set_num_threads(args.threads)
     peak_flops, bandwidth = machine_peaks(args.repeats)
     times: dict[str, list[float]] = {name: [] for name in functions}
     for function in functions.values():
