@@ -14,6 +14,8 @@ from PIL import Image
 from tdfusion.cli import main
 from tdfusion.errors import DataError
 from tdfusion.inference import (
+    AcceleratedFusion,
+    accelerate,
     blend_chroma,
     blend_window,
     colorize,
@@ -473,3 +475,83 @@ def test_fused_images_and_weight_maps_follow_the_umask(tmp_path, weights_file):
         os.umask(previous)
     for path in [tmp_path / "out" / "one.png", *(tmp_path / "maps").glob("*.png")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+# --- inference options ---------------------------------------------------------------------
+
+SMALL = {"dim": 8, "num_blocks": 1, "num_heads": 2}
+
+
+def small_pair(height=16, width=20):
+    generator = torch.Generator().manual_seed(5)
+    return tuple(torch.rand(1, 1, height, width, generator=generator) for _ in range(2))
+
+
+def test_fp32_options_fuse_exactly_like_the_network():
+    torch.manual_seed(0)
+    net = ReFusionNet(**SMALL).eval()
+    a, b = small_pair()
+    fast = accelerate(net)
+    assert isinstance(fast, AcceleratedFusion) and fast.compiled is False
+    torch.testing.assert_close(fuse_tensors(fast, a, b), fuse_tensors(net, a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precisions_stay_close_and_return_the_input_dtype(precision):
+    torch.manual_seed(0)
+    net = ReFusionNet(**SMALL).eval()
+    a, b = small_pair()
+    reference = fuse_tensors(net, a, b)
+    fused = fuse_tensors(accelerate(net, precision=precision), a, b)
+    assert fused.dtype == torch.float32
+    assert 0 < (fused - reference).abs().max() < 3e-2
+
+
+def test_unknown_precision_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', 'fp16'"):
+        accelerate(ReFusionNet(**SMALL), precision="int8")
+
+
+def test_channels_last_keeps_the_state_dict():
+    net = ReFusionNet(**SMALL).eval()
+    shapes = {name: value.shape for name, value in net.state_dict().items()}
+    a, b = small_pair()
+    reference = fuse_tensors(net, a, b)
+    fast = accelerate(net, channels_last=True)
+    assert net.head_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert {name: value.shape for name, value in net.state_dict().items()} == shapes
+    torch.testing.assert_close(fuse_tensors(fast, a, b), reference)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    def failing_compile(model, **options):
+        def compiled(*args):
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    net = ReFusionNet(**SMALL).eval()
+    a, b = small_pair()
+    fast = accelerate(net, compile=True)
+    assert fast.compiled is None
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no compiler here"):
+        fused = fuse_tensors(fast, a, b)
+    assert fast.compiled is False
+    torch.testing.assert_close(fused, fuse_tensors(net, a, b))
+    fuse_tensors(fast, a, b)  # no second attempt, no second warning
+
+
+def test_compiled_model_is_used_once_compiling_works(monkeypatch):
+    calls = []
+
+    def recording_compile(model, **options):
+        calls.append(options)
+        return lambda a, b: model(a, b) * 0 + 0.5
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    fast = accelerate(ReFusionNet(**SMALL).eval(), compile=True, compile_options={"mode": "x"})
+    a, b = small_pair()
+    assert torch.all(fuse_tensors(fast, a, b) == 0.5)
+    assert torch.all(fuse_tensors(fast, a, b) == 0.5)
+    assert fast.compiled is True and calls == [{"mode": "x"}]

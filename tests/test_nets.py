@@ -32,10 +32,12 @@ from tdfusion.nets import (
     LossGenerator,
     ReFusionNet,
     RestormerBlock,
+    banded,
     convert_research_state_dict,
     create_model,
     list_models,
 )
+from tdfusion.nets.banded import band_rows, banded_forward
 from tdfusion.nets.layers import transposed_attention
 
 REFERENCE_FIXTURE = Path(__file__).parent / "data" / "refusion_msrs_reference.npz"
@@ -300,6 +302,110 @@ def test_functional_call_uses_the_given_parameters(net_class: type) -> None:
     assert not torch.allclose(functional, net(a, b))
 
 
+# --- banded inference ----------------------------------------------------------------------
+
+
+def perturbed(net: nn.Module) -> nn.Module:
+    # Fresh networks have unit layer norms and zero biases; move every parameter so that a
+    # folded affine map or a forgotten bias shows.
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    "config", [{}, {"bias": True}, TINY, {"dim": 8, "num_blocks": 0, "num_heads": 4}]
+)
+@pytest.mark.parametrize("shape", [(1, 1, 20, 24), (2, 1, 13, 7), (1, 1, 1, 5), (1, 1, 6, 1)])
+@pytest.mark.parametrize("band_pixels", [1, 24, 10**6])
+def test_banded_forward_computes_what_the_modules_compute(
+    config: dict, shape: tuple[int, ...], band_pixels: int
+) -> None:
+    # In float64, so that only a wrong formula could exceed the tolerance. One-row bands,
+    # bands that do not divide the height, and one band for the whole image.
+    net = perturbed(ReFusionNet(**config)).double()
+    a, b = pair(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        expected = net(a, b)
+    with torch.inference_mode():
+        fused = banded_forward(net, a, b, band_pixels=band_pixels)
+    assert fused.shape == expected.shape
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", [{}, {"bias": True}])
+def test_banded_forward_in_float32_stays_within_rounding(config: dict) -> None:
+    # Folding the attention into its output projection rounds differently; the perturbed weights
+    # amplify it more than trained ones (1e-6 on the authors' weights).
+    net = perturbed(ReFusionNet(**config))
+    a, b = pair(2, 1, 20, 24)
+    with torch.no_grad():
+        expected = net.double()(a.double(), b.double()).float()
+        plain = net.float()(a, b)
+    with torch.inference_mode():
+        fused = banded_forward(net, a, b, band_pixels=100)
+    assert (fused - expected).abs().max() <= 4 * (plain - expected).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_banded_forward_on_threads_gives_the_same_bits_and_restores_the_thread_count(
+    threads: int,
+) -> None:
+    # Bands are spread over threads, their sums added in band order: the result cannot depend
+    # on which thread computed what.
+    net = perturbed(ReFusionNet(dim=8, num_blocks=2, num_heads=4))
+    a, b = pair(2, 1, 23, 9)
+    with torch.inference_mode():
+        alone = banded_forward(net, a, b, band_pixels=18, threads=1)
+        spread = banded_forward(net, a, b, band_pixels=18, threads=threads)
+    assert torch.equal(alone, spread)
+    assert torch.get_num_threads() == 1  # as the autouse fixture set it
+
+
+def test_inference_mode_on_the_cpu_runs_banded_and_everything_else_the_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+
+    def spy(net, a, b, **kwargs):
+        calls.append(a.shape)
+        return banded_forward(net, a, b, **kwargs)
+
+    monkeypatch.setattr("tdfusion.nets.refusion.banded_forward", spy)
+    net = ReFusionNet(**TINY)
+    a, b = pair(1, 1, 6, 8)
+    with torch.inference_mode():
+        net(a, b)
+    assert len(calls) == 1
+    net(a, b).sum().backward()  # autograd
+    with torch.no_grad():
+        net(a, b)
+    net.banded = False
+    with torch.inference_mode():
+        net(a, b)
+    assert len(calls) == 1
+
+
+def test_banded_forward_refuses_bad_inputs_like_the_network() -> None:
+    with pytest.raises(ValueError, match="ReFusionNet expects a and b of the same shape"):
+        banded_forward(ReFusionNet(**TINY), torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5))
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "band_pixels", "rows"),
+    [(480, 640, 8192, 12), (5, 640, 8192, 5), (100, 10**5, 8192, 1), (7, 0, 10, 7)],
+)
+def test_band_rows_stay_within_the_image(height, width, band_pixels, rows) -> None:
+    assert band_rows(height, width, band_pixels) == rows
+
+
+def test_bands_cover_every_row_once_with_one_row_of_halo() -> None:
+    bands = list(banded._bands(10, 4))
+    assert bands == [(0, 4, 0, 5), (4, 8, 3, 9), (8, 10, 7, 10)]
+
+
 # --- exactness against the authors' network ------------------------------------------------
 
 
@@ -312,6 +418,9 @@ def test_matches_the_authors_network_on_real_msrs_images(
         fused = net(reference[f"a_{crop}"], reference[f"b_{crop}"])
     difference = (fused - reference[f"fused_IVIF_{crop}"]).abs().max().item()
     assert difference <= TOLERANCE
+    with torch.inference_mode():  # banded
+        fused = net(reference[f"a_{crop}"], reference[f"b_{crop}"])
+    assert (fused - reference[f"fused_IVIF_{crop}"]).abs().max().item() <= TOLERANCE
 
 
 @pytest.mark.parametrize("task", RESEARCH_TASKS)

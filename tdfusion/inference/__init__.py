@@ -1,5 +1,6 @@
-"""Inference: fusing pairs (in tiles when large, with colour), and loss-weight maps."""
+"""Inference: fusing pairs (in tiles when large, with colour), options, and loss-weight maps."""
 
+from tdfusion.inference.acceleration import PRECISIONS, AcceleratedFusion, accelerate
 from tdfusion.inference.colour import blend_chroma, merge_chroma, to_uint8
 from tdfusion.inference.fuse import (
     FolderReport,
@@ -13,7 +14,10 @@ from tdfusion.inference.tiling import blend_window, fuse_in_tiles, tile_starts
 from tdfusion.inference.weight_maps import colorize, loss_weights, overlay, save_weight_maps
 
 __all__ = [
+    "PRECISIONS",
+    "AcceleratedFusion",
     "FolderReport",
+    "accelerate",
     "blend_chroma",
     "blend_window",
     "colorize",

@@ -1,0 +1,399 @@
+"""GPU check: correctness and timings of training and inference on one CUDA device (<= 8 min).
+
+Each part runs in its own child process under a time limit (a hang, a compiler failure or a
+CUDA error in one part cannot take the others down) and prints one ``PASS``, ``FAIL`` or
+``SKIP`` line with its figures:
+
+- ``hypergradient``: ``MetaFusionTrainer.hypergradient`` in float32 on CUDA (TF32 off) against
+  float64 on the CPU, same networks and batches; passes at 1e-4 relative (L2 over all of G's
+  parameters);
+- ``steps-fp32``, ``steps-bf16``, ``steps-compiled``: the paper's MSRS setting (ReFusionNet,
+  LossGenerator, SegFormer-b0 when ``segmentation_models_pytorch`` is installed, else a fixed
+  task; 480x640 pairs in batches of 2, 256x256 fusion crop, 240x320 task input): meta and fusion
+  steps in float32, under bf16 autocast, and with F, G and T compiled by ``torch.compile``;
+  median times, the meta/fusion ratio and the peak CUDA memory of each;
+- ``fuse-1280x1024``: one 1280x1024 pair through ReFusionNet (the authors' IVIF weights when
+  ``../shared/data`` has them) with ``tdfusion.inference.fuse_tensors``, in float32 and bf16
+  (``accelerate(net, precision="bf16")``): time, peak memory, largest bf16 difference;
+- ``nccl-torchrun``: a one-process ``torchrun`` launch that starts an NCCL group, all-reduces a
+  CUDA tensor and takes a distributed meta step and fusion step.
+
+Without a CUDA device it prints one ``SKIP`` line and exits with status 0; with one, the status
+is 1 when a part fails. Run from the repository root::
+
+    python benchmarks/gpu_check.py [--budget 470]
+
+The last line prints how many parts passed, failed and were skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+#: Part name -> its time limit in seconds (the whole check stays under 8 minutes).
+PARTS: dict[str, int] = {
+    "hypergradient": 60,
+    "steps-fp32": 60,
+    "steps-bf16": 60,
+    "steps-compiled": 150,
+    "fuse-1280x1024": 45,
+    "nccl-torchrun": 60,
+}
+HYPERGRADIENT_TOLERANCE = 1e-4
+
+
+class Skip(Exception):
+    """A part that cannot run here (the message says why)."""
+
+
+def _task_loss(fused: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(fused, target)
+
+
+def _mask_task_loss(fused: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    # A fixed task on the 9-class masks, for machines without the segmentation extra.
+    return torch.nn.functional.mse_loss(fused, masks[:, None].to(fused.dtype) / 8)
+
+
+def _small_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
+    from tdfusion.nets import LossGenerator, ReFusionNet
+
+    torch.manual_seed(0)
+    return (
+        ReFusionNet(dim=8, num_blocks=1, num_heads=2),
+        LossGenerator(dim=8, num_blocks=1, num_heads=2),
+    )
+
+
+def check_hypergradient(device: str = "cuda") -> str:
+    """float32 on ``device`` vs float64 on the CPU."""
+    from tdfusion import MetaFusionTrainer
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(2, 1, 48, 64, generator=generator, dtype=torch.float64) for _ in range(6)]
+    meta_train, meta_test = tuple(images[:3]), tuple(images[3:])
+    fusion, loss_generator = _small_networks()
+    results = {}
+    for where, dtype in (("reference", torch.float64), ("checked", torch.float32)):
+        trainer = MetaFusionTrainer(
+            copy.deepcopy(fusion).to(dtype),
+            _task_loss,
+            copy.deepcopy(loss_generator).to(dtype),
+            device="cpu" if where == "reference" else device,
+            inner_lr=1e-2,
+            distributed=False,
+        )
+        hypergradient = trainer.hypergradient(meta_train, meta_test)
+        results[where] = torch.cat([g.flatten().double().cpu() for g in hypergradient.values()])
+    reference, checked = results["reference"], results["checked"]
+    error = float((checked - reference).norm() / reference.norm())
+    verdict = "PASS" if error <= HYPERGRADIENT_TOLERANCE else "FAIL"
+    return (
+        f"{verdict} hypergradient: float32 {device} vs float64 CPU, relative L2 error {error:.2e} "
+        f"(tolerance {HYPERGRADIENT_TOLERANCE:.0e}; |g| = {float(reference.norm()):.3e})"
+    )
+
+
+def _msrs_trainer(compiled: bool) -> tuple[Any, str]:
+    from tdfusion import MetaFusionTrainer
+    from tdfusion.nets import LossGenerator, ReFusionNet
+
+    torch.manual_seed(0)
+    fusion, loss_generator = ReFusionNet(), LossGenerator()
+    try:
+        from tdfusion.tasks import SegmentationTask
+
+        task: Any = SegmentationTask(9)
+        task_name = "SegFormer-b0"
+    except Exception:  # the seg extra is absent: a fixed task on the same masks
+        task, task_name = _mask_task_loss, "a fixed task (segmentation_models_pytorch absent)"
+    if compiled:
+        fusion, loss_generator = torch.compile(fusion), torch.compile(loss_generator)
+        if isinstance(task, torch.nn.Module):
+            task = torch.compile(task)
+    trainer = MetaFusionTrainer(
+        fusion,
+        task,
+        loss_generator,
+        fusion_crop=256,
+        task_size=(240, 320),
+        device="cuda",
+        distributed=False,
+    )
+    return trainer, task_name
+
+
+def _msrs_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(count):
+        a, b = (torch.rand(2, 1, 480, 640, generator=generator) for _ in range(2))
+        batches.append((a, b, torch.randint(0, 9, (2, 240, 320), generator=generator)))
+    return batches
+
+
+def check_steps(mode: str, steps: int = 3) -> str:
+    """Meta and fusion steps in one mode: fp32, bf16 (autocast) or compiled."""
+    trainer, task_name = _msrs_trainer(compiled=mode == "compiled")
+    batches = _msrs_batches(4)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if mode == "bf16"
+        else torch.autocast("cuda", enabled=False)
+    )
+
+    def timed(step: Callable[[], Any]) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            step()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    warm_up = timed(lambda: trainer.meta_step(batches[0], batches[1]))
+    warm_up += timed(lambda: trainer.fusion_step(batches[2]))
+    torch.cuda.reset_peak_memory_stats()
+    meta = [
+        timed(lambda i=i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4]))
+        for i in range(steps)
+    ]
+    fusion = [timed(lambda i=i: trainer.fusion_step(batches[i % 4])) for i in range(steps)]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    meta_s, fusion_s = statistics.median(meta), statistics.median(fusion)
+    return (
+        f"PASS steps-{mode}: meta step {meta_s * 1e3:.0f} ms, fusion step {fusion_s * 1e3:.0f} ms, "
+        f"meta/fusion {meta_s / fusion_s:.2f}x, peak CUDA memory {peak:.2f} GiB "
+        f"(first meta + fusion step {warm_up:.1f} s; {task_name}, batch 2, 256 crop, 240x320)"
+    )
+
+
+def check_fuse() -> str:
+    """One 1280x1024 pair in float32 and bf16."""
+    from tdfusion.inference import accelerate, fuse_tensors
+    from tdfusion.nets import ReFusionNet
+
+    weights = DATA / "weights" / "ReFusion" / "ReFusion_IVIF.pth"
+    if weights.is_file():
+        net, source = ReFusionNet.from_pretrained(weights).cuda(), "authors' IVIF weights"
+    else:
+        torch.manual_seed(0)
+        net, source = ReFusionNet().eval().cuda(), "random weights"
+    generator = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(1, 1, 1024, 1280, generator=generator).cuda() for _ in range(2))
+    figures = {}
+    for name, model in (("fp32", net), ("bf16", accelerate(net, precision="bf16"))):
+        fuse_tensors(model, a, b)  # warm-up (cuDNN algorithm choice)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fused = fuse_tensors(model, a, b)
+        torch.cuda.synchronize()
+        figures[name] = (time.perf_counter() - start, torch.cuda.max_memory_allocated(), fused)
+    difference = float((figures["bf16"][2] - figures["fp32"][2]).abs().max())
+    return (
+        f"PASS fuse-1280x1024: fp32 {figures['fp32'][0] * 1e3:.0f} ms "
+        f"(peak {figures['fp32'][1] / 2**30:.2f} GiB), bf16 {figures['bf16'][0] * 1e3:.0f} ms "
+        f"(peak {figures['bf16'][1] / 2**30:.2f} GiB), bf16 max diff {difference:.1e}; {source}"
+    )
+
+
+def nccl_worker(out: Path) -> None:
+    """Inside torchrun: an NCCL all-reduce, then a distributed meta step and fusion step."""
+    import torch.distributed as dist
+
+    from tdfusion import MetaFusionTrainer
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
+    try:
+        value = torch.ones(4, device="cuda") * (dist.get_rank() + 1)
+        dist.all_reduce(value)
+        fusion, loss_generator = _small_networks()
+        trainer = MetaFusionTrainer(
+            fusion, _task_loss, loss_generator, device=f"cuda:{local_rank}", distributed=True
+        )
+        images = [torch.rand(2, 1, 64, 64) for _ in range(3)]
+        meta = trainer.meta_step(
+            (images[0], images[1], images[0]), (images[1], images[2], images[1])
+        )
+        fusion_stats = trainer.fusion_step((images[2], images[0], images[2]))
+        result = {
+            "all_reduce": value.tolist(),
+            "world_size": dist.get_world_size(),
+            "backend": dist.get_backend(),
+            "trainer_distributed": trainer.distributed,
+            "meta_loss": float(meta.get("task_loss", float("nan"))),
+            "fusion_loss": float(fusion_stats.get("fusion_loss", float("nan"))),
+        }
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_nccl(timeout: float) -> str:
+    """A one-process torchrun launch of :func:`nccl_worker`."""
+    if not torch.distributed.is_available() or not torch.distributed.is_nccl_available():
+        raise Skip("this PyTorch build has no NCCL")
+    with tempfile.TemporaryDirectory() as scratch:
+        environment = {**os.environ}
+        environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            __file__,
+            "--nccl-worker",
+            scratch,
+        ]
+        completed = subprocess.run(
+            command, env=environment, capture_output=True, text=True, timeout=timeout
+        )
+        if completed.returncode != 0:
+            tail = (completed.stdout + completed.stderr).strip().splitlines()[-5:]
+            return (
+                f"FAIL nccl-torchrun: torchrun exited with {completed.returncode}: "
+                + " | ".join(tail)
+            )
+        result = json.loads((Path(scratch) / "rank0.json").read_text())
+    ok = result["all_reduce"] == [1.0] * 4 and result["backend"] == "nccl"
+    return (
+        f"{'PASS' if ok else 'FAIL'} nccl-torchrun: backend {result['backend']}, world size "
+        f"{result['world_size']}, all-reduce {result['all_reduce']}, distributed trainer "
+        f"{result['trainer_distributed']}, meta task loss {result['meta_loss']:.4f}, "
+        f"fusion loss {result['fusion_loss']:.4f}"
+    )
+
+
+def run_part(name: str, timeout: float) -> str:
+    """One part in this process; returns its result line."""
+    if not torch.cuda.is_available():
+        return f"SKIP {name}: no CUDA device"
+    try:
+        if name == "hypergradient":
+            return check_hypergradient()
+        if name.startswith("steps-"):
+            try:
+                return check_steps(name.removeprefix("steps-"))
+            except Exception as error:
+                if type(error).__module__.startswith("torch._dynamo") and "compiled" in name:
+                    raise Skip(
+                        f"torch.compile cannot compile these networks here: {error}"
+                    ) from error
+                raise
+        if name == "fuse-1280x1024":
+            return check_fuse()
+        if name == "nccl-torchrun":
+            return check_nccl(timeout)
+        raise Skip(f"unknown part (the parts are {', '.join(PARTS)})")
+    except Skip as reason:
+        return f"SKIP {name}: {reason}"
+    except Exception as error:  # any failure is reported as this part's FAIL line
+        return f"FAIL {name}: {type(error).__name__}: {str(error).strip()[:300]}"
+
+
+def run_part_in_child(name: str, timeout: float) -> str:
+    """One part in a fresh process under ``timeout`` seconds; its result line."""
+    environment = {**os.environ}
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
+    command = [sys.executable, __file__, "--part", name, "--timeout", str(int(timeout))]
+    try:
+        completed = subprocess.run(
+            command, env=environment, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return f"FAIL {name}: did not finish within {timeout:.0f} s"
+    lines = [
+        line for line in completed.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))
+    ]
+    if completed.returncode != 0 or not lines:
+        tail = " | ".join(completed.stderr.strip().splitlines()[-3:])
+        return f"FAIL {name}: the child exited with {completed.returncode}: {tail}"
+    return lines[-1]
+
+
+def run_parts(names: list[str], budget: float, runner: Callable[[str, float], str]) -> list[str]:
+    """Run the parts ``names`` with ``runner(name, timeout)`` within ``budget`` seconds.
+
+    Each part gets its own limit or what is left of the budget, whichever is less; the parts
+    that find less than 10 s left are skipped. Every result line is printed as it comes.
+    """
+    deadline = time.monotonic() + budget
+    lines = []
+    for name in names:
+        remaining = deadline - time.monotonic()
+        if remaining < 10:
+            line = f"SKIP {name}: the time budget of {budget:.0f} s is spent"
+        else:
+            line = runner(name, min(PARTS[name], remaining))
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
+def summary(lines: list[str]) -> tuple[str, int]:
+    """The closing line and exit status for the part lines ``lines``."""
+    counts = {
+        verdict: sum(line.startswith(verdict) for line in lines)
+        for verdict in ("PASS", "FAIL", "SKIP")
+    }
+    closing = (
+        f"gpu check: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
+    )
+    return closing, 1 if counts["FAIL"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=470, help="seconds for all parts")
+    parser.add_argument("--only", nargs="+", choices=list(PARTS), help="run only these parts")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=60, help=argparse.SUPPRESS)
+    parser.add_argument("--nccl-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.nccl_worker is not None:
+        nccl_worker(args.nccl_worker)
+        return 0
+    if args.part is not None:
+        print(run_part(args.part, args.timeout), flush=True)
+        return 0
+    if not torch.cuda.is_available():
+        print(
+            "SKIP gpu check: no CUDA device here (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}); run it on a machine with a GPU. Nothing was checked."
+        )
+        return 0
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"{torch.cuda.get_device_name(0)} ({memory:.0f} GiB)",
+        flush=True,
+    )
+    lines = run_parts(args.only or list(PARTS), args.budget, run_part_in_child)
+    closing, status = summary(lines)
+    print(closing)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Tests of ``benchmarks/gpu_check.py`` where no GPU is needed: the no-CUDA exit and the runner."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_the_script_says_so_and_exits_with_status_0():
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("SKIP gpu check: no CUDA device here")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer of a part")
+@pytest.mark.parametrize("part", ["hypergradient", "steps-bf16", "nccl-torchrun"])
+def test_each_part_skips_without_cuda(gpu_check, part):
+    assert gpu_check.run_part(part, 10) == f"SKIP {part}: no CUDA device"
+
+
+def test_failures_set_the_exit_status_and_are_counted(gpu_check):
+    assert gpu_check.summary(["PASS a", "SKIP b"]) == (
+        "gpu check: 1 passed, 0 failed, 1 skipped",
+        0,
+    )
+    assert gpu_check.summary(["PASS a", "FAIL b: x", "FAIL c"])[1] == 1
+
+
+def test_parts_get_their_limit_and_skip_once_the_budget_is_spent(gpu_check, capsys):
+    calls = []
+
+    def runner(name, timeout):
+        calls.append((name, timeout))
+        return f"PASS {name}"
+
+    lines = gpu_check.run_parts(["hypergradient", "steps-compiled"], 1000, runner)
+    assert lines == ["PASS hypergradient", "PASS steps-compiled"]
+    assert [timeout for _, timeout in calls] == [60, 150]
+    lines = gpu_check.run_parts(["hypergradient", "fuse-1280x1024"], 5, runner)
+    assert all(line.startswith("SKIP") and "budget of 5 s is spent" in line for line in lines)
+    assert capsys.readouterr().out.count("\n") == 4
+
+
+def test_a_part_that_overruns_its_limit_is_a_failure(gpu_check, monkeypatch):
+    def overrun(*args, timeout, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], timeout)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", overrun)
+    line = gpu_check.run_part_in_child("steps-fp32", 42)
+    assert line == "FAIL steps-fp32: did not finish within 42 s"
