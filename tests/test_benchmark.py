@@ -79,7 +79,7 @@ def test_benchmark_retrains_the_same_schedule_for_every_model(small_msrs, tmp_pa
         progress=False,
     )
     assert list(result["rows"]) == ["infrared", "same", "tiny"]
-    assert result["columns"][-1] == "mIoU" and len(result["columns"]) == 10
+    assert result["columns"][-2:] == ["mAcc", "mIoU"] and len(result["columns"]) == 11
     # the same fused images and seed give the same task network and scores
     def values(label):
         return np.array([[s[c] for c in result["columns"]] for s in result["rows"][label]["seeds"]])
@@ -94,12 +94,12 @@ def test_benchmark_retrains_the_same_schedule_for_every_model(small_msrs, tmp_pa
 def test_format_table_prints_detection_columns_and_dashes_for_missing_classes():
     result = {
         "settings": {"dataset": "m3fd", "task": "detection", "epochs": 3, "seeds": [0]},
-        "columns": ["mAP50", "mAP50-95"],
-        "rows": {"model": {"mean": {"mAP50": 12.34, "mAP50-95": float("nan")}, "std": {}}},
+        "columns": ["mAP50", "mAP75", "mAP50-95"],
+        "rows": {"model": {"mean": {"mAP50": 12.34, "mAP75": 5.0, "mAP50-95": float("nan")}}},
     }
     lines = format_table(result).splitlines()
-    assert lines[1].split() == ["model", "mAP50", "mAP50-95"]
-    assert lines[2].split() == ["model", "12.3", "-"]
+    assert lines[1].split() == ["model", "mAP50", "mAP75", "mAP50-95"]
+    assert lines[2].split() == ["model", "12.3", "5.0", "-"]
 
 
 def test_fused_set_collates_detection_boxes_with_their_batch_index():

@@ -38,7 +38,8 @@ def test_demo_writes_summary_comparisons_maps_curve_and_runs(tiny_demo):
     assert set(summary["arms"]) == {"learned", "fixed"}
     for arm in ("learned", "fixed"):
         assert {"task_loss", "mAP50", "mAP50-95", "VIF", "Qabf"} <= set(summary["arms"][arm])
-    assert summary["task_loss_difference"]["n"] == 4  # every pair held out once
+    difference = summary["task_loss_difference"]
+    assert (difference["pairs"], difference["runs"]) == (4, 2)  # every pair held out once
     assert len(summary["runs"]) == 4  # two folds, two arms
     for run in summary["runs"]:
         assert not set(run["train"]) & set(run["test"])
@@ -94,7 +95,6 @@ def test_fold_split_refuses_impossible_folds(folds):
 
 
 def _run(arm, fold, losses, map50=0.0):
-    names = sorted(losses)
     metrics = {name: 0.5 for name in METRIC_NAMES}
     held_out = {name: {"task_loss": loss, **metrics} for name, loss in losses.items()}
     return ArmRun(
@@ -102,39 +102,53 @@ def _run(arm, fold, losses, map50=0.0):
         0,
         fold,
         [],
-        names,
+        sorted(losses),
         folder=None,  # type: ignore[arg-type]
         held_out=held_out,
         detection={"mAP50": map50, "mAP50-95": map50 / 2},
     )
 
 
-def test_compare_arms_calls_a_consistent_difference_measurable():
-    runs = [
-        _run("learned", 0, {"a": 1.0, "b": 2.0}),
-        _run("fixed", 0, {"a": 1.5, "b": 2.6}),
-        _run("learned", 1, {"c": 3.0, "d": 4.0}),
-        _run("fixed", 1, {"c": 3.4, "d": 4.5}),
+def _runs(learned, fixed):
+    """Runs of both arms, one fold per entry: ``{pair: loss}`` each."""
+    return [_run("learned", k, losses) for k, losses in enumerate(learned)] + [
+        _run("fixed", k, losses) for k, losses in enumerate(fixed)
     ]
+
+
+def test_compare_arms_calls_a_difference_consistent_over_runs_measurable():
+    runs = _runs(
+        [{"a": 1.0, "b": 2.0}, {"c": 3.0, "d": 4.0}, {"e": 2.0, "f": 2.0}],
+        [{"a": 1.5, "b": 2.6}, {"c": 3.4, "d": 4.5}, {"e": 2.5, "f": 2.5}],
+    )
     result = compare_arms(runs)
     difference = result["task_loss_difference"]
-    assert difference["n"] == 4 and difference["mean"] == pytest.approx(-0.5)
+    assert (difference["runs"], difference["pairs"]) == (3, 6)
+    assert difference["per_run"] == pytest.approx([-0.55, -0.45, -0.5])
     assert difference["measurable"]
     assert "lower held-out loss" in result["verdict"]
-    assert result["arms"]["fixed"]["task_loss"]["mean"] == pytest.approx(3.0)
+    assert result["arms"]["fixed"]["task_loss"]["mean"] == pytest.approx(17.0 / 6)
 
 
 def test_compare_arms_says_no_measurable_difference_for_noise():
-    runs = [
-        _run("learned", 0, {"a": 1.0, "b": 2.0}),
-        _run("fixed", 0, {"a": 1.5, "b": 1.4}),
-        _run("learned", 1, {"c": 3.0, "d": 4.0}),
-        _run("fixed", 1, {"c": 2.6, "d": 4.5}),
-    ]
+    runs = _runs(
+        [{"a": 1.0, "b": 2.0}, {"c": 3.0, "d": 4.0}, {"e": 2.0, "f": 2.0}],
+        [{"a": 1.5, "b": 2.6}, {"c": 2.4, "d": 3.5}, {"e": 2.0, "f": 2.1}],
+    )
     result = compare_arms(runs)
     assert not result["task_loss_difference"]["measurable"]
     assert result["verdict"].startswith("No measurable difference at this budget")
-    assert "std" in result["verdict"]
+    assert "std" in result["verdict"] and "3 runs" in result["verdict"]
+
+
+def test_compare_arms_claims_nothing_from_too_few_runs():
+    # a consistent difference over the pairs of two runs is still two runs
+    runs = _runs([{"a": 1.0, "b": 2.0}, {"c": 3.0, "d": 4.0}], [{"a": 2, "b": 3}, {"c": 4, "d": 5}])
+    result = compare_arms(runs)
+    assert result["task_loss_difference"]["mean"] == -1.0
+    assert not result["task_loss_difference"]["measurable"]
+    assert result["verdict"].startswith("No measurable difference at this budget")
+    assert "--seeds" in result["verdict"]
 
 
 def test_weight_tracker_measures_inside_and_outside_the_boxes(tmp_path):

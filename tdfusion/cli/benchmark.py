@@ -48,7 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_device_option(parser)
     parser.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help=f"task epochs ({defaults.epochs})"
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help=f"task epochs (default {defaults.epochs}, the paper's)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="task batch size"

@@ -221,7 +221,9 @@ def weight_map_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     vmin, vmax = weight_range(weight_a)
     grey = visible if visible.ndim == 2 else visible.mean(axis=-1)
-    figure, axes = plt.subplots(1, 2, figsize=(10.6, 4.0), dpi=110)
+    figure, (*axes, bar_axis) = plt.subplots(
+        1, 3, figsize=(10.6, 4.0), dpi=110, gridspec_kw={"width_ratios": [1, 1, 0.035]}
+    )
     shown = axes[0].imshow(weight_a, cmap=_COLOURMAP, vmin=vmin, vmax=vmax)
     axes[0].set_title(f"{name}: learned w_a (mean {weight_a.mean():.3f})", fontsize=9)
     axes[1].imshow(grey, cmap="gray", vmin=0, vmax=255)
@@ -230,11 +232,11 @@ def weight_map_figure(
     for axis in axes:
         _draw_boxes(axis, boxes, weight_a.shape, ())
         axis.set_axis_off()
-    bar = figure.colorbar(shown, ax=list(axes), fraction=0.025, pad=0.02)
+    bar = figure.colorbar(shown, cax=bar_axis)
     bar.set_label("w_a (yellow: infrared)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     figure.text(0.01, 0.02, WEIGHT_LEGEND + "; white boxes: objects", fontsize=8)
-    figure.subplots_adjust(left=0.01, right=0.9, top=0.92, bottom=0.09, wspace=0.03)
+    figure.subplots_adjust(left=0.01, right=0.93, top=0.92, bottom=0.1, wspace=0.04)
     figure.savefig(path)
     plt.close(figure)
     return path
@@ -248,7 +250,9 @@ def _mean_curve(series: Sequence[Sequence[float]]) -> np.ndarray:
 def training_curve_figure(path: str | Path, runs: Sequence[Any], settings: Any) -> Path:
     """Per-epoch detector loss, fusion loss and ``w_a`` (inside and outside the objects).
 
-    Curves are means over the folds and seeds of each arm.
+    The loss curves are means over the folds and seeds of each arm; ``w_a`` is drawn for
+    every run of the learned arm, inside the object boxes (solid) and outside (dashed), from
+    before the first epoch (epoch 0) on.
 
     Parameters
     ----------
@@ -293,21 +297,27 @@ def training_curve_figure(path: str | Path, runs: Sequence[Any], settings: Any) 
             )
     axes[0].set_title("detector loss while training (mean over folds)")
     axes[1].set_title("fusion loss of F (each under its own weights)")
-    curves = [run.weight_curve for run in runs if run.arm == "learned" and run.weight_curve]
-    if curves:
-        length = min(len(c) for c in curves)
-        epochs = [record["epoch"] for record in curves[0][:length]]
-        for key, style, label in (
-            ("inside", "-", "learned, inside the object boxes"),
-            ("outside", "--", "learned, outside the boxes"),
-            ("mean", ":", "learned, whole image"),
+    learned = [run for run in runs if run.arm == "learned" and run.weight_curve]
+    colours = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")
+    for index, run in enumerate(learned):
+        epochs = [record["epoch"] for record in run.weight_curve]
+        colour = colours[index % len(colours)]
+        name = f"seed {run.seed}, fold {run.fold}"
+        for key, style, where in (
+            ("inside", "-", "inside the objects"),
+            ("outside", "--", "outside"),
         ):
-            values = _mean_curve([[record[key] for record in c] for c in curves])
             axes[2].plot(
-                epochs, values, style, marker="o", color=_ARM_COLOURS["learned"], label=label
+                epochs,
+                [record[key] for record in run.weight_curve],
+                style,
+                marker="o" if key == "inside" else ".",
+                color=colour,
+                label=f"{name}: {where}",
             )
+    if learned:
         axes[2].axhline(0.5, color=_ARM_COLOURS["fixed"], label=_ARM_LABELS["fixed"])
-    axes[2].set_title("mean w_a of the loss generator (infrared weight)")
+    axes[2].set_title("learned w_a (infrared weight), one colour per run")
     for axis in axes:
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -62,9 +62,11 @@ class DemoSettings:
     pretrained fusion network. They differ from the trainer's defaults (the paper's values,
     meant for 50 epochs of 200 meta steps) where a short run needs it:
 
-    - ``generator_lr`` 0.05 instead of 1e-4: with the normalised update the parameter with the
-      largest hypergradient moves by exactly ``generator_lr`` per meta step, so 1e-4 moves the
-      mean of ``w_a`` by about 1e-4 in six steps, too little to see;
+    - ``generator_lr`` 0.005 instead of 1e-4: with the normalised update the parameter with
+      the largest hypergradient moves by exactly ``generator_lr`` per meta step. At 1e-4 a
+      dozen steps move the mean of ``w_a`` by about 1e-4, too little to see; at 0.005 it moves
+      by a few hundredths per step, and inside and outside the objects differently; at 0.05
+      it saturates at 0 or 1 within two steps;
     - ``inner_lr`` 1e-3 instead of 1e-4: the hypergradient is proportional to the inner step;
     - ``fusion_lr`` 1e-4 (the paper's): the pretrained network is fine-tuned, not re-learned;
     - ``task_lr`` 1e-3 instead of 1e-4: the detector starts from scratch and has few steps.
@@ -96,25 +98,26 @@ class DemoSettings:
     swap : bool
         Also feed every batch with the sources swapped (the research code's augmentation).
     map_size : (int, int)
-        Size at which ``w_a`` is followed during training (inside and outside the objects).
+        Size at which ``w_a`` is followed during training (inside and outside the objects);
+        a quarter of the sample's, to keep the measurement cheap.
     image_size : (int, int) or None
         Size the sample pairs are resized to when read (``None``: their own 480 x 640); a
         smaller size makes quick checks of the whole pipeline.
     """
 
     epochs: int = 6
-    meta_steps: int = 1
+    meta_steps: int = 2
     seeds: tuple[int, ...] = (0,)
     folds: int = 2
     init_weights: str | None = PRETRAINED
     fusion_lr: float = 1e-4
     task_lr: float = 1e-3
     inner_lr: float = 1e-3
-    generator_lr: float = 5e-2
+    generator_lr: float = 5e-3
     fusion_crop: int = 128
     task_size: tuple[int, int] = (192, 256)
     swap: bool = False
-    map_size: tuple[int, int] = (192, 256)
+    map_size: tuple[int, int] = (120, 160)
     image_size: tuple[int, int] | None = None
 
     def replace(self, **changes: Any) -> DemoSettings:
@@ -578,26 +581,31 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
-def compare_arms(runs: Sequence[ArmRun]) -> dict[str, Any]:
-    """Compare the arms on the held-out pairs, pair by pair (same pair, seed and fold).
+def compare_arms(runs: Sequence[ArmRun], min_runs: int = 3) -> dict[str, Any]:
+    """Compare the arms on the held-out pairs, run by run (same seed and fold).
 
-    The held-out task loss of the learned arm minus that of the fixed arm is taken for every
-    held-out pair and seed; the difference is *measurable* when its mean is more than twice
-    its standard error away from zero (and there are at least three differences). mAP50 is
-    compared per fold and seed in the same way.
+    For every seed and fold, the learned arm's held-out task loss minus the fixed arm's is
+    taken pair by pair and averaged over the fold's pairs. The pairs of one fold are scored
+    by the same two networks, so the independent evidence is the *run* (seed and fold), not
+    the pair: the difference is called *measurable* only when there are at least
+    ``min_runs`` runs per arm and the mean over runs is more than twice its standard error
+    away from zero. mAP50 is compared in the same way.
 
     Parameters
     ----------
     runs : sequence of ArmRun
         Runs of both arms over the same folds and seeds.
+    min_runs : int
+        Fewest runs per arm from which a difference can be called measurable.
 
     Returns
     -------
     dict
-        ``"arms"``: per arm the mean and standard deviation of the held-out task loss,
-        mAP50, mAP50-95, VIF, Qabf (and the other fusion metrics), ``"task_loss_difference"``
-        and ``"map50_difference"``: ``{"mean", "std", "stderr", "n", "measurable"}``, and
-        ``"verdict"``: one sentence.
+        ``"arms"``: per arm the mean and standard deviation over held-out pairs of the task
+        loss and the fusion metrics, and over runs of mAP50 and mAP50-95;
+        ``"task_loss_difference"`` and ``"map50_difference"``: ``{"mean", "stderr", "runs",
+        "per_run", "measurable"}`` plus, for the loss, ``"pair_std"`` and ``"pairs"`` (the
+        spread over the held-out pairs); ``"verdict"``: one sentence saying what they show.
     """
     from tdfusion.metrics import METRIC_NAMES
 
@@ -616,52 +624,70 @@ def compare_arms(runs: Sequence[ArmRun]) -> dict[str, Any]:
             entry[key] = {"mean": mean, "std": std}
         arms[arm] = entry
 
-    def paired(key_of: Any) -> dict[str, Any]:
-        learned = {(r.seed, r.fold): r for r in runs if r.arm == "learned"}
-        fixed = {(r.seed, r.fold): r for r in runs if r.arm == "fixed"}
-        differences = [
-            difference
-            for key in sorted(set(learned) & set(fixed))
-            for difference in key_of(learned[key], fixed[key])
-        ]
-        mean, std = _mean_std(differences)
-        n = len(differences)
-        stderr = std / math.sqrt(n) if n > 1 else math.nan
-        measurable = bool(n >= 3 and abs(mean) > 2 * stderr)
-        return {"mean": mean, "std": std, "stderr": stderr, "n": n, "measurable": measurable}
+    learned = {(r.seed, r.fold): r for r in runs if r.arm == "learned"}
+    fixed = {(r.seed, r.fold): r for r in runs if r.arm == "fixed"}
+    matched = [(learned[key], fixed[key]) for key in sorted(set(learned) & set(fixed))]
 
+    def paired(per_run: list[float]) -> dict[str, Any]:
+        mean, std = _mean_std(per_run)
+        count = len(per_run)
+        stderr = std / math.sqrt(count) if count > 1 else math.nan
+        measurable = bool(count >= min_runs and abs(mean) > 2 * stderr)
+        return {
+            "mean": mean,
+            "stderr": stderr,
+            "runs": count,
+            "per_run": per_run,
+            "measurable": measurable,
+        }
+
+    pair_differences = [
+        a.held_out[name]["task_loss"] - b.held_out[name]["task_loss"]
+        for a, b in matched
+        for name in a.test_names
+    ]
     loss_difference = paired(
-        lambda learned, fixed: [
-            learned.held_out[name]["task_loss"] - fixed.held_out[name]["task_loss"]
-            for name in learned.test_names
+        [
+            float(
+                np.mean(
+                    [a.held_out[n]["task_loss"] - b.held_out[n]["task_loss"] for n in a.test_names]
+                )
+            )
+            for a, b in matched
         ]
     )
-    map_difference = paired(
-        lambda learned, fixed: [learned.detection["mAP50"] - fixed.detection["mAP50"]]
-    )
+    loss_difference["pair_std"] = _mean_std(pair_differences)[1]
+    loss_difference["pairs"] = len(pair_differences)
+    map_difference = paired([a.detection["mAP50"] - b.detection["mAP50"] for a, b in matched])
     return {
         "arms": arms,
         "task_loss_difference": loss_difference,
         "map50_difference": map_difference,
-        "verdict": _verdict(loss_difference, map_difference),
+        "verdict": _verdict(loss_difference, map_difference, min_runs),
     }
 
 
-def _verdict(loss: dict[str, Any], map50: dict[str, Any]) -> str:
+def _verdict(loss: dict[str, Any], map50: dict[str, Any], min_runs: int) -> str:
     """One honest sentence about the held-out task loss difference (learned - fixed)."""
     spread = (
-        f"learned - fixed held-out task loss {loss['mean']:+.3f} "
-        f"(std {loss['std']:.3f} over {loss['n']} held-out pairs"
+        f"learned - fixed held-out task loss {loss['mean']:+.3f} (std {loss['pair_std']:.3f} "
+        f"over {loss['pairs']} held-out pairs"
     )
-    spread += f", standard error {loss['stderr']:.3f})" if loss["n"] > 1 else ")"
-    if loss["n"] < 3:
-        return f"Too few held-out pairs to tell the arms apart: {spread}."
+    if loss["runs"] > 1:
+        spread += f", standard error {loss['stderr']:.3f} over {loss['runs']} runs"
+    spread += f"), mAP50 {map50['mean']:+.3f}"
+    if loss["runs"] < min_runs:
+        return (
+            f"No measurable difference at this budget: {spread}; {loss['runs']} training "
+            f"run(s) per arm cannot separate the arms from training noise (a difference needs "
+            f"at least {min_runs}: add seeds, e.g. --seeds 0 1)."
+        )
     if not loss["measurable"]:
         return f"No measurable difference at this budget: {spread}."
     better = "lower" if loss["mean"] < 0 else "higher"
     return (
-        f"The learned loss gave the detector a {better} held-out loss than the fixed loss: "
-        f"{spread}; mAP50 difference {map50['mean']:+.3f}."
+        f"The learned loss gave the detector a {better} held-out loss than the fixed loss, "
+        f"beyond twice its standard error: {spread}."
     )
 
 
