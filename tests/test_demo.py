@@ -13,6 +13,7 @@ import torch
 from tdfusion.demo import ArmRun, DemoSettings, WeightTracker, compare_arms, fold_split, run_demo
 from tdfusion.demo.figures import weight_range
 from tdfusion.metrics import METRIC_NAMES
+from tdfusion.nets import ReFusionNet
 
 #: The whole pipeline at a tenth of the pixels, from a random fusion network: seconds, not minutes.
 TINY = DemoSettings(
@@ -193,3 +194,39 @@ def test_weight_range_widens_a_uniform_map_and_keeps_a_varied_one():
     varied = np.linspace(0.2, 0.8, 101)
     low, high = weight_range(varied)
     assert low == pytest.approx(0.206) and high == pytest.approx(0.794)
+
+
+def test_demo_starts_from_the_bundled_weights_and_says_what_to_do_without_them(monkeypatch):
+    from tdfusion.demo import PRETRAINED, protocol
+    from tdfusion.errors import CheckpointError
+
+    assert DemoSettings().init_weights == PRETRAINED
+
+    def missing(path, *args, **kwargs):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
+
+    monkeypatch.setattr(ReFusionNet, "from_pretrained", missing)
+    with pytest.raises(CheckpointError, match="--init-weights"):
+        protocol._initial_fusion_model(PRETRAINED)
+    with pytest.raises(FileNotFoundError):  # a path the user gave is reported as it is
+        protocol._initial_fusion_model("my_weights.pt")
+
+
+def test_demo_command_line_maps_onto_the_settings(monkeypatch, tmp_path):
+    from tdfusion.cli import main
+    from tdfusion.demo import protocol
+
+    seen = {}
+
+    def fake_run_demo(out, settings, **kwargs):
+        seen.update(out=out, settings=settings, **kwargs)
+        return {"text": "done"}
+
+    monkeypatch.setattr(protocol, "run_demo", fake_run_demo)
+    monkeypatch.setattr("tdfusion.demo.run_demo", fake_run_demo)
+    argv = ["demo", "--out", str(tmp_path), "--seeds", "0", "1", "--folds", "4"]
+    assert main([*argv, "--init-weights", "w.pt", "--generator-lr", "0.01", "--resume"]) == 0
+    settings = seen["settings"]
+    assert (settings.seeds, settings.folds, settings.init_weights) == ((0, 1), 4, "w.pt")
+    assert settings.generator_lr == 0.01 and seen["resume"] is True
+    assert settings.epochs == DemoSettings().epochs

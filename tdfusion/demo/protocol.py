@@ -344,9 +344,15 @@ class WeightTracker(Callback):
         if not any(r["epoch"] == trainer.epoch for r in self.records):
             self._record(trainer)
 
+    def on_step_end(self, trainer: Any, stats: dict[str, Any]) -> None:
+        """Nothing to do after a step: ``w_a`` is measured per epoch."""
+
     def on_epoch_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         """Measure after every epoch."""
         self._record(trainer)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        """Nothing to do: the last epoch was measured."""
 
 
 # ---------------------------------------------------------------------------- one arm
@@ -413,7 +419,7 @@ class ArmRun:
     history : list of dict
         The trainer's per-epoch summaries.
     weight_curve : list of dict
-        :attr:`WeightTracker.records` (learned arm only; empty otherwise).
+        ``records`` of the run's :class:`WeightTracker` (learned arm only; empty otherwise).
     held_out : dict of str to dict
         Per test pair: ``task_loss`` and the fusion metrics of the full-size fused image.
     detection : dict
@@ -738,9 +744,18 @@ def run_demo(
     sample = _load_sample(settings.image_size)
     pairs, classes = sample
     runs: list[ArmRun] = []
+    splits = fold_split([pair.name for pair in pairs], settings.folds)
+    total = len(settings.seeds) * settings.folds * len(ARMS)
     for seed in settings.seeds:
         for fold in range(settings.folds):
             for arm in ARMS:
+                if progress:
+                    train, test = splits[fold]
+                    print(
+                        f"[{len(runs) + 1}/{total}] {_ARM_TITLES[arm]}, seed {seed}, fold {fold}: "
+                        f"training on {', '.join(train)}, scoring {', '.join(test)}",
+                        flush=True,
+                    )
                 runs.append(
                     run_arm(
                         settings,
