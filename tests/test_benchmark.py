@@ -80,6 +80,7 @@ def test_benchmark_retrains_the_same_schedule_for_every_model(small_msrs, tmp_pa
     )
     assert list(result["rows"]) == ["infrared", "same", "tiny"]
     assert result["columns"][-2:] == ["mAcc", "mIoU"] and len(result["columns"]) == 11
+
     # the same fused images and seed give the same task network and scores
     def values(label):
         return np.array([[s[c] for c in result["columns"]] for s in result["rows"][label]["seeds"]])
