@@ -30,7 +30,7 @@ TINY = DemoSettings(
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, TINY, device="cpu", progress=False)
+    return out, run_demo(out, TINY, device="cpu", progress=False, workers=2)
 
 
 def test_demo_writes_summary_comparisons_maps_curve_and_runs(tiny_demo):
@@ -57,10 +57,10 @@ def test_demo_writes_summary_comparisons_maps_curve_and_runs(tiny_demo):
     assert summary["verdict"] in result["text"]
 
 
-def test_demo_resume_keeps_finished_runs(tiny_demo, tmp_path):
-    out, first = tiny_demo
+def test_demo_resume_keeps_finished_runs_in_one_process_too(tiny_demo, tmp_path):
+    out, first = tiny_demo  # trained by two worker processes
     logs = {p: p.read_text() for p in (out / "runs").glob("*/training_log.csv")}
-    again = run_demo(out, TINY, device="cpu", progress=False, resume=True)
+    again = run_demo(out, TINY, device="cpu", progress=False, resume=True, workers=1)
     assert {p: p.read_text() for p in logs} == logs  # nothing retrained
     for before, after in zip(first["runs"], again["runs"]):
         assert after.history == before.history
@@ -228,5 +228,5 @@ def test_demo_command_line_maps_onto_the_settings(monkeypatch, tmp_path):
     assert main([*argv, "--init-weights", "w.pt", "--generator-lr", "0.01", "--resume"]) == 0
     settings = seen["settings"]
     assert (settings.seeds, settings.folds, settings.init_weights) == ((0, 1), 4, "w.pt")
-    assert settings.generator_lr == 0.01 and seen["resume"] is True
+    assert settings.generator_lr == 0.01 and seen["resume"] is True and seen["workers"] is None
     assert settings.epochs == DemoSettings().epochs

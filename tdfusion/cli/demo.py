@@ -85,6 +85,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        help=(
+            "runs trained at once, one process of one thread each (default: the CPU cores, "
+            "up to 4; 1 on a GPU)"
+        ),
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue every run from its checkpoint in OUT/runs (finished runs are kept)",
@@ -116,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         folds=args.folds,
         init_weights=args.init_weights,
     )
-    result = run_demo(args.out, settings, device=args.device, resume=args.resume)
+    result = run_demo(
+        args.out, settings, device=args.device, resume=args.resume, workers=args.workers
+    )
     print(result["text"])
     return 0
