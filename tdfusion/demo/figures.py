@@ -295,34 +295,44 @@ def training_curve_figure(path: str | Path, runs: Sequence[Any], settings: Any) 
                 color=_ARM_COLOURS[arm],
                 label="learned: meta-test loss (G's objective)",
             )
-    axes[0].set_title("detector loss while training (mean over folds)")
+    axes[0].set_title("detector loss while training (mean over runs)")
     axes[1].set_title("fusion loss of F (each under its own weights)")
+    from matplotlib.lines import Line2D
+
     learned = [run for run in runs if run.arm == "learned" and run.weight_curve]
     colours = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")
+    styles = (("inside", "-", "o", "inside the objects"), ("outside", "--", ".", "outside"))
+    styles += (("mean", ":", None, "whole image"),)
+    handles = []
     for index, run in enumerate(learned):
         epochs = [record["epoch"] for record in run.weight_curve]
         colour = colours[index % len(colours)]
-        name = f"seed {run.seed}, fold {run.fold}"
-        for key, style, where in (
-            ("inside", "-", "inside the objects"),
-            ("outside", "--", "outside"),
-        ):
+        for key, style, marker, _ in styles:
             axes[2].plot(
                 epochs,
                 [record[key] for record in run.weight_curve],
-                style,
-                marker="o" if key == "inside" else ".",
+                linestyle=style,
+                marker=marker,
                 color=colour,
-                label=f"{name}: {where}",
+                linewidth=1.0 if key == "mean" else 1.5,
             )
+        handles.append(Line2D([], [], color=colour, label=f"seed {run.seed}, fold {run.fold}"))
+    handles += [
+        Line2D([], [], color="grey", linestyle=style, marker=marker, label=where)
+        for _, style, marker, where in styles
+    ]
     if learned:
-        axes[2].axhline(0.5, color=_ARM_COLOURS["fixed"], label=_ARM_LABELS["fixed"])
+        axes[2].axhline(0.5, color=_ARM_COLOURS["fixed"])
+        handles.append(Line2D([], [], color=_ARM_COLOURS["fixed"], label=_ARM_LABELS["fixed"]))
     axes[2].set_title("learned w_a (infrared weight), one colour per run")
     for axis in axes:
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    if handles:
+        axes[2].legend(handles=handles, fontsize=7, ncol=2)
     axes[0].set_ylabel("loss")
     axes[1].set_ylabel("loss")
     axes[2].set_ylabel("w_a")
