@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         nargs="+",
         default=list(defaults.seeds),
-        help="seeds; each trains both arms on every fold (default 0)",
+        help="seeds; each trains both arms on every fold (default 0 1)",
     )
     parser.add_argument(
         "--folds",

@@ -81,7 +81,8 @@ class DemoSettings:
     meta_steps : int
         Generator updates per epoch in the learned arm (the fixed arm takes none).
     seeds : tuple of int
-        One training of every arm and fold per seed.
+        One training of every arm and fold per seed. Two seeds and two folds give four runs
+        per arm, enough for :func:`compare_arms` to call a difference measurable or not.
     folds : int
         Cross-validation folds over the sample's pairs (2: train on two pairs, score the
         other two; 4: leave one out).
@@ -110,7 +111,7 @@ class DemoSettings:
 
     epochs: int = 6
     meta_steps: int = 2
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)
     folds: int = 2
     init_weights: str | None = PRETRAINED
     fusion_lr: float = 1e-4
@@ -689,7 +690,7 @@ def _verdict(loss: dict[str, Any], map50: dict[str, Any], min_runs: int) -> str:
         return (
             f"No measurable difference at this budget: {spread}; {loss['runs']} training "
             f"run(s) per arm cannot separate the arms from training noise (a difference needs "
-            f"at least {min_runs}: add seeds, e.g. --seeds 0 1)."
+            f"at least {min_runs}: add seeds with --seeds)."
         )
     if not loss["measurable"]:
         return f"No measurable difference at this budget: {spread}."
