@@ -82,6 +82,8 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "both"
 autodoc_typehints_description_target = "documented_params"
 autodoc_typehints_format = "short"
+# The loop and checkpoint functions annotate the trainer they take under TYPE_CHECKING.
+autodoc_type_aliases = {"MetaFusionTrainer": "tdfusion.trainer.MetaFusionTrainer"}
 python_maximum_signature_line_length = 88
 autodoc_preserve_defaults = True
 autodoc_inherit_docstrings = False

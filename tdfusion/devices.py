@@ -8,7 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["images_for", "resolve_device"]
+__all__ = ["check_device", "images_for", "resolve_device"]
+
+#: Device types tdfusion runs on.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -32,6 +35,58 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """Parse a device and check that this machine has it.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ...
+
+    Returns
+    -------
+    torch.device
+        The device.
+
+    Raises
+    ------
+    ValueError
+        In one line: an unknown device string, CUDA (or MPS) asked for where it is not
+        available, or a GPU index beyond the GPUs present.
+
+    Example
+    -------
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown device 'gpu'; expected cpu, cuda, cuda:N or mps
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise ValueError(f"unknown device {str(device)!r}; expected cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "with" if torch.backends.cuda.is_built() else "without"
+            raise ValueError(
+                f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                f"{torch.__version__}, built {build} CUDA); use cpu"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"device {str(device)!r}: this machine has {count} GPU(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use cpu")
+    return parsed
 
 
 def images_for(module: nn.Module, images: Sequence[np.ndarray]) -> torch.Tensor:

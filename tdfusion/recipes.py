@@ -14,6 +14,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from tdfusion.errors import DataError
+from tdfusion.files import LOCK_NAME, output_lock
 
 __all__ = [
     "RECIPES",
@@ -91,6 +93,12 @@ class Recipe:
     data_crop : int or None
         Random crop (with random flips) applied to every training pair when it is read, so
         that pairs of different sizes form batches; ``None``: whole images.
+    exposure_augment : bool
+        Also darken each source of a cropped pair at random
+        (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
+    init_weights : str or None
+        Fusion weights to start from (a name of :func:`~tdfusion.nets.list_pretrained`, a
+        ``save_pretrained`` file or a trainer checkpoint); ``None``: a fresh network.
     """
 
     name: str
@@ -118,6 +126,8 @@ class Recipe:
     loss_weights: str = "learned"
     alpha: float = 1.0
     data_crop: int | None = None
+    exposure_augment: bool = False
+    init_weights: str | None = None
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some settings changed (unknown names are an error)."""
@@ -140,8 +150,9 @@ RECIPES: dict[str, Recipe] = {
     "fmb-segmentation": Recipe("fmb-segmentation", "fmb", "segmentation", 15, (300, 400)),
     "m3fd-detection": Recipe("m3fd-detection", "m3fd", "detection", 6, (192, 256)),
     "llvip-detection": Recipe("llvip-detection", "llvip", "detection", 1, (256, 320), stride=10),
-    # The bundled "tdfusion-ivif" fusion weights: ReFusionNet under the fusion loss with the
-    # fixed max-intensity weighting, no task, on the 221 RoadScene pairs (see the model card).
+    # The bundled "tdfusion-ivif" fusion weights, first stage: ReFusionNet under the fusion
+    # loss with the fixed max-intensity weighting, no task, on the 221 RoadScene pairs (see the
+    # model card).
     "roadscene-pretrain": Recipe(
         "roadscene-pretrain",
         "roadscene",
@@ -149,15 +160,40 @@ RECIPES: dict[str, Recipe] = {
         0,
         None,
         fusion_crop=None,
-        epochs=60,
+        epochs=12,
         meta_steps=0,
         batch_size=8,
         swap=False,
         lr=1e-3,
-        step_size=25,
+        step_size=20,
         gamma=0.3,
         loss_weights="max_intensity",
+        alpha=0.5,
         data_crop=128,
+        exposure_augment=True,
+    ),
+    # Its second stage: the intensity term weighs more (alpha 0.1), so that the fused image
+    # keeps the target's black and white levels, from the first stage's weights.
+    "roadscene-finetune": Recipe(
+        "roadscene-finetune",
+        "roadscene",
+        "none",
+        0,
+        None,
+        fusion_crop=None,
+        epochs=8,
+        meta_steps=0,
+        batch_size=8,
+        swap=False,
+        lr=3e-4,
+        step_size=20,
+        gamma=0.3,
+        loss_weights="max_intensity",
+        alpha=0.1,
+        data_crop=128,
+        exposure_augment=True,
+        seed=1,
+        init_weights="runs/roadscene-pretrain/fusion_model.pt",
     ),
 }
 
@@ -191,7 +227,10 @@ def load_recipe(
             raise DataError(f"recipe config {config} must hold a JSON object")
     name = name or settings.get("name")
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
+        raise DataError(
+            f'unknown recipe {name!r}; give --recipe or a "name" in the config, one of '
+            f"{sorted(RECIPES)}"
+        )
     settings.pop("name", None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return RECIPES[name].replace(**settings)
@@ -215,7 +254,34 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     -------
     torch.utils.data.Dataset
         Samples ``(a, b, target)``.
+
+    Raises
+    ------
+    DataError
+        If the root does not hold the dataset; the message names what is missing and the
+        layout expected (``DATASET_LAYOUTS``).
     """
+    try:
+        return _build_dataset(recipe, data_root, split)
+    except DataError as error:
+        layout = DATASET_LAYOUTS.get(recipe.dataset, "").format(split=split)
+        raise DataError(
+            f"{error}; a {recipe.dataset} data root holds {layout}" if layout else str(error)
+        ) from None
+
+
+#: What each dataset's root folder holds (``{split}`` is ``train`` or ``test``), for errors.
+DATASET_LAYOUTS = {
+    "roadscene": "ir/ and vi/ with images of the same names",
+    "msrs": "{split}/ir/, {split}/vi/ and {split}/Segmentation_labels/ (or, for detection, "
+    "{split}/labels/ or label/<label set>/) with files of the same names",
+    "fmb": "{split}/Infrared/, {split}/Visible/ and {split}/Label/ with images of the same names",
+    "m3fd": "Ir/, Vis/ and Annotation/ (VOC .xml) with files of the same names",
+    "llvip": "infrared/{split}/, visible/{split}/ and Annotations/ (VOC .xml)",
+}
+
+
+def _build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str):
     from tdfusion.data import (
         Compose,
         FMBDataset,
@@ -224,6 +290,7 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
         MSRSDataset,
         PairedImageDataset,
         RandomCrop,
+        RandomExposure,
         RandomHorizontalFlip,
         RandomVerticalFlip,
     )
@@ -236,6 +303,7 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
                 RandomCrop(recipe.data_crop, generator=augment),
                 RandomHorizontalFlip(generator=augment),
                 RandomVerticalFlip(generator=augment),
+                *([RandomExposure(generator=augment)] if recipe.exposure_augment else []),
             ]
         )
     if recipe.dataset == "roadscene":
@@ -314,7 +382,9 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
             )
         generator = FixedLossWeights(recipe.loss_weights)  # type: ignore[arg-type]
     return MetaFusionTrainer(
-        ReFusionNet(),
+        ReFusionNet()
+        if recipe.init_weights is None
+        else ReFusionNet.from_pretrained(recipe.init_weights),
         build_task(recipe),
         generator,
         LearnableFusionLoss(alpha=recipe.alpha),
@@ -372,16 +442,70 @@ def train(
     -------
     tdfusion.MetaFusionTrainer
         The trained trainer.
+
+    Raises
+    ------
+    OutputInUseError
+        If another process trains into ``out`` (rank 0 holds an
+        :func:`~tdfusion.files.output_lock` on it while training).
+    DataError
+        If the data root does not hold the dataset. A run that fails before training leaves
+        no output folder it created.
     """
+    # Building the trainer joins the process group under torchrun (this function starts none);
+    # its strategy says whether this process writes the files.
+    trainer = build_trainer(recipe, device)
+    strategy = trainer.strategy
+    out = Path(out)
+    created = _missing_folders(out)
+    with contextlib.ExitStack() as stack:
+        if strategy.is_main:
+            stack.enter_context(output_lock(out, purpose="training"))
+        try:
+            _train_into(recipe, trainer, data_root, out, resume, progress)
+        except BaseException:
+            stack.close()
+            if strategy.is_main:
+                _remove_if_unused(created, out)
+            raise
+    strategy.barrier()
+    return trainer
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_unused(created: list[Path], out: Path) -> None:
+    """After a failed start, remove the output folders this run created if they hold nothing
+    but what the run itself wrote before training (the lock and ``recipe.json``)."""
+    if not created:
+        return
+    leftovers = {LOCK_NAME, "recipe.json"}
+    if not {path.name for path in out.iterdir()} <= leftovers:
+        return
+    for name in leftovers:
+        (out / name).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was put there meanwhile
+            return
+
+
+def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, progress: bool):
     from torch.utils.data import DataLoader, default_collate
 
-    from tdfusion import distributed
     from tdfusion.data import SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
 
-    distributed.init_distributed(device=device)
-    main_process = distributed.is_main_process()
-    out = Path(out)
+    strategy = trainer.strategy
+    main_process = strategy.is_main
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(recipe, data_root, "train")
@@ -400,15 +524,14 @@ def train(
         num_workers=recipe.num_workers,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    trainer = build_trainer(recipe, device)
     if main_process:
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     checkpoint = out / "checkpoint.pt"
     # Rank 0 decides whether to resume, so that all ranks agree even if only it sees the file.
-    resume_from = distributed.broadcast_object(resume and checkpoint.is_file())
+    resume_from = strategy.broadcast_object(resume and checkpoint.is_file())
     if resume_from and not checkpoint.is_file():
         raise DataError(
-            f"rank {distributed.get_rank()} cannot read {checkpoint}, from which rank 0 resumes; "
+            f"rank {strategy.rank} cannot read {checkpoint}, from which rank 0 resumes; "
             "put --out on a file system that every node sees"
         )
     trainer.fit(
@@ -425,7 +548,6 @@ def train(
         trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
         if recipe.loss_weights == "learned":
             trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
-    distributed.barrier()
     return trainer
 
 

@@ -303,6 +303,24 @@ def test_sixteen_bit_full_range_and_clipping(tmp_path):
     assert read_image(tmp_path / "f.tif").tolist() == [[0.0, 100.0, 255.0]]
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_images_with_non_finite_pixels_are_refused_naming_the_file(tmp_path, bad):
+    values = np.array([[0.0, 100.0], [bad, 255.0]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "poisoned.tif")
+    with pytest.raises(DataError, match=r"poisoned\.tif has 1 NaN or infinite pixel"):
+        read_image(tmp_path / "poisoned.tif")
+
+
+def test_an_image_that_decodes_to_no_pixels_is_refused_naming_the_file(tmp_path, monkeypatch):
+    # Pillow refuses to write or read a 0-pixel file; a decoder that hands one back is faked.
+    import tdfusion.data.io as image_io
+
+    Image.fromarray(np.zeros((2, 2), dtype=np.uint8)).save(tmp_path / "hollow.png")
+    monkeypatch.setattr(image_io, "_to_array", lambda image: np.zeros((0, 5)))
+    with pytest.raises(DataError, match=r"image .*hollow\.png is empty \(5x0 pixels\)"):
+        read_image(tmp_path / "hollow.png")
+
+
 def test_colour_round_trip_through_files(tmp_path):
     rgb = np.random.default_rng(2).integers(0, 256, (8, 9, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "colour.png")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 from tdfusion.cli import main
+from tdfusion.errors import DataError
 from tdfusion.inference import (
     blend_chroma,
     blend_window,
@@ -333,3 +336,140 @@ def test_fuse_cli_on_a_full_size_llvip_pair_in_tiles(shared_data, tmp_path):
     fused = np.asarray(Image.open(tmp_path / "out" / "190001.png"))
     assert fused.shape == (1024, 1280, 3)
     assert fused.std() > 10 and fused.min() < fused.max()
+
+
+def fuse_arguments(tmp_path, weights, *extra):
+    return ["fuse", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+            "--out", str(tmp_path / "out"), "--weights", str(weights), "--device", "cpu",
+            *extra]  # fmt: skip
+
+
+def written_images(folder):
+    return sorted(p.name for p in folder.glob("*.png")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_fuse_cli_writes_nothing_for_an_input_with_non_finite_pixels(
+    tmp_path, weights_file, capsys, bad
+):
+    write_pair(tmp_path, "a_good")
+    write_pair(tmp_path, "b_poisoned", colour=False, seed=1)
+    values = np.random.default_rng(0).random((40, 52)).astype(np.float32) * 255
+    values[3, 4] = bad
+    (tmp_path / "ir" / "b_poisoned.png").unlink()
+    Image.fromarray(values).save(tmp_path / "ir" / "b_poisoned.tif")
+    assert main(fuse_arguments(tmp_path, weights_file)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert "b_poisoned.tif has 1 NaN or infinite pixel" in error
+    assert "nothing written" in error and "--skip-bad" in error
+    assert written_images(tmp_path / "out") == []
+    assert main(fuse_arguments(tmp_path, weights_file, "--skip-bad")) == 1
+    assert written_images(tmp_path / "out") == ["a_good.png"]
+
+
+def test_fuse_cli_refuses_weights_holding_nan(tmp_path, capsys):
+    write_pair(tmp_path, "one")
+    model = ReFusionNet(dim=8, num_heads=4, num_blocks=1)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    weights = model.save_pretrained(tmp_path / "nan.pt")
+    assert main(fuse_arguments(tmp_path, weights)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "nan.pt holds NaN or infinite values" in error
+    assert written_images(tmp_path / "out") == []
+
+
+class NaNForSome(torch.nn.Module):
+    """A fusion network whose output is NaN for images whose first pixel is dark."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, a, b):
+        fused = (a + b) / 2 * self.scale
+        dark = a[:, :, :1, :1] < 0.5
+        return torch.where(dark, torch.full_like(fused, float("nan")), fused)
+
+
+def test_fuse_folders_never_writes_a_non_finite_output(tmp_path):
+    for index, name in enumerate(["a", "b", "c"]):
+        write_pair(tmp_path, name, colour=False, seed=index)
+        first = 255 if name != "b" else 0
+        for role in ("ir", "vi"):
+            image = np.asarray(Image.open(tmp_path / role / f"{name}.png")).copy()
+            image[0, 0] = first
+            Image.fromarray(image).save(tmp_path / role / f"{name}.png")
+    folders = (tmp_path / "ir", tmp_path / "vi", tmp_path / "out")
+    with pytest.raises(DataError) as caught:
+        fuse_folders(NaNForSome(), *folders, progress=False)
+    message = str(caught.value)
+    assert "b.png and" in message and "gave NaN or infinite values" in message
+    assert "stopped after writing 1 of 3 pair(s)" in message and "--skip-bad" in message
+    assert written_images(tmp_path / "out") == ["a.png"]
+    report = fuse_folders(NaNForSome(), *folders, skip_bad=True, progress=False)
+    assert [name for name, _ in report.skipped] == ["b"]
+    assert written_images(tmp_path / "out") == ["a.png", "c.png"]
+
+
+def test_fuse_checks_every_pair_before_writing_anything(tmp_path, weights_file, capsys):
+    for index, name in enumerate(["a", "b", "z"]):
+        write_pair(tmp_path, name, seed=index)
+    damaged = tmp_path / "vi" / "z.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    assert main(fuse_arguments(tmp_path, weights_file)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert "1 of 3 pair(s) cannot be fused, nothing written" in error and "z.png" in error
+    assert "--skip-bad" in error
+    assert written_images(tmp_path / "out") == []
+
+
+def test_fuse_and_weights_handle_names_of_240_characters(tmp_path, weights_file):
+    stem = "n" * 240
+    write_pair(tmp_path, stem)
+    assert main(fuse_arguments(tmp_path, weights_file)) == 0
+    assert written_images(tmp_path / "out") == [f"{stem}.png"]
+    LossGenerator(dim=8, num_heads=4, num_blocks=1).save_pretrained(tmp_path / "g.pt")
+    arguments = ["weights", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+                 "--checkpoint", str(tmp_path / "g.pt"), "--out", str(tmp_path / "maps"),
+                 "--device", "cpu"]  # fmt: skip
+    assert main(arguments) == 0
+    assert written_images(tmp_path / "maps") == [f"{stem}_wa.png", f"{stem}_wa_overlay.png"]
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
+
+
+def test_a_second_fuse_into_the_same_folder_fails_with_one_line(tmp_path, weights_file, capsys):
+    from tdfusion.files import output_lock
+
+    write_pair(tmp_path, "one")
+    LossGenerator(dim=8, num_heads=4, num_blocks=1).save_pretrained(tmp_path / "g.pt")
+    with output_lock(tmp_path / "out", purpose="tdfusion fuse"):
+        assert main(fuse_arguments(tmp_path, weights_file)) == 2
+        error = capsys.readouterr().err
+        assert len(error.strip().splitlines()) == 1
+        assert "is in use by another tdfusion process" in error
+        assert written_images(tmp_path / "out") == []
+        arguments = ["weights", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+                     "--checkpoint", str(tmp_path / "g.pt"), "--out", str(tmp_path / "out"),
+                     "--device", "cpu"]  # fmt: skip
+        assert main(arguments) == 2
+        assert "is in use" in capsys.readouterr().err
+    assert main(fuse_arguments(tmp_path, weights_file)) == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_fused_images_and_weight_maps_follow_the_umask(tmp_path, weights_file):
+    write_pair(tmp_path, "one")
+    LossGenerator(dim=8, num_heads=4, num_blocks=1).save_pretrained(tmp_path / "g.pt")
+    previous = os.umask(0o022)
+    try:
+        assert main(fuse_arguments(tmp_path, weights_file)) == 0
+        assert main(["weights", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+                     "--checkpoint", str(tmp_path / "g.pt"), "--out", str(tmp_path / "maps"),
+                     "--device", "cpu"]) == 0  # fmt: skip
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "out" / "one.png", *(tmp_path / "maps").glob("*.png")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

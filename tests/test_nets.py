@@ -598,3 +598,50 @@ def test_factory_loads_weights_with_and_without_explicit_widths(tmp_path: Path) 
 def test_unknown_model_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'unet'.*loss_generator, refusion"):
         create_model("unet")
+
+
+class RunsCode:
+    """Pickles as a call of ``exec``: what a checkpoint that runs code looks like."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("net", [ReFusionNet, LossGenerator])
+def test_checkpoint_errors_give_no_unsafe_advice_and_no_escapes(tmp_path: Path, net) -> None:
+    marker = tmp_path / "ran.txt"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": RunsCode(marker)}, evil)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello world\n")
+    for path, reason in ((evil, "refers to .*exec"), (text, "not a file written by torch.save")):
+        with pytest.raises(CheckpointError, match=reason) as caught:
+            net.from_pretrained(path)
+        message = str(caught.value)
+        assert str(path) in message and "\n" not in message and "\x1b" not in message
+        for advice in ("weights_only=False", "safe_globals", "allowlist", "trust"):
+            assert advice not in message
+    assert not marker.exists()
+
+
+def test_describe_load_error_keeps_plain_reasons() -> None:
+    from tdfusion.errors import describe_load_error
+
+    error = RuntimeError(
+        "PytorchStreamReader failed reading zip archive: failed finding central directory"
+    )
+    assert describe_load_error(error) == str(error)
+    assert describe_load_error(EOFError()) == "EOFError"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_non_finite_values_are_refused(tmp_path: Path, bad: float) -> None:
+    model = ReFusionNet(dim=8)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[3] = bad
+    path = model.save_pretrained(tmp_path / "poisoned.pt")
+    with pytest.raises(CheckpointError, match=r"poisoned\.pt holds NaN or infinite values \(1 of"):
+        ReFusionNet.from_pretrained(path)

@@ -61,8 +61,10 @@ def test_smoke_datasets_load_in_every_layout(name, tmp_path):
     assert a.shape == b.shape and a.shape[0] == 1
     if recipe.task == "segmentation":
         assert target.shape == (96, 128) and target.dtype == torch.int64 and target.max() > 0
-    else:
+    elif recipe.task == "detection":
         assert target.shape[1] == 5
+    else:  # fusion pre-training: the target is the pair's name, the crop is the recipe's
+        assert isinstance(target, str) and a.shape[-2:] == (recipe.data_crop, recipe.data_crop)
 
 
 def run_example(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -138,3 +140,39 @@ def test_custom_task_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mean w_a after training" in result.stdout
     assert len((REPO / "examples" / "custom_task.py").read_text().splitlines()) < 60
+
+
+@pytest.mark.parametrize(
+    "recipe, layout",
+    [
+        ("msrs-segmentation", "a msrs data root holds train/ir/, train/vi/ and"),
+        ("fmb-segmentation", "a fmb data root holds train/Infrared/, train/Visible/"),
+        ("m3fd-detection", "a m3fd data root holds Ir/, Vis/ and Annotation/"),
+        ("llvip-detection", "a llvip data root holds infrared/train/, visible/train/"),
+    ],
+)
+def test_a_failed_train_names_the_layout_and_leaves_no_folder(tmp_path, capsys, recipe, layout):
+    out = tmp_path / "runs" / "first"
+    (tmp_path / "data").mkdir()
+    arguments = ["train", "--recipe", recipe, "--data-root", str(tmp_path / "data")]
+    assert main([*arguments, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and layout in error
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    assert main([*arguments, "--out", str(existing)]) == 2
+    assert existing.is_dir()  # a folder the run did not create stays
+
+
+def test_a_second_training_into_the_same_folder_fails_with_one_line(tmp_path, capsys):
+    from tdfusion.files import output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out, purpose="training"):
+        code = main(["train", "--recipe", "msrs-segmentation", "--smoke", "--out", str(out)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert f"output folder {out} is in use by another tdfusion process" in error
+    assert not (out / "checkpoint.pt").exists()

@@ -308,6 +308,96 @@ def test_detection_refuses_weights_and_urls(model: str) -> None:
         DetectionTask(num_classes=2, model=model)
 
 
+def small_model_yaml(**changes: str) -> str:
+    """A two-scale YOLOv8-like yaml with some of its fields replaced by ``changes``."""
+    fields = {
+        "activation": "nn.SiLU()",
+        "first_module": "Conv",
+        "first_args": "[16, 3, 2]",
+    }
+    fields.update(changes)
+    return textwrap.dedent(
+        f"""
+        nc: 2
+        activation: {fields["activation"]}
+        backbone:
+          - [-1, 1, {fields["first_module"]}, {fields["first_args"]}]
+          - [-1, 1, Conv, [32, 3, 2]]
+          - [-1, 1, Conv, [64, 3, 2]]
+          - [-1, 1, Conv, [64, 3, 2]]
+        head:
+          - [-1, 1, nn.Upsample, [None, 2, "nearest"]]
+          - [[-1, 2], 1, Concat, [1]]
+          - [-1, 1, C2f, [32]]
+          - [[6, 3], 1, Detect, [nc]]
+        """
+    )
+
+
+def test_a_local_model_yaml_builds_with_its_activation(tmp_path: Path) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text(small_model_yaml(activation="nn.LeakyReLU(0.1)"))
+    task = DetectionTask(num_classes=2, model=path)
+    activations = {type(m) for m in task.modules() if isinstance(m, (nn.LeakyReLU, nn.SiLU))}
+    assert activations == {nn.LeakyReLU}
+    assert task(torch.rand(1, 1, 64, 64), torch.zeros(0, 6)).isfinite()
+    ultralytics = load_ultralytics()
+    assert type(ultralytics.Conv.default_act) is nn.SiLU  # restored after the build
+
+
+CODE = "__import__('pathlib').Path({marker!r}).write_text('ran')"
+
+
+@pytest.mark.parametrize(
+    "field, template",
+    [
+        ("activation", CODE),
+        ("activation", f"nn.SiLU() if {CODE} else nn.ReLU()"),
+        ("activation", f"nn.LeakyReLU({CODE})"),
+        ("activation", "nn.Module()"),
+        ("first_module", "exec"),
+        ("first_module", "torch_safe_load"),
+        ("first_module", "nn.init.uniform_"),
+        ("first_module", "DetectionModel"),
+    ],
+)
+def test_a_model_yaml_runs_no_code(tmp_path: Path, field: str, template: str) -> None:
+    marker = tmp_path / "ran.txt"
+    text = template.format(marker=str(marker))
+    path = tmp_path / "evil.yaml"
+    path.write_text(small_model_yaml(**{field: f'"{text}"'}))
+    with pytest.raises(DataError, match=r"model yaml .*evil\.yaml.* is not allowed") as caught:
+        DetectionTask(num_classes=2, model=path)
+    assert "\n" not in str(caught.value)
+    assert not marker.exists()
+
+
+def test_a_recipe_json_model_runs_no_code(tmp_path: Path) -> None:
+    from tdfusion.recipes import build_task, load_recipe
+
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.yaml"
+    path.write_text(small_model_yaml(activation=f'"{CODE.format(marker=str(marker))}"'))
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"name": "m3fd-detection", "num_classes": 2, "model": str(path)}))
+    recipe = load_recipe(None, config)
+    with pytest.raises(DataError, match="activation .* is not allowed"):
+        build_task(recipe)
+    assert not marker.exists()
+
+
+def test_model_yaml_arguments_must_be_plain_values(tmp_path: Path) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_text(small_model_yaml(first_args="[16, 3, {call: me}]"))
+    with pytest.raises(DataError, match="layer 0: the arguments must be a list of plain values"):
+        DetectionTask(num_classes=2, model=path)
+    path.write_text("backbone: [\n")
+    with pytest.raises(DataError, match="cannot read model yaml .*odd.yaml"):
+        DetectionTask(num_classes=2, model=path)
+    with pytest.raises(DataError, match="missing.yaml does not exist"):
+        DetectionTask(num_classes=2, model=tmp_path / "missing.yaml")
+
+
 def test_detection_predict_gives_boxes_scores_classes(detection_task: DetectionTask) -> None:
     detection_task.train()
     height, width = 100, 150

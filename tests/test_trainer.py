@@ -164,6 +164,25 @@ def test_hypergradient_equals_backprop_through_the_whole_graph(inner_optimizer, 
         torch.testing.assert_close(hypergradient[name], expected, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("method", ["forward", "backprop"])
+@pytest.mark.parametrize("task", ["callable", "module"])
+def test_a_torchopt_transformation_is_an_inner_optimizer(task, method):
+    import torchopt
+
+    meta_train, meta_test = task_batches(task)
+    by_name = make_trainer(
+        task, "sgd", inner_lr=1e-2, task_inner_lr=1e-2, hypergradient_method=method
+    )
+    # The transformation steps F and T with its own step size; inner_lr (0.3) is not used.
+    given = make_trainer(task, torchopt.sgd(1e-2), hypergradient_method=method)
+    expected = by_name.hypergradient(meta_train, meta_test)
+    result = given.hypergradient(meta_train, meta_test)
+    assert any(g.abs().max() > 0 for g in result.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(result[name], value, rtol=1e-12, atol=1e-15)
+    assert "inner_optimizer" not in given.config()  # a transformation is not saved
+
+
 def test_sgd_hypergradient_is_the_second_order_formula():
     """Eq. 7 for SGD: dL_t/dtheta_G = -eta * d/dtheta_G <dL_f/dtheta_F, dL_t/dtheta_F'>."""
     trainer = make_trainer("callable", "sgd", inner_lr=0.2)

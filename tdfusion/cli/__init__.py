@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from tdfusion import __version__
+from tdfusion.cli.options import OneLineParser, check_arguments
 from tdfusion.errors import TDFusionError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
         The parser for ``tdfusion [--version] COMMAND ...``.
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tdfusion",
         description="Task-driven multi-modal image fusion with a learnable fusion loss.",
     )
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_arguments(args)
     try:
         status = args.handler(args)
     except TDFusionError as error:

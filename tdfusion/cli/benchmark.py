@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from tdfusion.cli.options import add_device_option
+from tdfusion.cli.options import (
+    add_device_option,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -49,26 +54,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_device_option(parser)
     parser.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=defaults.epochs,
         help=f"task epochs (default {defaults.epochs}, the paper's)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="task batch size"
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="task batch size"
     )
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=list(defaults.seeds), help="seeds (0)"
+        "--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate"
+    )
+    parser.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=list(defaults.seeds), help="seeds (0)"
     )
     parser.add_argument(
         "--task-size",
-        type=int,
+        type=positive_int,
         nargs=2,
         metavar=("H", "W"),
         help="task input size (default: the paper's for the dataset)",
     )
-    parser.add_argument("--stride", type=int, default=1, help="keep every N-th pair (LLVIP: 10)")
-    parser.add_argument("--limit", type=int, help="keep only the first N pairs of each split")
+    parser.add_argument(
+        "--stride", type=positive_int, default=1, help="keep every N-th pair (LLVIP: 10)"
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, help="keep only the first N pairs of each split"
+    )
     parser.add_argument("--test-split", default="test", help="split to score (default test)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.set_defaults(handler=run)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tdfusion.cli.options import add_device_option
+from tdfusion.cli.options import (
+    add_device_option,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -40,23 +46,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "CPU. Needs the 'all' extra (ultralytics, matplotlib)."
         ),
     )
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    parser.add_argument("--out", type=output_folder, default=Path("demo_out"), help="output folder")
     add_device_option(parser)
     parser.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=defaults.epochs,
         help=f"epochs per arm (default {defaults.epochs})",
     )
     parser.add_argument(
         "--meta-steps",
-        type=int,
+        type=non_negative_int,
         default=defaults.meta_steps,
         help=f"generator updates per epoch in the learned arm (default {defaults.meta_steps})",
     )
     parser.add_argument(
         "--generator-lr",
-        type=float,
+        type=positive_float,
         default=defaults.generator_lr,
         help=(
             f"step of the normalised generator update (default {defaults.generator_lr:g}; the "
@@ -65,14 +71,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=list(defaults.seeds),
         help="seeds; each trains both arms on every fold (default 0 1)",
     )
     parser.add_argument(
         "--folds",
-        type=int,
+        type=positive_int,
         default=defaults.folds,
         help=f"cross-validation folds over the 4 pairs, 2 to 4 (default {defaults.folds})",
     )
@@ -86,7 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help=(
             "runs trained at once, one process of one thread each (default: the CPU cores, "
             "up to 4; 1 on a GPU)"

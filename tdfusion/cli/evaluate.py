@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from tdfusion.cli.options import add_source_folder_options
+from tdfusion.cli.options import add_source_folder_options, positive_int
 from tdfusion.errors import DataError
 from tdfusion.metrics import CONVENTIONS, METRIC_NAMES, evaluate_folders, summarise
 
@@ -49,20 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_source_folder_options(parser)
     parser.add_argument("--csv", type=Path, help="write one row of metrics per image to this file")
     parser.add_argument(
-        "--jobs", type=_positive_int, default=1, help="worker processes (default: 1)"
+        "--jobs", type=positive_int, default=1, help="worker processes (default: 1)"
     )
     parser.set_defaults(handler=run)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:

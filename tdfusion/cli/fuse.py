@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tdfusion.cli.options import add_device_option, add_source_folder_options
+from tdfusion.cli.options import (
+    add_device_option,
+    add_source_folder_options,
+    add_tile_options,
+    output_folder,
+    positive_int,
+    weights_file,
+)
 from tdfusion.errors import CheckpointError
+from tdfusion.nets.bundled import DEFAULT_FUSION_WEIGHTS
 
-__all__ = ["add_parser", "run"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["add_parser", "load_model", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,31 +48,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     add_source_folder_options(parser)
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder (created)")
     parser.add_argument(
         "--weights",
-        required=True,
-        type=Path,
-        help="ReFusionNet weights: ours, a trainer checkpoint, or the authors' .pth files",
+        type=weights_file,
+        default=None,
+        help=(
+            "ReFusionNet weights: a name of the bundled weights, our save_pretrained file, a "
+            f"trainer checkpoint, or the authors' .pth files (default: the bundled "
+            f"{DEFAULT_FUSION_WEIGHTS!r} weights, trained by tdfusion for infrared-visible "
+            "fusion; see its model card)"
+        ),
     )
     add_device_option(parser)
     parser.add_argument(
         "--batch",
-        type=int,
+        type=positive_int,
         default=1,
         help="pairs per forward pass (pairs are fused one by one "
         "when sizes differ; kept for symmetry with training, 1 is fastest on the CPU)",
     )
-    parser.add_argument(
-        "--tile",
-        type=int,
-        default=None,
-        help="fuse in overlapping tiles of this size (automatic for very large images or when "
-        "memory runs out)",
-    )
-    parser.add_argument(
-        "--overlap", type=int, default=32, help="tile overlap in pixels (default 32)"
-    )
+    add_tile_options(parser)
     parser.add_argument("--stretch", action="store_true", help="min-max stretch each output")
     parser.add_argument(
         "--skip-bad",
@@ -70,6 +77,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.set_defaults(handler=run)
     return parser
+
+
+def load_model(args: argparse.Namespace) -> nn.Module:
+    """The fusion network that ``--weights`` names (the bundled weights without it), on
+    ``--device``, for inference.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed ``weights`` and ``device``.
+
+    Returns
+    -------
+    torch.nn.Module
+        The network in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not found, unreadable, not a fusion network or holds non-finite values.
+    """
+    from tdfusion.inference import load_fusion_model
+
+    weights = DEFAULT_FUSION_WEIGHTS if args.weights is None else args.weights
+    try:
+        return load_fusion_model(weights, args.device)
+    except FileNotFoundError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,12 +120,15 @@ def run(args: argparse.Namespace) -> int:
     int
         0 when every pair was fused, 1 when some were skipped (``--skip-bad``).
     """
-    from tdfusion.inference import fuse_folders, load_fusion_model
+    from tdfusion.inference import fuse_folders
 
-    try:
-        model = load_fusion_model(args.weights, args.device)
-    except FileNotFoundError as error:
-        raise CheckpointError(str(error)) from None
+    if args.weights is None:
+        print(
+            f"using the bundled {DEFAULT_FUSION_WEIGHTS!r} weights (infrared-visible; pass "
+            "--weights for others)",
+            flush=True,
+        )
+    model = load_model(args)
     report = fuse_folders(
         model,
         args.ir,

@@ -1,15 +1,220 @@
-"""Command-line options that several sub-commands share, defined once."""
+"""Command-line options that several sub-commands share, defined and checked once.
+
+Every value is checked by argparse as it is parsed (types below), and checks that involve two
+options are registered with :func:`add_argument_check` and run by :func:`check_arguments`, so
+that every bad argument ends in one line ``tdfusion COMMAND: error: ...`` and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["add_device_option", "add_source_folder_options"]
+__all__ = [
+    "OneLineParser",
+    "add_argument_check",
+    "add_device_option",
+    "add_source_folder_options",
+    "add_tile_options",
+    "check_arguments",
+    "device",
+    "non_negative_int",
+    "output_folder",
+    "positive_float",
+    "positive_int",
+    "weights_file",
+]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose usage errors take one line (and exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit with status 2.
+
+        Parameters
+        ----------
+        message : str
+            What was wrong.
+        """
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1.
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    int
+        The number.
+
+    Example
+    -------
+    >>> positive_int("3")
+    3
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a positive integer, got 0
+    """
+    value = _integer(text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0.
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    int
+        The number.
+    """
+    value = _integer(text, "an integer of at least 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0.
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    float
+        The number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse type: a device this machine has (see :func:`tdfusion.devices.check_device`).
+
+    Parameters
+    ----------
+    text : str
+        ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+
+    Returns
+    -------
+    str
+        ``text``, unchanged.
+    """
+    from tdfusion.devices import check_device
+
+    try:
+        check_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def weights_file(text: str) -> Path:
+    """An argparse type: a weights file (a directory is refused; a missing file is looked up
+    later in the weights folders, see :func:`tdfusion.nets.pretrained.resolve_checkpoint_path`).
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    pathlib.Path
+        The path.
+    """
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a directory; expected a weights file (.pt or .pth)"
+        )
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type: an output folder, existing or not, but not a file.
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    pathlib.Path
+        The path.
+    """
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a file; expected a folder (created if missing)"
+        )
+    return path
+
+
+def add_argument_check(
+    parser: argparse.ArgumentParser, check: Callable[[argparse.Namespace], str | None]
+) -> None:
+    """Register a check of several options together, run by :func:`check_arguments`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        A sub-command's parser.
+    check : callable
+        ``check(args)`` returns a one-line problem, or ``None`` when the arguments are fine.
+    """
+    checks = [*(parser.get_default("argument_checks") or ()), check]
+    parser.set_defaults(argument_checks=checks, argument_parser=parser)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Run the checks registered for the parsed sub-command; exit 2 with one line on a problem.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments.
+    """
+    for check in getattr(args, "argument_checks", None) or ():
+        problem = check(args)
+        if problem:
+            args.argument_parser.error(problem)
 
 
 def add_source_folder_options(parser: argparse.ArgumentParser) -> None:
-    """Add the required ``--ir`` and ``--vis`` folders, whose pairs match by file stem.
+    """Add the required ``--ir`` and ``--vis`` folders, whose pairs match by file stem (or two
+    image files, one pair).
 
     Parameters
     ----------
@@ -23,12 +228,16 @@ def add_source_folder_options(parser: argparse.ArgumentParser) -> None:
     >>> parser.parse_args(["--ir", "ir", "--vis", "vi"]).vis
     PosixPath('vi')
     """
-    parser.add_argument("--ir", required=True, type=Path, help="folder of infrared images")
-    parser.add_argument("--vis", required=True, type=Path, help="folder of visible images")
+    parser.add_argument(
+        "--ir", required=True, type=Path, help="folder of infrared images (or one image file)"
+    )
+    parser.add_argument(
+        "--vis", required=True, type=Path, help="folder of visible images (or one image file)"
+    )
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--device`` (default ``None``: CUDA when available, else the CPU).
+    """Add ``--device`` (default ``None``: CUDA when available, else the CPU), checked at once.
 
     Parameters
     ----------
@@ -43,5 +252,39 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     True
     """
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+        "--device",
+        type=device,
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if available)",
     )
+
+
+def _tile_exceeds_overlap(args: argparse.Namespace) -> str | None:
+    if args.tile is not None and args.tile < 2 * args.overlap:
+        return (
+            f"--tile {args.tile} must be at least twice --overlap {args.overlap} (tiles would "
+            f"advance by {max(args.tile - args.overlap, 0)} pixel(s)); use a larger --tile or a "
+            "smaller --overlap"
+        )
+    return None
+
+
+def add_tile_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--tile`` and ``--overlap``, with the tile at least twice the overlap.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        A sub-command's parser.
+    """
+    parser.add_argument(
+        "--tile",
+        type=positive_int,
+        default=None,
+        help="fuse in overlapping tiles of this size, at least twice --overlap (automatic for "
+        "very large images or when memory runs out)",
+    )
+    parser.add_argument(
+        "--overlap", type=non_negative_int, default=32, help="tile overlap in pixels (default 32)"
+    )
+    add_argument_check(parser, _tile_exceeds_overlap)

@@ -6,7 +6,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tdfusion.cli.options import add_device_option
+from tdfusion.cli.options import (
+    add_device_option,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["SMOKE_SETTINGS", "add_parser", "run"]
 
@@ -39,11 +45,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     parser = subparsers.add_parser(
         "train",
-        help="train TDFusion with a paper recipe (MSRS/FMB segmentation, M3FD/LLVIP detection)",
+        help=(
+            "train TDFusion with a paper recipe (MSRS/FMB segmentation, M3FD/LLVIP detection) "
+            "or pre-train fusion weights (roadscene-pretrain)"
+        ),
         description=(
             "Train ReFusionNet, the loss generator and the task network (SegFormer-b0 or "
             "YOLOv8-n, from scratch) with the paper's protocol on a dataset in its standard "
-            "layout. OUT receives recipe.json, checkpoint.pt (every epoch; a rerun resumes from "
+            "layout, or, with --recipe roadscene-pretrain, ReFusionNet alone under a fixed "
+            "fusion loss on a folder holding ir/ and vi/ (the bundled tdfusion-ivif weights). "
+            "OUT receives recipe.json, checkpoint.pt (every epoch; a rerun resumes from "
             "it), training_log.csv, fusion_model.pt and loss_generator.pt. Settings given on "
             "the command line override the recipe and the --config file. Under torchrun "
             "(torchrun --nproc_per_node=N -m tdfusion train ...) it trains data-parallel over the "
@@ -53,21 +64,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="paper recipe")
     parser.add_argument("--config", type=Path, help="JSON file of recipe settings")
     parser.add_argument("--data-root", type=Path, help="dataset root in its standard layout")
-    parser.add_argument("--out", type=Path, default=Path("runs/tdfusion"), help="output folder")
-    add_device_option(parser)
-    parser.add_argument("--epochs", type=int, help="epochs (paper: 50)")
-    parser.add_argument("--meta-steps", type=int, help="generator updates per epoch (paper: 200)")
-    parser.add_argument("--fusion-steps", type=int, help="cap on fusion steps per epoch")
-    parser.add_argument("--batch-size", type=int, help="pairs per batch before the swap (paper: 1)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate of F and T (paper: 1e-4)")
-    parser.add_argument("--inner-lr", type=float, help="inner step size (paper: 1e-4)")
-    parser.add_argument("--generator-lr", type=float, help="generator step size (paper: 1e-4)")
-    parser.add_argument("--fusion-crop", type=int, help="fusion-loss crop (paper: 256)")
     parser.add_argument(
-        "--task-size", type=int, nargs=2, metavar=("H", "W"), help="task input size"
+        "--out", type=output_folder, default=Path("runs/tdfusion"), help="output folder"
+    )
+    add_device_option(parser)
+    parser.add_argument("--epochs", type=positive_int, help="epochs (paper: 50)")
+    parser.add_argument(
+        "--meta-steps", type=non_negative_int, help="generator updates per epoch (paper: 200)"
+    )
+    parser.add_argument("--fusion-steps", type=positive_int, help="cap on fusion steps per epoch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, help="pairs per batch before the swap (paper: 1)"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, help="Adam learning rate of F and T (paper: 1e-4)"
+    )
+    parser.add_argument("--inner-lr", type=positive_float, help="inner step size (paper: 1e-4)")
+    parser.add_argument(
+        "--generator-lr", type=positive_float, help="generator step size (paper: 1e-4)"
+    )
+    parser.add_argument("--fusion-crop", type=positive_int, help="fusion-loss crop (paper: 256)")
+    parser.add_argument(
+        "--task-size", type=positive_int, nargs=2, metavar=("H", "W"), help="task input size"
     )
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--num-workers", type=int, help="data-loading processes")
+    parser.add_argument(
+        "--init-weights",
+        help="fusion weights to start from (a bundled name, a weights file or a checkpoint)",
+    )
+    parser.add_argument("--num-workers", type=non_negative_int, help="data-loading processes")
     parser.add_argument(
         "--no-resume", action="store_true", help="start over even if OUT has a checkpoint"
     )
@@ -108,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         "fusion_crop": args.fusion_crop,
         "task_size": args.task_size,
         "seed": args.seed,
+        "init_weights": args.init_weights,
         "num_workers": args.num_workers,
     }
     if args.smoke:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from tdfusion.cli.options import add_device_option, add_source_folder_options
+from tdfusion.cli.options import (
+    add_device_option,
+    add_source_folder_options,
+    output_folder,
+    weights_file,
+)
 from tdfusion.errors import CheckpointError
 
 __all__ = ["add_parser", "run"]
@@ -38,10 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--checkpoint",
         required=True,
-        type=Path,
+        type=weights_file,
         help="a trainer checkpoint, or LossGenerator weights written by save_pretrained",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder (created)")
     add_device_option(parser)
     parser.set_defaults(handler=run)
     return parser

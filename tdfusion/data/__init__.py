@@ -22,6 +22,7 @@ from tdfusion.data.sample import sample_dataset, sample_folders, sample_root
 from tdfusion.data.transforms import (
     Compose,
     RandomCrop,
+    RandomExposure,
     RandomFlip,
     RandomHorizontalFlip,
     RandomVerticalFlip,
@@ -41,6 +42,7 @@ __all__ = [
     "MSRSDataset",
     "PairedImageDataset",
     "RandomCrop",
+    "RandomExposure",
     "RandomFlip",
     "RandomHorizontalFlip",
     "RandomVerticalFlip",

@@ -59,7 +59,8 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
     Raises
     ------
     DataError
-        If the file is missing, unreadable or not an image (the message names it).
+        If the file is missing, unreadable, not an image, empty, or holds NaN or infinite
+        values (float TIFFs); the message names the file.
 
     Example
     -------
@@ -78,6 +79,14 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
         raise DataError(f"image {path} does not exist") from None
     except _DECODE_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}") from None
+    if array.size == 0:
+        raise DataError(f"image {path} is empty ({array.shape[1]}x{array.shape[0]} pixels)")
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise DataError(
+            f"image {path} has {int(finite.size - finite.sum())} NaN or infinite pixel value(s); "
+            "expected finite values (a float TIFF must hold numbers only)"
+        )
     if (
         array.ndim == 3
         and np.array_equal(array[..., 0], array[..., 1])

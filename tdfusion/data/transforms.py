@@ -247,6 +247,53 @@ class RandomVerticalFlip(RandomFlip):
         super().__init__("vertical", p, generator)
 
 
+class RandomExposure:
+    """Darken each source by its own random factor, to train on dim scenes too.
+
+    With probability ``p`` a source is multiplied by a factor drawn uniformly from
+    ``[low, high]`` (independently for ``a`` and ``b``); the target is unchanged. A fusion
+    network trained on mostly daylight pairs otherwise lifts the black level of night scenes.
+
+    Parameters
+    ----------
+    low, high : float
+        Range of the factor, ``0 < low <= high <= 1``.
+    p : float
+        Probability of darkening each source.
+    generator : torch.Generator, optional
+        Source of the random numbers.
+
+    Example
+    -------
+    >>> a, b = torch.ones(1, 2, 2), torch.ones(1, 2, 2)
+    >>> a, b, _ = RandomExposure(0.5, 0.5, p=1.0)((a, b, None))
+    >>> float(a.max()), float(b.max())
+    (0.5, 0.5)
+    """
+
+    def __init__(
+        self,
+        low: float = 0.25,
+        high: float = 1.0,
+        p: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"RandomExposure needs 0 < low <= high <= 1, got {low} and {high}")
+        self.low, self.high, self.p = float(low), float(high), float(p)
+        self.generator = generator
+
+    def _darken(self, image: torch.Tensor) -> torch.Tensor:
+        coin, draw = torch.rand(2, generator=self.generator).tolist()
+        if coin >= self.p:
+            return image
+        return image * (self.low + (self.high - self.low) * draw)
+
+    def __call__(self, sample: Sample) -> Sample:
+        a, b, target = sample
+        return self._darken(a), self._darken(b), target
+
+
 def detection_collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack images and concatenate boxes with their image index.
 

@@ -17,7 +17,7 @@ from torch import nn
 from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.devices import images_for, resolve_device
 from tdfusion.errors import DataError
-from tdfusion.files import pair_folders
+from tdfusion.files import NAME_MAX, list_images, output_lock, pair_folders, unpaired_stems
 from tdfusion.inference.colour import merge_chroma
 from tdfusion.inference.tiling import fuse_in_tiles
 
@@ -37,15 +37,16 @@ DEFAULT_TILE = 512
 
 
 def load_fusion_model(
-    weights: str | os.PathLike[str], device: str | torch.device | None = None
+    weights: str | os.PathLike[str] | None = None, device: str | torch.device | None = None
 ) -> nn.Module:
     """Load a :class:`~tdfusion.nets.ReFusionNet` for inference (eval mode, on ``device``).
 
     Parameters
     ----------
-    weights : str or os.PathLike
-        Our ``save_pretrained`` file, a trainer checkpoint, or the authors' ReFusion/TDFusion
-        ``.pth`` file.
+    weights : str or os.PathLike, optional
+        The name of bundled weights (:func:`~tdfusion.nets.list_pretrained`), our
+        ``save_pretrained`` file, a trainer checkpoint, or the authors' ReFusion/TDFusion
+        ``.pth`` file. Default: the bundled ``"tdfusion-ivif"`` infrared-visible weights.
     device : str or torch.device, optional
         Defaults to CUDA when available, else the CPU.
 
@@ -54,8 +55,10 @@ def load_fusion_model(
     torch.nn.Module
         The network.
     """
-    from tdfusion.nets import ReFusionNet
+    from tdfusion.nets import DEFAULT_FUSION_WEIGHTS, ReFusionNet
 
+    if weights is None:
+        weights = DEFAULT_FUSION_WEIGHTS
     return ReFusionNet.from_pretrained(weights).to(resolve_device(device)).eval()
 
 
@@ -244,8 +247,9 @@ def fuse_folders(
     tile, overlap, stretch
         See :func:`fuse_files`.
     skip_bad : bool
-        Skip unpaired names, unreadable images and size mismatches (listed in the report)
-        instead of stopping at the first.
+        Skip unpaired names, unreadable or non-finite images, size mismatches and pairs whose
+        output is not finite (listed in the report). Without it every pair is read before
+        anything is written and a bad one stops the run with nothing written.
     batch : int
         Pairs per forward pass (pairs of one size are stacked; on a GPU a larger batch is
         faster, on the CPU 1 is as fast).
@@ -260,7 +264,11 @@ def fuse_folders(
     Raises
     ------
     DataError
-        On the first bad pair (unless ``skip_bad``), or if ``out_dir`` is an input folder.
+        If a pair is bad (unless ``skip_bad``; the message names it and, should a pair fail
+        after others were written, how many were), or if ``out_dir`` is an input folder.
+    OutputInUseError
+        If another process is writing into ``out_dir`` (an :func:`~tdfusion.files.output_lock`
+        is held while writing).
     """
     from tqdm.auto import tqdm
 
@@ -271,39 +279,95 @@ def fuse_folders(
     report = FolderReport()
     pairs = pair_folders({"infrared": ir_dir, "visible": vis_dir}, skip_unpaired=skip_bad)
     if skip_bad:
-        from tdfusion.files import list_images, unpaired_stems
-
         listings = {
             "infrared": list_images(ir_dir, "infrared"),
             "visible": list_images(vis_dir, "visible"),
         }
         report.skipped.extend(("unpaired", line) for line in unpaired_stems(listings))
-    out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(pairs), desc="fusing", unit="pair", disable=not progress) as bar:
+    else:
+        _check_pairs(pairs, out_dir)
+    with (
+        output_lock(out, purpose="fusing"),
+        tqdm(total=len(pairs), desc="fusing", unit="pair", disable=not progress) as bar,
+    ):
         for first in range(0, len(pairs), max(1, batch)):
             chunk = pairs[first : first + max(1, batch)]
-            loaded = []
-            for stem, files in chunk:
-                try:
-                    loaded.append((stem, read_luma_pair(files["infrared"], files["visible"])))
-                except DataError as error:
-                    if not skip_bad:
-                        raise
-                    report.skipped.append((stem, str(error)))
-            by_shape: dict[tuple[int, ...], list] = {}
-            for stem, sources in loaded:
-                by_shape.setdefault(sources[0].shape, []).append((stem, sources))
-            for group in by_shape.values():
-                start = time.perf_counter()
-                fused = _fuse_lumas(
-                    model, [(s[0], s[1]) for _, s in group], tile=tile, overlap=overlap
-                )
-                report.seconds += time.perf_counter() - start
-                for (stem, (_, _, chroma_a, chroma_b)), fused_y in zip(group, fused):
-                    if stretch:
-                        fused_y = min_max_stretch(fused_y)
-                    destination = out / f"{stem}.png"
-                    write_image(destination, merge_chroma(fused_y * 255.0, chroma_a, chroma_b))
-                    report.written.append(destination)
+            try:
+                _fuse_chunk(model, chunk, out, report, tile, overlap, stretch, skip_bad)
+            except DataError as error:
+                raise DataError(
+                    f"{error}; stopped after writing {len(report.written)} of {len(pairs)} "
+                    f"pair(s) into {out_dir} (skip_bad / --skip-bad skips bad pairs)"
+                ) from None
             bar.update(len(chunk))
     return report
+
+
+def _output_name(stem: str) -> str:
+    return f"{stem}.png"
+
+
+def _check_pairs(pairs: list[tuple[str, dict[str, Path]]], out_dir: str | os.PathLike[str]) -> None:
+    """Read every pair before anything is written; one error listing the bad ones."""
+    problems = []
+    for stem, files in pairs:
+        if len(_output_name(stem).encode()) > NAME_MAX:
+            problems.append(f"{files['infrared']}: the output name would exceed {NAME_MAX} bytes")
+            continue
+        try:
+            read_luma_pair(files["infrared"], files["visible"])
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(
+            f"{len(problems)} of {len(pairs)} pair(s) cannot be fused, nothing written to "
+            f"{out_dir}: {problems[0]}{more}; fix them or skip them (skip_bad / --skip-bad)"
+        )
+
+
+def _fuse_chunk(
+    model: nn.Module,
+    chunk: list[tuple[str, dict[str, Path]]],
+    out: Path,
+    report: FolderReport,
+    tile: int | None,
+    overlap: int,
+    stretch: bool,
+    skip_bad: bool,
+) -> None:
+    """Fuse and write a few pairs (stacked by size); bad ones raise or go to the report."""
+    loaded = []
+    for stem, files in chunk:
+        try:
+            if len(_output_name(stem).encode()) > NAME_MAX:
+                raise DataError(
+                    f"{files['infrared']}: the output name would exceed {NAME_MAX} bytes"
+                )
+            loaded.append((stem, files, read_luma_pair(files["infrared"], files["visible"])))
+        except DataError as error:
+            if not skip_bad:
+                raise
+            report.skipped.append((stem, str(error)))
+    by_shape: dict[tuple[int, ...], list] = {}
+    for item in loaded:
+        by_shape.setdefault(item[2][0].shape, []).append(item)
+    for group in by_shape.values():
+        start = time.perf_counter()
+        fused = _fuse_lumas(model, [(s[0], s[1]) for _, _, s in group], tile=tile, overlap=overlap)
+        report.seconds += time.perf_counter() - start
+        for (stem, files, (_, _, chroma_a, chroma_b)), fused_y in zip(group, fused):
+            if not np.isfinite(fused_y).all():
+                problem = (
+                    f"fusing {files['infrared']} and {files['visible']} gave NaN or infinite "
+                    "values (check the weights); nothing written for it"
+                )
+                if not skip_bad:
+                    raise DataError(problem)
+                report.skipped.append((stem, problem))
+                continue
+            if stretch:
+                fused_y = min_max_stretch(fused_y)
+            destination = out / _output_name(stem)
+            write_image(destination, merge_chroma(fused_y * 255.0, chroma_a, chroma_b))
+            report.written.append(destination)

@@ -11,7 +11,8 @@ from torch import nn
 
 from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.devices import images_for
-from tdfusion.files import pair_folders
+from tdfusion.errors import DataError
+from tdfusion.files import NAME_MAX, output_lock, pair_folders
 from tdfusion.inference.colour import to_uint8
 
 __all__ = ["colorize", "loss_weights", "overlay", "save_weight_maps"]
@@ -113,21 +114,38 @@ def save_weight_maps(
     -------
     list of pathlib.Path
         The files written.
+
+    Raises
+    ------
+    DataError
+        For a bad pair, or names too long for the output files.
+    OutputInUseError
+        If another process is writing into ``out_dir``.
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     pairs = pair_folders({"infrared": ir_dir, "visible": vis_dir})
-    for stem, files in tqdm(pairs, desc="weight maps", unit="pair", disable=not progress):
-        luma_a, luma_b, _, _ = read_luma_pair(files["infrared"], files["visible"])
-        a, b = images_for(generator, [luma_a]), images_for(generator, [luma_b])
-        weight_a = loss_weights(generator, a, b)[0, 0].float().cpu().numpy()
-        heat = colorize(weight_a)
-        visible = to_uint8(luma_b * 255.0)
-        for suffix, image in (("wa", heat), ("wa_overlay", overlay(heat, visible, alpha))):
-            path = out / f"{stem}_{suffix}.png"
-            write_image(path, image)
-            written.append(path)
+    too_long = [
+        files["infrared"]
+        for stem, files in pairs
+        if len(f"{stem}_wa_overlay.png".encode()) > NAME_MAX
+    ]
+    if too_long:
+        raise DataError(
+            f"{too_long[0]}: the output name {{stem}}_wa_overlay.png would exceed {NAME_MAX} "
+            f"bytes ({len(too_long)} pair(s)); shorten the file names"
+        )
+    with output_lock(out, purpose="writing weight maps"):
+        for stem, files in tqdm(pairs, desc="weight maps", unit="pair", disable=not progress):
+            luma_a, luma_b, _, _ = read_luma_pair(files["infrared"], files["visible"])
+            a, b = images_for(generator, [luma_a]), images_for(generator, [luma_b])
+            weight_a = loss_weights(generator, a, b)[0, 0].float().cpu().numpy()
+            heat = colorize(weight_a)
+            visible = to_uint8(luma_b * 255.0)
+            for suffix, image in (("wa", heat), ("wa_overlay", overlay(heat, visible, alpha))):
+                path = out / f"{stem}_{suffix}.png"
+                write_image(path, image)
+                written.append(path)
     return written

@@ -13,6 +13,7 @@ torch.Size([1, 2, 32, 40])
 
 from __future__ import annotations
 
+from tdfusion.nets.bundled import DEFAULT_FUSION_WEIGHTS, list_pretrained
 from tdfusion.nets.fixed_weights import FixedLossWeights
 from tdfusion.nets.generator import LossGenerator
 from tdfusion.nets.layers import (
@@ -32,6 +33,7 @@ from tdfusion.nets.registry import create_model, list_models, register_model
 from tdfusion.nets.two_source import TwoSourceNetwork
 
 __all__ = [
+    "DEFAULT_FUSION_WEIGHTS",
     "ChannelAttention",
     "CrossAttentionFusion",
     "FixedLossWeights",
@@ -45,6 +47,7 @@ __all__ = [
     "convert_research_state_dict",
     "create_model",
     "list_models",
+    "list_pretrained",
     "load_pretrained",
     "register_model",
 ]

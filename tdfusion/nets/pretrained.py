@@ -18,7 +18,6 @@ Nothing is ever downloaded: a checkpoint is a local file.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Collection, Mapping
@@ -30,6 +29,14 @@ from torch import nn
 
 from tdfusion.errors import CheckpointError
 from tdfusion.files import atomic_save
+from tdfusion.nets.bundled import bundled_path
+from tdfusion.nets.research import (
+    convert_research_state_dict,
+    is_research_state_dict,
+    strip_wrapper_prefix,
+)
+from tdfusion.trainer.checkpoint import TRAINER_CHECKPOINT_FORMAT as TRAINER_FORMAT
+from tdfusion.trainer.checkpoint import model_entry, read_weights_only
 
 __all__ = [
     "NETS_FORMAT",
@@ -48,57 +55,13 @@ __all__ = [
     "strip_wrapper_prefix",
 ]
 
+#: Value of the ``"format"`` key of the files ``save_pretrained`` writes (and their version);
+#: trainer checkpoints are ``TRAINER_FORMAT``, owned by :mod:`tdfusion.trainer.checkpoint`.
 NETS_FORMAT = "tdfusion.nets"
 NETS_FORMAT_VERSION = 1
-TRAINER_FORMAT = "tdfusion.trainer"
 
 #: How many key names an error message lists before saying "and N more".
 _KEYS_SHOWN = 5
-
-#: Top-level module names of the research code -> ours (fusion network and loss generator).
-_RESEARCH_TOP_LEVEL = {
-    "project_in_1": "embed_a",
-    "project_in_2": "embed_b",
-    "patch_embed1": "embed_a",
-    "patch_embed2": "embed_b",
-    "encoder1": "encoder_a",
-    "encoder2": "encoder_b",
-    "encoder3": "decoder",
-    "FM": "fusion",
-    "project_out_0": "head_conv",
-    "project_out_1": "head_out",
-    "out1": "head_conv",
-    "out2": "head_act",
-    "out3": "head_out",
-}
-
-#: Names inside the research fusion block (``FM``) -> ours (:class:`CrossAttentionFusion`).
-_RESEARCH_FUSION_BLOCK = {
-    "temperature1": "temperature_a",
-    "temperature2": "temperature_b",
-    "qkv1": "qkv_a",
-    "qkv1_dwconv": "qkv_dwconv_a",
-    "qkv2": "qkv_b",
-    "qkv2_dwconv": "qkv_dwconv_b",
-    "project_mid1": "attn_project_a",
-    "project_mid2": "attn_project_b",
-    "project_E": "gate_in",
-    "project_E_d": "gate_dwconv",
-    "project_E1": "expand_a",
-    "project_E1_d": "expand_dwconv_a",
-    "project_E2": "expand_b",
-    "project_E2_d": "expand_dwconv_b",
-    "project_out1": "project_out_a",
-    "project_out2": "project_out_b",
-}
-
-#: Layer-norm names inside a research transformer block -> ours (:class:`RestormerBlock`).
-_RESEARCH_BLOCK_NORMS = {".norm1.body.": ".attn_norm.", ".norm2.body.": ".ffn_norm."}
-
-#: Key prefixes of DataParallel / DistributedDataParallel and of torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-_WRAPPED_CONV_KEY = re.compile(r"^(?P<owner>.+)\.conv\.(?P<leaf>weight|bias)$")
 
 _NetT = TypeVar("_NetT", bound=nn.Module)
 
@@ -107,139 +70,6 @@ def _preview(keys: list[str]) -> str:
     shown = ", ".join(keys[:_KEYS_SHOWN])
     more = len(keys) - _KEYS_SHOWN
     return f"{shown} (and {more} more)" if more > 0 else shown
-
-
-def strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the prefixes that wrappers put on every key.
-
-    ``nn.DataParallel`` / DDP add ``module.``, ``torch.compile`` adds ``_orig_mod.``; nested
-    wrappers add several.
-
-    Parameters
-    ----------
-    state_dict : Mapping[str, torch.Tensor]
-        A state dict.
-
-    Returns
-    -------
-    dict[str, torch.Tensor]
-        The same tensors; keys without a prefix that every key had.
-
-    Example
-    -------
-    >>> list(strip_wrapper_prefix({"module._orig_mod.x.weight": torch.zeros(1)}))
-    ['x.weight']
-    """
-    stripped = dict(state_dict)
-    shared = _shared_wrapper_prefix(stripped)
-    while shared:
-        stripped = {key[len(shared) :]: value for key, value in stripped.items()}
-        shared = _shared_wrapper_prefix(stripped)
-    return stripped
-
-
-def _shared_wrapper_prefix(state_dict: Mapping[str, Any]) -> str | None:
-    for prefix in _WRAPPER_PREFIXES:
-        if state_dict and all(key.startswith(prefix) for key in state_dict):
-            return prefix
-    return None
-
-
-def is_research_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """Whether a state dict uses the authors' research-code names.
-
-    Parameters
-    ----------
-    state_dict : Mapping[str, Any]
-        A state dict, with or without the ``module.`` prefix.
-
-    Returns
-    -------
-    bool
-        True when a top-level name of the research code (``project_in_1``, ``FM``,
-        ``patch_embed1``, ...) or a wrapped convolution key (``X.conv.weight``) appears.
-
-    Example
-    -------
-    >>> is_research_state_dict({"project_in_1.weight": torch.zeros(1)})
-    True
-    """
-    for key in strip_wrapper_prefix(state_dict):
-        if key.split(".", 1)[0] in _RESEARCH_TOP_LEVEL or _WRAPPED_CONV_KEY.match(key):
-            return True
-    return False
-
-
-def _rename_research_key(key: str) -> str:
-    parts = key.split(".")
-    top = parts[0]
-    if top == "FM" and len(parts) > 1:
-        parts[1] = _RESEARCH_FUSION_BLOCK.get(parts[1], parts[1])
-    parts[0] = _RESEARCH_TOP_LEVEL.get(top, top)
-    renamed = ".".join(parts)
-    for research_name, our_name in _RESEARCH_BLOCK_NORMS.items():
-        renamed = renamed.replace(research_name, our_name)
-    return renamed
-
-
-def convert_research_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Translate a state dict of the authors' research code into this package's names.
-
-    The research code wraps every convolution in a module that registers the same weight
-    twice, so its state dicts hold ``X.weight`` and ``X.conv.weight``; the two must be
-    equal (the file is refused otherwise) and one is kept. Layer norms lose their ``.body``
-    level, DataParallel's ``module.`` prefix is dropped, and module names are mapped
-    (``project_in_1`` -> ``embed_a``, ``FM.qkv1`` -> ``fusion.qkv_a``, ``encoder3`` of the
-    loss generator -> ``decoder``, ...). Keys the mapping does not know are passed through
-    unchanged, so loading reports them as unexpected.
-
-    Parameters
-    ----------
-    state_dict : Mapping[str, torch.Tensor]
-        A research ``ReFusion`` (fusion network) or ``LPN`` (loss generator) state dict.
-
-    Returns
-    -------
-    dict[str, torch.Tensor]
-        A state dict for :class:`~tdfusion.nets.ReFusionNet` or
-        :class:`~tdfusion.nets.LossGenerator`.
-
-    Raises
-    ------
-    CheckpointError
-        When ``X.weight`` and ``X.conv.weight`` differ.
-
-    Example
-    -------
-    >>> weight = torch.ones(16, 1, 3, 3)
-    >>> converted = convert_research_state_dict(
-    ...     {"project_in_1.weight": weight, "project_in_1.conv.weight": weight}
-    ... )
-    >>> list(converted)
-    ['embed_a.weight']
-    """
-    state_dict = strip_wrapper_prefix(state_dict)
-    converted: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        wrapped = _WRAPPED_CONV_KEY.match(key)
-        if wrapped:
-            alias = f"{wrapped['owner']}.{wrapped['leaf']}"
-            if alias in state_dict:
-                if not _same_tensor_values(state_dict[alias], value):
-                    raise CheckpointError(
-                        f"research checkpoint lists {alias} and {key} with different values; "
-                        "refusing to guess which one the network used"
-                    )
-                continue
-            key = alias
-        converted[_rename_research_key(key)] = value
-    return converted
-
-
-def _same_tensor_values(first: Any, second: Any) -> bool:
-    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
-        return False
-    return first.shape == second.shape and bool(torch.equal(first, second.to(first.device)))
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -325,7 +155,9 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     Parameters
     ----------
     name : str or os.PathLike
-        A path, or the file name of a checkpoint kept in a weights folder.
+        A path, the file name of a checkpoint kept in a weights folder, or the name of
+        bundled weights (:func:`~tdfusion.nets.list_pretrained`; a file of that name in the
+        working directory takes precedence).
 
     Returns
     -------
@@ -342,6 +174,14 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     >>> resolve_checkpoint_path("weights/ReFusion_IVIF.pth")  # doctest: +SKIP
     PosixPath('weights/ReFusion_IVIF.pth')
     """
+    bundled = bundled_path(os.fspath(name))
+    if bundled is not None and not Path(name).exists():
+        if not bundled.is_file():
+            raise FileNotFoundError(
+                f"the bundled weights {os.fspath(name)!r} are missing from this installation "
+                f"({bundled}); reinstall tdfusion"
+            )
+        return bundled
     candidates = checkpoint_search_paths(name)
     for candidate in candidates:
         if candidate.is_file():
@@ -352,16 +192,6 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
         "nothing automatically: pass the path of a local file (or put it in "
         "$TDFUSION_HOME/weights/)"
     )
-
-
-def _load_file(file: Path, map_location: Any) -> Any:
-    try:
-        return torch.load(file, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {file} as a weights-only torch file: {reason}"
-        ) from error
 
 
 def _as_state_dict(candidate: Any, file: Path, what: str) -> dict[str, torch.Tensor]:
@@ -425,7 +255,7 @@ def read_checkpoint(
     ... )  # doctest: +SKIP
     """
     file = resolve_checkpoint_path(path)
-    payload = _load_file(file, map_location)
+    payload = read_weights_only(file, map_location)
     accepted = {arch, *arch_aliases}
     config: dict[str, Any] | None = None
     if isinstance(payload, Mapping) and payload.get("format") == NETS_FORMAT:
@@ -443,23 +273,18 @@ def read_checkpoint(
         state_dict = _as_state_dict(payload.get("state_dict"), file, "'state_dict'")
         config = _as_config(payload.get("config"), file)
     elif isinstance(payload, Mapping) and payload.get("format") == TRAINER_FORMAT:
-        models = payload.get("models")
-        if not isinstance(models, Mapping) or role not in models:
-            present = sorted(models) if isinstance(models, Mapping) else []
-            raise CheckpointError(
-                f"trainer checkpoint {file} has no models[{role!r}]; it holds {present}"
-            )
-        state_dict = _as_state_dict(models[role], file, f"models[{role!r}]")
-        model_configs = payload.get("model_configs")
-        entry = model_configs.get(role) if isinstance(model_configs, Mapping) else None
-        if entry is not None:
-            if not isinstance(entry, Mapping) or entry.get("arch") not in accepted:
-                stored_arch = entry.get("arch") if isinstance(entry, Mapping) else entry
+        entry, description = model_entry(payload, role, file)
+        state_dict = _as_state_dict(entry, file, f"models[{role!r}]")
+        if description is not None:
+            if not isinstance(description, Mapping) or description.get("arch") not in accepted:
+                stored_arch = (
+                    description.get("arch") if isinstance(description, Mapping) else description
+                )
                 raise CheckpointError(
                     f"trainer checkpoint {file}: models[{role!r}] is a {stored_arch!r} "
                     f"network, not a {arch!r} one"
                 )
-            config = _as_config(entry.get("config"), file)
+            config = _as_config(description.get("config"), file)
     elif isinstance(payload, Mapping) and "format" in payload:
         raise CheckpointError(
             f"checkpoint {file} has unknown format {payload['format']!r}; expected "
@@ -514,7 +339,8 @@ def load_checked_state_dict(
     Raises
     ------
     CheckpointError
-        Naming the file, the first missing / unexpected keys and the shape mismatches.
+        Naming the file, the first missing / unexpected keys, the shape mismatches, or the
+        first tensor holding NaN or infinite values.
 
     Example
     -------
@@ -536,6 +362,13 @@ def load_checked_state_dict(
     if mismatched:
         problems.append(f"shape mismatches: {_preview(mismatched)}")
     owner = type(model).__name__
+    for key, value in state_dict.items():
+        if key in expected and value.is_floating_point() and not bool(value.isfinite().all()):
+            bad = int((~value.isfinite()).sum())
+            raise CheckpointError(
+                f"checkpoint {file} holds NaN or infinite values ({bad} of {value.numel()} in "
+                f"{key}); it cannot be used for {owner}"
+            )
     if mismatched or (strict and problems):
         raise CheckpointError(f"checkpoint {file} does not fit {owner}: " + "; ".join(problems))
     if problems:
@@ -665,9 +498,11 @@ class PretrainedMixin:
         Parameters
         ----------
         path : str or os.PathLike
-            A ``save_pretrained`` file, a plain state dict of this network, a trainer
-            checkpoint (its entry for this network), or one of the authors' research
-            checkpoints (``ReFusion_IVIF.pth``, ``TDFusion_MSRS.pth``, ...). When the path
+            The name of bundled weights (``"tdfusion-ivif"``, see
+            :func:`~tdfusion.nets.list_pretrained`), a ``save_pretrained`` file, a plain
+            state dict of this network, a trainer checkpoint (its entry for this network),
+            or one of the authors' research checkpoints (``ReFusion_IVIF.pth``,
+            ``TDFusion_MSRS.pth``, ...). When the path
             does not exist, the file name is looked up in ``$TDFUSION_HOME/weights/`` and
             ``~/.cache/tdfusion/weights/``; nothing is downloaded.
         map_location : Any

@@ -145,7 +145,8 @@ def load_ultralytics() -> types.SimpleNamespace:
     types.SimpleNamespace
         ``DetectionModel``, ``v8DetectionLoss``, ``non_max_suppression``, ``ap_per_class``,
         ``box_iou`` and ``match_predictions`` (the validator's matching of predictions to ground
-        truth, a plain function taking the IoU thresholds as ``self.iouv``).
+        truth, a plain function taking the IoU thresholds as ``self.iouv``), and for reading model
+        yamls ``tasks`` (the ``ultralytics.nn.tasks`` module) and ``Conv``.
 
     Raises
     ------
@@ -185,4 +186,6 @@ def load_ultralytics() -> types.SimpleNamespace:
         ap_per_class=modules["metrics"].ap_per_class,
         box_iou=modules["metrics"].box_iou,
         match_predictions=modules["validator"].BaseValidator.match_predictions,
+        tasks=modules["tasks"],
+        Conv=modules["tasks"].Conv,
     )

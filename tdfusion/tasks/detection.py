@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import types
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from tdfusion.errors import DataError
+from tdfusion.tasks._model_yaml import load_model_config, model_activation
 from tdfusion.tasks._ultralytics import load_ultralytics, quiet_ultralytics_logger
 from tdfusion.tasks.base import check_fused_image, evaluation_mode, pad_to_multiple
 
@@ -56,18 +56,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _check_model_config(model: str | Path | dict) -> str | dict:
-    if isinstance(model, dict):
-        return copy.deepcopy(model)  # ultralytics writes ``nc`` and ``channels`` into it
-    text = str(model)
-    if "://" in text or Path(text).suffix.lower() not in (".yaml", ".yml"):
-        raise ValueError(
-            f"model must be an ultralytics model yaml (a bundled name such as 'yolov8n.yaml' or a "
-            f"local .yaml path) or its dict, got {text!r}; weights are never downloaded"
-        )
-    return text
-
-
 class DetectionTask(nn.Module):
     """YOLOv8 trained from scratch with the YOLOv8 loss (the paper's detection T).
 
@@ -87,7 +75,10 @@ class DetectionTask(nn.Module):
         Number of object classes (M3FD 6, LLVIP 1).
     model : str, pathlib.Path or dict
         ultralytics model yaml: a bundled name such as ``"yolov8n.yaml"`` (the scale letter
-        selects the width/depth), a local ``.yaml`` path, or the parsed dict.
+        selects the width/depth), a local ``.yaml`` path, or the parsed dict. It is read as
+        plain data and nothing in it runs: layer modules must be ultralytics' or ``torch.nn``
+        layers, arguments plain values, and ``activation`` a ``torch.nn`` activation such as
+        ``nn.SiLU()`` or ``nn.LeakyReLU(0.1)`` (else :class:`~tdfusion.errors.DataError`).
     in_channels : int
         Channels of the fused image (1 for the Y channel).
     box_gain, cls_gain, dfl_gain : float
@@ -139,10 +130,15 @@ class DetectionTask(nn.Module):
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be at least 1, got {in_channels}")
-        config = _check_model_config(model)
-        with quiet_ultralytics_logger():
-            self.model = load_ultralytics().DetectionModel(
-                config, ch=in_channels, nc=num_classes, verbose=False
+        ultralytics = load_ultralytics()
+        config = load_model_config(model, ultralytics)
+        where = f"model yaml {config.get('yaml_file', model if isinstance(model, str) else 'dict')}"
+        with (
+            quiet_ultralytics_logger(),
+            model_activation(config, ultralytics.Conv, where) as buildable,
+        ):
+            self.model = ultralytics.DetectionModel(
+                buildable, ch=in_channels, nc=num_classes, verbose=False
             )
         # v8DetectionLoss reads its gains from ``model.args`` (ultralytics' hyper-parameters).
         self.model.args = types.SimpleNamespace(box=box_gain, cls=cls_gain, dfl=dfl_gain)

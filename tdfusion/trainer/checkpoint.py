@@ -1,28 +1,151 @@
-"""Checkpoint files: atomic writes, safe reads, and the random-number-generator state they carry."""
+"""Trainer checkpoints: the one writer and reader of their schema, and the RNG state they carry.
+
+A trainer checkpoint is a dict that loads with ``torch.load(weights_only=True)``::
+
+    {"format": "tdfusion.trainer", "version": 1, "epoch", "global_step", "config",
+     "models": {"fusion_model", "loss_generator", "task"},        # state dicts
+     "model_configs": {"fusion_model", "loss_generator"},         # {"arch", "class", "config"}
+     "optimizers", "schedulers", "history",
+     "data": {"passes", "seed", "world_size"}, "rng", ["rng_per_rank"]}
+
+:func:`trainer_state` writes it, :func:`load_trainer_state` reads it back into a trainer (they
+are also the trainer's ``state_dict`` and ``load_state_dict`` methods, as :func:`save_trainer`
+and :func:`load_trainer` are its ``save`` and ``load``), and
+:func:`model_entry` is how :mod:`tdfusion.nets.pretrained` takes one network out of it. This
+module imports nothing of tdfusion's above :mod:`tdfusion.files` at import time, so that the
+networks can use it.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import random
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from tdfusion.errors import CheckpointError
+from tdfusion.errors import CheckpointError, describe_load_error
 from tdfusion.files import atomic_save
 
+if TYPE_CHECKING:  # pragma: no cover
+    from tdfusion.trainer.trainer import MetaFusionTrainer
+
 __all__ = [
+    "CHECKPOINT_VERSION",
     "TRAINER_CHECKPOINT_FORMAT",
     "atomic_save",
     "capture_rng_state",
     "load_checkpoint",
+    "load_trainer",
+    "load_trainer_state",
+    "model_description",
+    "model_entry",
+    "read_weights_only",
     "restore_rng_state",
+    "save_trainer",
+    "saved_rng_state",
+    "trainer_state",
 ]
 
 #: Value of the ``"format"`` key of every checkpoint :class:`MetaFusionTrainer` writes.
 TRAINER_CHECKPOINT_FORMAT = "tdfusion.trainer"
+#: Version of the trainer checkpoint schema.
+CHECKPOINT_VERSION = 1
+
+
+def read_weights_only(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """Read a torch file with ``torch.load(weights_only=True)``: tensors and containers only.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing file.
+    map_location : Any
+        Passed to :func:`torch.load`.
+
+    Returns
+    -------
+    Any
+        What the file holds.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is corrupt, truncated, not a torch file, or a pickle with code in it.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # corrupt file, pickle with code in it, truncated write
+        raise CheckpointError(
+            f"cannot read checkpoint {os.fspath(path)} as a weights-only torch file: "
+            f"{describe_load_error(error)}"
+        ) from error
+
+
+def model_entry(
+    payload: Mapping[str, Any], role: str, file: str | os.PathLike[str]
+) -> tuple[Any, Any]:
+    """One network's state dict and description in a trainer checkpoint.
+
+    Parameters
+    ----------
+    payload : mapping
+        A trainer checkpoint.
+    role : str
+        ``"fusion_model"``, ``"loss_generator"`` or ``"task"``.
+    file : str or os.PathLike
+        Named in messages.
+
+    Returns
+    -------
+    state_dict : Any
+        ``models[role]`` (checked by the caller).
+    description : dict or None
+        ``model_configs[role]``: ``{"arch", "class", "config"}``, or ``None``.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint holds no such network.
+    """
+    models = payload.get("models")
+    if not isinstance(models, Mapping) or role not in models:
+        present = sorted(models) if isinstance(models, Mapping) else []
+        raise CheckpointError(
+            f"trainer checkpoint {os.fspath(file)} has no models[{role!r}]; it holds {present}"
+        )
+    model_configs = payload.get("model_configs")
+    description = model_configs.get(role) if isinstance(model_configs, Mapping) else None
+    return models[role], description
+
+
+def model_description(model: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds a network of ours from a checkpoint: its class and constructor config.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A network; one without a ``config`` mapping has no description.
+
+    Returns
+    -------
+    dict or None
+        ``{"arch", "class", "config"}``.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    return {
+        "arch": getattr(model, "arch", None) or type(model).__name__,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": dict(config),
+    }
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
@@ -50,10 +173,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # corrupt file, pickle with code in it, truncated write
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {error}") from error
+    checkpoint = read_weights_only(path, map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAINER_CHECKPOINT_FORMAT:
         found = (
             checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -125,3 +245,215 @@ def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None
     for generator, generator_state in zip(generators, state["generators"]):
         if generator is not None and generator_state is not None:
             generator.set_state(generator_state)
+
+
+# The functions below are also the methods ``state_dict``, ``load_state_dict``, ``save`` and
+# ``load`` of MetaFusionTrainer: their first argument is the trainer (or its class).
+
+
+def trainer_state(
+    trainer: MetaFusionTrainer, loader_generators: Sequence[torch.Generator | None] = ()
+) -> dict[str, Any]:
+    """Everything needed to resume: models, optimisers, schedulers, loop position, RNG.
+
+    Parameters
+    ----------
+    loader_generators : sequence of torch.Generator or None
+        A data loader's own generators, whose states are saved with the others.
+
+    Returns
+    -------
+    dict
+        A checkpoint (only tensors, numbers, strings and containers of them; the schema is
+        in :mod:`tdfusion.trainer.checkpoint`).
+    """
+    task = trainer.task_loss if isinstance(trainer.task_loss, nn.Module) else None
+    return {
+        "format": TRAINER_CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "epoch": trainer.epoch,
+        "global_step": trainer.global_step,
+        "config": trainer.config(),
+        "models": {
+            "fusion_model": trainer.fusion_model.state_dict(),
+            "loss_generator": trainer.loss_generator.state_dict(),
+            "task": None if task is None else task.state_dict(),
+        },
+        "model_configs": {
+            "fusion_model": model_description(trainer.fusion_model),
+            "loss_generator": model_description(trainer.loss_generator),
+        },
+        "optimizers": {name: opt.state_dict() for name, opt in trainer.optimizers.items()},
+        "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
+        "history": copy.deepcopy(trainer.history),
+        "data": {
+            "passes": trainer.data_passes,
+            "seed": trainer.data_seed,
+            "world_size": trainer.world_size,
+        },
+        "rng": capture_rng_state(trainer.generator, *loader_generators),
+    }
+
+
+def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> None:
+    """Restore what ``state_dict`` returned (the RNG state is applied by ``fit``).
+
+    In a distributed run, load the same state on every rank.
+
+    Parameters
+    ----------
+    state : dict
+        A trainer checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint does not fit these models (missing/unexpected keys, shapes).
+    """
+    # Imported here: the networks import this module to read trainer checkpoints.
+    from tdfusion.nets.pretrained import load_checked_state_dict
+
+    if state.get("format") != TRAINER_CHECKPOINT_FORMAT:
+        raise CheckpointError(f"not a tdfusion trainer checkpoint: format {state.get('format')!r}")
+    models = state["models"]
+    for name, module in (
+        ("fusion_model", trainer.fusion_model),
+        ("loss_generator", trainer.loss_generator),
+    ):
+        load_checked_state_dict(module, models[name], f"entry {name!r}", strict=True)
+    if isinstance(trainer.task_loss, nn.Module) and models.get("task") is not None:
+        load_checked_state_dict(trainer.task_loss, models["task"], "entry 'task'", strict=True)
+    elif trainer.task_module is not None:
+        raise CheckpointError(
+            "the checkpoint has no task network state, but task_loss is a trainable module"
+        )
+    saved_optimizers = state["optimizers"]
+    for name, optimizer in trainer.optimizers.items():
+        if name not in saved_optimizers:
+            raise CheckpointError(f"the checkpoint has no state for the {name} optimizer")
+        optimizer.load_state_dict(saved_optimizers[name])
+    for name, scheduler in trainer.schedulers.items():
+        if name in state.get("schedulers", {}):
+            scheduler.load_state_dict(state["schedulers"][name])
+    trainer.epoch = int(state["epoch"])
+    trainer.global_step = int(state["global_step"])
+    trainer.history = list(copy.deepcopy(state.get("history", [])))
+    data = state.get("data", {})
+    trainer.data_passes = int(data.get("passes", 0))
+    trainer.data_seed = data.get("seed")
+    saved_world_size = int(data.get("world_size", 1))
+    if saved_world_size != trainer.world_size and trainer.is_main_process:
+        warnings.warn(
+            f"the checkpoint was written by a run of {saved_world_size} process(es) and this "
+            f"run has {trainer.world_size}: training continues from the saved models and "
+            "optimisers, with a different global batch and data order",
+            stacklevel=2,
+        )
+
+
+def saved_rng_state(state: Mapping[str, Any], world_size: int, rank: int) -> Any:
+    """The random states a rank resumes with: its own when as many processes saved them.
+
+    Parameters
+    ----------
+    state : mapping
+        A trainer checkpoint.
+    world_size, rank : int
+        This run's number of processes and this process's rank.
+
+    Returns
+    -------
+    dict or None
+        What :func:`capture_rng_state` captured, or ``None``.
+    """
+    ranks_rng = state.get("rng_per_rank")
+    saved_world_size = int(state.get("data", {}).get("world_size", 1))
+    if ranks_rng and saved_world_size == world_size:
+        return ranks_rng[rank]
+    return state.get("rng")
+
+
+def save_trainer(
+    trainer: MetaFusionTrainer,
+    path: str | os.PathLike[str],
+    *,
+    loader_generators: Sequence[torch.Generator | None] = (),
+) -> Path:
+    """Write a checkpoint atomically (temporary file + rename).
+
+    In a distributed run every rank must call it: the ranks' random states are gathered,
+    rank 0 writes the file, and all ranks wait until it is written.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination file; parent folders are created.
+    loader_generators : sequence of torch.Generator or None
+        A data loader's own generators, whose states are saved with the others.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    strategy = trainer.strategy
+    state = trainer_state(trainer, loader_generators)
+    if strategy.distributed:
+        state["rng_per_rank"] = strategy.gather_objects(state["rng"])
+    written = Path(path)
+    if strategy.is_main:
+        written = atomic_save(state, path)
+    strategy.barrier()
+    return written
+
+
+def load_trainer(
+    cls: Any,
+    path: str | os.PathLike[str],
+    fusion_model: nn.Module,
+    task_loss: Callable[..., torch.Tensor],
+    loss_generator: nn.Module | None = None,
+    fusion_loss: Callable[..., torch.Tensor] | None = None,
+    **overrides: Any,
+) -> MetaFusionTrainer:
+    """Rebuild a trainer from a checkpoint.
+
+    The hyper-parameters saved in the checkpoint are used unless given in ``overrides``.
+    Without ``loss_generator``, a :class:`~tdfusion.LossGenerator` is built with the saved
+    configuration. Model, optimiser and scheduler states and the loop position are
+    restored; call ``fit`` with ``resume=path`` to also continue the random streams.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint written by ``save``.
+    fusion_model : torch.nn.Module
+        A module of the same architecture as the saved one.
+    task_loss : callable or torch.nn.Module
+        The task (a module of the saved architecture when the task was trainable).
+    loss_generator : torch.nn.Module, optional
+        The generator; rebuilt from the checkpoint when omitted.
+    fusion_loss : callable, optional
+        The fusion loss (default ``LearnableFusionLoss()``).
+    **overrides
+        Constructor arguments that replace the saved ones (``device``, ``lr_scheduler``, ...).
+
+    Returns
+    -------
+    tdfusion.trainer.MetaFusionTrainer
+        The restored trainer.
+    """
+    checkpoint = load_checkpoint(path)
+    config = dict(checkpoint.get("config", {}))
+    for key in ("fusion_crop", "task_size"):
+        if config.get(key) is not None:
+            config[key] = tuple(config[key])
+    config.update(overrides)
+    if loss_generator is None:
+        from tdfusion.nets import LossGenerator
+
+        description = checkpoint.get("model_configs", {}).get("loss_generator") or {}
+        loss_generator = LossGenerator(**description.get("config", {}))
+    trainer = cls(fusion_model, task_loss, loss_generator, fusion_loss, **config)
+    trainer.load_state_dict(checkpoint)
+    return trainer

@@ -17,6 +17,7 @@ substituted with :func:`torch.func.functional_call`. They compute
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,9 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
+    "InnerOptimizer",
     "InnerOptimizerName",
+    "OptimizerStep",
     "call_functionally",
     "differentiable_step",
     "gradients",
@@ -35,18 +38,22 @@ __all__ = [
 ]
 
 InnerOptimizerName = Literal["sgd", "adam"]
+#: An inner optimiser: a name, or any torchopt ``GradientTransformation`` (its own step size).
+InnerOptimizer = InnerOptimizerName | torchopt.base.GradientTransformation
 
 
 def make_inner_optimizer(
-    name: InnerOptimizerName, lr: float, *, eps_root: float = 1e-8
+    name: InnerOptimizer, lr: float, *, eps_root: float = 1e-8
 ) -> torchopt.base.GradientTransformation:
     """torchopt's functional optimiser for the differentiable inner step.
 
     Parameters
     ----------
-    name : {"sgd", "adam"}
+    name : {"sgd", "adam"} or torchopt.base.GradientTransformation
         Plain SGD (the research code's inner step) or Adam. Adam starts from zero moments at
-        every meta step, so its step is the bias-corrected first step of Adam.
+        every meta step, so its step is the bias-corrected first step of Adam. A
+        ``GradientTransformation`` (``torchopt.sgd(1e-2, momentum=0.9)``, a ``torchopt.chain``)
+        is returned as it is, and ``lr`` is not used.
     lr : float
         Step size ``eta``.
     eps_root : float
@@ -58,13 +65,78 @@ def make_inner_optimizer(
     torchopt.base.GradientTransformation
         Pure ``init``/``update`` functions (no state is kept in the object).
     """
+    if isinstance(name, torchopt.base.GradientTransformation):
+        return name
     if name == "sgd":
         return torchopt.sgd(lr)
     if name == "adam":
         if eps_root <= 0:
             raise ValueError(f"the inner Adam step needs eps_root > 0, got {eps_root}")
         return torchopt.adam(lr, eps_root=eps_root)
-    raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {name!r}")
+    raise ValueError(
+        f"inner_optimizer must be 'sgd', 'adam' or a torchopt GradientTransformation, got {name!r}"
+    )
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    """One differentiable optimiser step: the inner step of ``F`` (Eq. 4) or of ``T`` (Eq. 5).
+
+    A value the trainer calls, so that the kind of step is an argument rather than a branch:
+    ``step(parameters, gradients, lr_scale)`` returns the stepped parameters as new tensors,
+    differentiable through ``gradients``.
+
+    Parameters
+    ----------
+    optimizer : {"sgd", "adam"} or torchopt.base.GradientTransformation
+        See :func:`make_inner_optimizer`.
+    lr : float
+        Step size of a named optimiser (not used with a ``GradientTransformation``).
+
+    Examples
+    --------
+    >>> import torch, torchopt
+    >>> step = OptimizerStep("sgd", 0.5)
+    >>> step((torch.ones(2),), (torch.ones(2),))[0]
+    tensor([0.5000, 0.5000])
+    >>> OptimizerStep(torchopt.sgd(0.5), lr=1.0)((torch.ones(2),), (torch.ones(2),))[0]
+    tensor([0.5000, 0.5000])
+    """
+
+    optimizer: InnerOptimizer
+    lr: float
+
+    def __post_init__(self) -> None:
+        make_inner_optimizer(self.optimizer, self.lr)  # refuses unknown names at once
+
+    def transformation(self, lr_scale: float = 1.0) -> torchopt.base.GradientTransformation:
+        """The torchopt transformation of one step, its step size scaled by ``lr_scale``.
+
+        Parameters
+        ----------
+        lr_scale : float
+            Learning-rate schedule factor; the updates of a given ``GradientTransformation``
+            are scaled by it (a named optimiser gets ``lr * lr_scale``).
+
+        Returns
+        -------
+        torchopt.base.GradientTransformation
+            Pure ``init``/``update`` functions.
+        """
+        if isinstance(self.optimizer, torchopt.base.GradientTransformation):
+            if lr_scale == 1.0:
+                return self.optimizer
+            return torchopt.chain(self.optimizer, torchopt.transform.scale(lr_scale))
+        return make_inner_optimizer(self.optimizer, self.lr * lr_scale)
+
+    def __call__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        lr_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, ...]:
+        """``params`` after one step along ``grads`` (see :func:`differentiable_step`)."""
+        return differentiable_step(self.transformation(lr_scale), params, grads)
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,340 @@
+"""The training loop: epochs of meta steps and a fusion pass, with progress, callbacks,
+learning-rate schedules and checkpoints (paper Algorithm 1).
+
+The loop knows nothing of how a step is computed: it draws batches, calls
+:meth:`~tdfusion.trainer.MetaFusionTrainer.meta_step` and
+:meth:`~tdfusion.trainer.MetaFusionTrainer.fusion_step`, and keeps the loop position on the
+trainer (``epoch``, ``global_step``, ``history``, ``data_passes``, ``data_seed``), where
+checkpoints find it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tdfusion.distributed import shuffles_plainly
+from tdfusion.errors import DistributedError
+from tdfusion.trainer.batches import Batch
+from tdfusion.trainer.callbacks import Callback
+from tdfusion.trainer.checkpoint import (
+    load_checkpoint,
+    restore_rng_state,
+    save_trainer,
+    saved_rng_state,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tdfusion.trainer.trainer import MetaFusionTrainer
+
+__all__ = ["fit", "shard_for_training"]
+
+#: Summary keys shown at the end of an epoch, with their labels.
+_EPOCH_LINE = {
+    "meta_task_loss": "meta task",
+    "fusion_loss": "fusion",
+    "fusion_intensity": "int",
+    "fusion_gradient": "grad",
+    "task_loss": "task",
+    "weight_a_mean": "mean w_a",
+}
+
+
+def fit(
+    trainer: MetaFusionTrainer,
+    train_loader: Iterable[Batch],
+    epochs: int,
+    meta_steps: int = 200,
+    *,
+    fusion_steps: int | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train with the alternating schedule of the paper (Algorithm 1).
+
+    Per epoch: ``meta_steps`` generator updates, each drawing two consecutive (different)
+    batches from a fresh pass over ``train_loader`` (meta-train, meta-test; the pass
+    restarts when it runs out), then one pass of ``fusion_step`` over the loader, then the
+    learning-rate schedules step, the ``checkpoint`` is written and the callbacks are told.
+    With ``meta_steps=0`` the generator stays frozen (a default generator then gives the
+    ablation with ``w_a = w_b = 1/2`` only if it outputs 1/2; see the docs). This is the
+    method ``MetaFusionTrainer.fit`` (``fit(trainer, ...)`` as a function).
+
+    Parameters
+    ----------
+    train_loader : iterable
+        Yields batches ``(a, b, target)``, e.g. a :class:`torch.utils.data.DataLoader` with
+        ``shuffle=True``; it must yield at least two batches when ``meta_steps > 0``.
+    epochs : int
+        Total number of epochs; a resumed run continues up to this number.
+    meta_steps : int
+        Generator updates per epoch (``M``; the paper uses 200).
+    fusion_steps : int, optional
+        Cap on the fusion steps per epoch (``N``); default one full pass.
+    resume : str or os.PathLike, optional
+        Checkpoint to continue from (written by ``save`` or by ``checkpoint``).
+    checkpoint : str or os.PathLike, optional
+        File rewritten atomically after every epoch with everything needed to resume.
+    callbacks : sequence of Callback
+        Hooks called after each step and epoch (e.g. :class:`~tdfusion.trainer.CSVLogger`).
+    progress : bool
+        Show tqdm progress bars with running losses.
+
+    Returns
+    -------
+    list of dict
+        ``history``: one summary per epoch (mean losses of each phase).
+
+    Notes
+    -----
+    In a distributed run every rank calls ``fit`` with the same arguments. A plain
+    :class:`~torch.utils.data.DataLoader` is rebuilt around a
+    :class:`~torch.utils.data.distributed.DistributedSampler` (shuffled when the loader
+    was), so each rank trains on its own share and the global batch is ``world_size``
+    times the loader's; a loader that already has a ``DistributedSampler`` is used as it
+    is. A shuffling ``DataLoader`` is rebuilt the same way in a single process (a
+    ``DistributedSampler`` of one replica, seeded by the loader's generator and
+    reshuffled every pass), so that ``N`` processes with batch ``n`` train on the same
+    global batches as one process with batch ``N * n``. Callbacks run on every rank (the
+    statistics they get are means over ranks); the built-in loggers write on rank 0 only,
+    as do progress bars and ``checkpoint``. The ``resume`` file must be readable by every
+    rank.
+    """
+    if epochs < 0 or meta_steps < 0:
+        raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
+    progress = progress and trainer.is_main_process
+    resume_rng = None
+    if resume is not None:
+        state = load_checkpoint(resume, map_location=trainer.device)
+        trainer.load_state_dict(state)
+        resume_rng = saved_rng_state(state, trainer.world_size, trainer.rank)
+    train_loader = shard_for_training(trainer, train_loader, meta_steps)
+    loader_generators = _loader_generators(train_loader)
+    if resume_rng is not None:
+        restore_rng_state(resume_rng, trainer.generator, *loader_generators)
+    run = _Phases(trainer, train_loader, epochs, callbacks, progress)
+    for callback in callbacks:
+        callback.on_fit_start(trainer)
+    while trainer.epoch < epochs:
+        summary: dict[str, Any] = {"epoch": trainer.epoch}
+        summary.update(run.meta_phase(meta_steps))
+        summary.update(run.fusion_phase(fusion_steps))
+        with warnings.catch_warnings():
+            # A generator frozen with meta_steps=0 never steps its optimiser; its schedule
+            # still advances with the epochs, which is what PyTorch warns about.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for scheduler in trainer.schedulers.values():
+                scheduler.step()
+        trainer.epoch += 1
+        trainer.history.append(summary)
+        if progress:
+            tqdm.write(_epoch_line(trainer.epoch, summary, epochs))
+        if checkpoint is not None:
+            save_trainer(trainer, checkpoint, loader_generators=loader_generators)
+        for callback in callbacks:
+            callback.on_epoch_end(trainer, summary)
+    for callback in callbacks:
+        callback.on_fit_end(trainer)
+    return trainer.history
+
+
+def _epoch_line(epoch: int, summary: Mapping[str, Any], epochs: int) -> str:
+    parts = [f"{label} {summary[key]:.4g}" for key, label in _EPOCH_LINE.items() if key in summary]
+    return f"epoch {epoch}/{epochs}: " + ", ".join(parts)
+
+
+def shard_for_training(
+    trainer: MetaFusionTrainer, loader: Iterable[Batch], meta_steps: int
+) -> Iterable[Batch]:
+    """The loader with this rank's share of the data (all of it in a single process).
+
+    A plain shuffling DataLoader is rebuilt around a DistributedSampler in a single process
+    too (with one replica it is a plain shuffle), so that ``N`` processes with batch ``n``
+    see the same global batches as one process with batch ``N * n``.
+
+    Parameters
+    ----------
+    trainer : tdfusion.trainer.MetaFusionTrainer
+        Its strategy says how many shares there are; its ``data_seed`` is set on first use.
+    loader : iterable
+        The training data.
+    meta_steps : int
+        Generator updates per epoch (each needs two batches per rank).
+
+    Returns
+    -------
+    iterable
+        The loader to iterate.
+    """
+    from torch.utils.data import DataLoader
+
+    strategy = trainer.strategy
+    if not strategy.distributed:
+        if not shuffles_plainly(loader):
+            return loader
+        return strategy.shard(loader, _data_seed(trainer, loader))
+    if not isinstance(loader, DataLoader):
+        if strategy.is_main:
+            warnings.warn(
+                f"train_loader is a {type(loader).__name__}, not a DataLoader, so tdfusion "
+                "cannot shard it: each rank must yield its own share of the data, and the "
+                "same number of batches",
+                stacklevel=4,
+            )
+        return loader
+    seed = _data_seed(trainer, loader) if shuffles_plainly(loader) else None
+    loader = strategy.shard(loader, seed)
+    if meta_steps > 0 and len(loader) < 2:
+        raise DistributedError(
+            f"with {strategy.world_size} ranks each rank gets {len(loader.sampler)} of the "  # type: ignore[arg-type]
+            f"{len(loader.dataset)} training samples, {len(loader)} batch(es) of "  # type: ignore[arg-type]
+            f"{loader.batch_size}; a meta step needs two (meta-train and meta-test). Use "
+            "fewer processes or a smaller batch size"
+        )
+    return loader
+
+
+def _data_seed(trainer: MetaFusionTrainer, loader: Any) -> int:
+    """The shuffling seed of the DistributedSampler, the same on all ranks and kept in
+    checkpoints: the loader generator's seed, else a draw from (a copy of) the trainer's."""
+    if trainer.data_seed is None:
+        generator = loader.generator
+        if isinstance(generator, torch.Generator):
+            seed = int(generator.initial_seed())
+        else:
+            copy_of_trainer_generator = torch.Generator()
+            copy_of_trainer_generator.set_state(trainer.generator.get_state())
+            seed = int(torch.randint(2**31 - 1, (1,), generator=copy_of_trainer_generator))
+        trainer.data_seed = int(trainer.strategy.broadcast_object(seed))
+    return trainer.data_seed
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator | None]:
+    """A data loader's own generators, whose states a checkpoint carries to resume exactly."""
+    found: list[torch.Generator | None] = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        generator = getattr(owner, "generator", None)
+        found.append(generator if isinstance(generator, torch.Generator) else None)
+    return found
+
+
+class _Phases:
+    """The two phases of an epoch over one loader, with progress bars and callbacks."""
+
+    def __init__(
+        self,
+        trainer: MetaFusionTrainer,
+        loader: Iterable[Batch],
+        epochs: int,
+        callbacks: Sequence[Callback],
+        progress: bool,
+    ) -> None:
+        self.trainer = trainer
+        self.loader = loader
+        self.epochs = epochs
+        self.callbacks = callbacks
+        self.progress = progress
+
+    def start_pass(self) -> Iterator[Batch]:
+        """A new pass over the data; a DistributedSampler is told which pass, to reshuffle."""
+        from torch.utils.data import DistributedSampler
+
+        sampler = getattr(self.loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self.trainer.data_passes)
+        self.trainer.data_passes += 1
+        return iter(self.loader)
+
+    def meta_phase(self, meta_steps: int) -> dict[str, float]:
+        """``meta_steps`` generator updates on pairs of consecutive batches of fresh passes."""
+        if meta_steps == 0:
+            return {"meta_steps": 0}
+
+        def batch_pairs() -> Iterator[Callable[[], dict[str, float]]]:
+            iterator = self.start_pass()
+            in_this_pass = 0
+            for _ in range(meta_steps):
+                pair: list[Batch] = []
+                while len(pair) < 2:
+                    try:
+                        pair.append(next(iterator))
+                        in_this_pass += 1
+                    except StopIteration:
+                        if in_this_pass < 2:
+                            raise ValueError(
+                                "train_loader must yield at least two batches for a meta step "
+                                "(meta-train and meta-test)"
+                            ) from None
+                        iterator, in_this_pass = self.start_pass(), 0
+                        pair.clear()  # a pair never straddles two passes
+                meta_train, meta_test = pair
+                yield lambda meta_train=meta_train, meta_test=meta_test: self.trainer.meta_step(
+                    meta_train, meta_test
+                )
+
+        return self.run("meta", batch_pairs(), meta_steps)
+
+    def fusion_phase(self, fusion_steps: int | None) -> dict[str, float]:
+        """One pass of fusion steps (at most ``fusion_steps``)."""
+        try:
+            total = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        if fusion_steps is not None:
+            total = fusion_steps if total is None else min(total, fusion_steps)
+
+        def steps() -> Iterator[Callable[[], dict[str, float]]]:
+            for index, batch in enumerate(self.start_pass()):
+                if fusion_steps is not None and index >= fusion_steps:
+                    break
+                yield lambda batch=batch: self.trainer.fusion_step(batch)
+
+        return self.run("fusion", steps(), total)
+
+    def run(
+        self, phase: str, steps: Iterable[Callable[[], dict[str, float]]], total: int | None
+    ) -> dict[str, float]:
+        """Take the steps, report each to the callbacks and the bar; the phase's means."""
+        trainer = self.trainer
+        sums: dict[str, float] = {}
+        count = 0
+        label = "learn G" if phase == "meta" else "learn F+T"
+        shown = ("task_loss", "fusion_loss") if phase == "meta" else ("fusion_loss", "task_loss")
+        bar = tqdm(
+            total=total,
+            desc=f"epoch {trainer.epoch + 1}/{self.epochs} {label}",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for step_index, step in enumerate(steps):
+                stats = step()
+                count += 1
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                record: dict[str, Any] = {
+                    "phase": phase,
+                    "epoch": trainer.epoch,
+                    "step": step_index,
+                    "global_step": trainer.global_step,
+                    **stats,
+                }
+                trainer.global_step += 1
+                for callback in self.callbacks:
+                    callback.on_step_end(trainer, record)
+                bar.update(1)
+                bar.set_postfix(
+                    {k: f"{sums[k] / count:.4g}" for k in shown if k in sums}, refresh=False
+                )
+        prefix = "meta_" if phase == "meta" else ""
+        summary = {f"{prefix}{k}": v / count for k, v in sums.items()} if count else {}
+        summary[f"{phase}_steps"] = count
+        return summary
