@@ -72,7 +72,9 @@ class DemoSettings:
       it saturates at 0 or 1 within two steps;
     - ``inner_lr`` 1e-3 instead of 1e-4: the hypergradient is proportional to the inner step;
     - ``fusion_lr`` 1e-4 (the paper's): the pretrained network is fine-tuned, not re-learned;
-    - ``task_lr`` 1e-3 instead of 1e-4: the detector starts from scratch and has few steps.
+    - ``task_lr`` 1e-3 instead of 1e-4: the detector starts from scratch and has few steps;
+    - ``fusion_crop`` 128 instead of 256 and no source swap: a fraction of the cost per step;
+      ``task_size`` 192 x 256 is the paper's detection size for M3FD.
 
     Attributes
     ----------
@@ -102,8 +104,9 @@ class DemoSettings:
     swap : bool
         Also feed every batch with the sources swapped (the research code's augmentation).
     map_size : (int, int)
-        Size at which ``w_a`` is followed during training (inside and outside the objects);
-        a quarter of the sample's, to keep the measurement cheap.
+        Size at which ``w_a`` is followed during training (inside and outside the objects,
+        on every sample pair); a quarter of the sample's height and width, to keep the
+        measurement cheap.
     image_size : (int, int) or None
         Size the sample pairs are resized to when read (``None``: their own 480 x 640); a
         smaller size makes quick checks of the whole pipeline.
