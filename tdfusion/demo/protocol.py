@@ -110,6 +110,8 @@ class DemoSettings:
     image_size : (int, int) or None
         Size the sample pairs are resized to when read (``None``: their own 480 x 640); a
         smaller size makes quick checks of the whole pipeline.
+    alpha : float
+        Weight of the gradient term of the fusion loss in both arms.
     """
 
     epochs: int = 6
@@ -126,6 +128,7 @@ class DemoSettings:
     swap: bool = False
     map_size: tuple[int, int] = (120, 160)
     image_size: tuple[int, int] | None = None
+    alpha: float = 1.0
 
     def replace(self, **changes: Any) -> DemoSettings:
         """A copy with some settings changed (unknown names are an error).
@@ -384,7 +387,7 @@ def _initial_fusion_model(init_weights: str | None) -> nn.Module:
 def _build_trainer(
     settings: DemoSettings, arm: str, seed: int, num_classes: int, device: str | None
 ) -> Any:
-    from tdfusion import LossGenerator, MetaFusionTrainer
+    from tdfusion import LearnableFusionLoss, LossGenerator, MetaFusionTrainer
     from tdfusion.nets import FixedLossWeights
     from tdfusion.tasks import DetectionTask
 
@@ -398,6 +401,7 @@ def _build_trainer(
         fusion_model,
         task,
         generator,
+        LearnableFusionLoss(alpha=settings.alpha),
         inner_lr=settings.inner_lr,
         generator_lr=settings.generator_lr,
         fusion_lr=settings.fusion_lr,
