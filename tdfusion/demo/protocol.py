@@ -74,7 +74,15 @@ class DemoSettings:
     - ``fusion_lr`` 1e-4 (the paper's): the pretrained network is fine-tuned, not re-learned;
     - ``task_lr`` 1e-3 instead of 1e-4: the detector starts from scratch and has few steps;
     - ``fusion_crop`` 128 instead of 256 and no source swap: a fraction of the cost per step;
-      ``task_size`` 192 x 256 is the paper's detection size for M3FD.
+      ``task_size`` 192 x 256 is the paper's detection size for M3FD;
+    - ``alpha`` 2 instead of 1: the pretrained weights were trained towards the brighter source
+      at every pixel, and the intensity target of ``w_a = w_b = 1/2`` is the mean of the two
+      sources, whose VIF is about 0.33 on the sample. Measured on the sample's held-out pairs,
+      twelve fusion steps at ``alpha = 1`` pull the pretrained network's VIF from 0.405 to
+      0.39 in both arms; at ``alpha = 2`` the heavier gradient term keeps it (0.403 fixed,
+      0.402 learned), so both arms start from and keep the pretrained image quality. The
+      weights act on the intensity term only, so the hypergradient does not depend on
+      ``alpha``.
 
     Attributes
     ----------
@@ -111,7 +119,7 @@ class DemoSettings:
         Size the sample pairs are resized to when read (``None``: their own 480 x 640); a
         smaller size makes quick checks of the whole pipeline.
     alpha : float
-        Weight of the gradient term of the fusion loss in both arms.
+        Weight of the gradient term of the fusion loss in both arms (the paper's is 1).
     """
 
     epochs: int = 6
@@ -128,7 +136,7 @@ class DemoSettings:
     swap: bool = False
     map_size: tuple[int, int] = (120, 160)
     image_size: tuple[int, int] | None = None
-    alpha: float = 1.0
+    alpha: float = 2.0
 
     def replace(self, **changes: Any) -> DemoSettings:
         """A copy with some settings changed (unknown names are an error).
