@@ -81,8 +81,8 @@ class DemoSettings:
       twelve fusion steps at ``alpha = 1`` pull the pretrained network's VIF from 0.405 to
       0.39 in both arms; at ``alpha = 2`` the heavier gradient term keeps it (0.403 fixed,
       0.402 learned), so both arms start from and keep the pretrained image quality. The
-      weights act on the intensity term only, so the hypergradient does not depend on
-      ``alpha``.
+      learned weights act on the intensity term only; ``alpha`` sets how much that term
+      counts against the edges, equally in both arms.
 
     Attributes
     ----------
