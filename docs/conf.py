@@ -62,6 +62,8 @@ tdfusion_api_packages = [
     "tdfusion.data",
     "tdfusion.inference",
     "tdfusion.recipes",
+    "tdfusion.demo",
+    "tdfusion.benchmark",
     "tdfusion.metrics",
     "tdfusion.files",
     "tdfusion.devices",

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "fuse": "tdfusion.cli.fuse",
     "evaluate": "tdfusion.cli.evaluate",
     "weights": "tdfusion.cli.weights",
+    "benchmark": "tdfusion.cli.benchmark",
 }
 
 
