@@ -15,17 +15,10 @@ Example
 
 from __future__ import annotations
 
-from tdfusion.demo.protocol import (
-    ARMS,
-    PRETRAINED,
-    ArmRun,
-    DemoSettings,
-    WeightTracker,
-    compare_arms,
-    fold_split,
-    run_arm,
-    run_demo,
-)
+from tdfusion.demo.arm import ArmRun, WeightTracker, fold_split, run_arm
+from tdfusion.demo.comparison import compare_arms
+from tdfusion.demo.protocol import run_demo
+from tdfusion.demo.settings import ARMS, PRETRAINED, DemoSettings
 
 __all__ = [
     "ARMS",
