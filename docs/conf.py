@@ -62,6 +62,7 @@ tdfusion_api_packages = [
     "tdfusion.data",
     "tdfusion.inference",
     "tdfusion.recipes",
+    "tdfusion.recipe_tables",
     "tdfusion.demo",
     "tdfusion.benchmark",
     "tdfusion.metrics",

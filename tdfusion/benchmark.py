@@ -67,14 +67,11 @@ REFERENCE_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 def _class_names(dataset: str) -> tuple[str, ...]:
-    from tdfusion.data import datasets
+    from tdfusion.data.layouts import LAYOUTS
 
-    return {
-        "msrs": datasets.MSRS_SEGMENTATION_CLASSES,
-        "fmb": datasets.FMB_CLASSES,
-        "m3fd": datasets.M3FD_CLASSES,
-        "llvip": datasets.LLVIP_CLASSES,
-    }[dataset]
+    labels = LAYOUTS[dataset].labels
+    # MSRS has both; the benchmark's MSRS task is segmentation, as in the paper.
+    return (labels.get("segmentation") or labels["detection"]).classes
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """The tables a recipe's names are looked up in: dataset readers and task builders.
 
-:data:`DATASETS` maps :attr:`Recipe.dataset <tdfusion.recipes.Recipe.dataset>` to a reader
-``(recipe, root, split, transform) -> dataset`` (the layouts they read are in
-:data:`tdfusion.data.layouts.LAYOUTS`); :data:`TASKS` maps :attr:`Recipe.task
-<tdfusion.recipes.Recipe.task>` to a builder ``recipe -> task network`` (or task loss);
+:data:`DATASETS` maps ``Recipe.dataset`` to a reader ``(recipe, root, split, transform) ->
+dataset`` (the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`);
+:data:`TASKS` maps ``Recipe.task`` to a builder ``recipe -> task network`` (or task loss);
 :func:`read_transform` is the crop, flips and darkening applied to each pair as it is read.
 """
 
@@ -78,7 +77,7 @@ def _roadscene(recipe: Recipe, root, split: str, transform):
     return layout_dataset(LAYOUTS["roadscene"], root, None, transform=transform)
 
 
-#: The dataset readers by :attr:`Recipe.dataset`: ``(recipe, root, split, transform) ->
+#: The dataset readers by ``Recipe.dataset``: ``(recipe, root, split, transform) ->
 #: dataset``; the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`.
 DATASETS: dict[str, Callable[..., Any]] = {
     "msrs": _msrs,
@@ -122,7 +121,7 @@ def _detection_task(recipe: Recipe):
     return DetectionTask(recipe.num_classes, model=recipe.model)
 
 
-#: The task builders by :attr:`Recipe.task`: ``recipe -> task network`` (or task loss).
+#: The task builders by ``Recipe.task``: ``recipe -> task network`` (or task loss).
 TASKS: dict[str, Callable[[Recipe], Any]] = {
     "segmentation": _segmentation_task,
     "detection": _detection_task,

@@ -1,9 +1,9 @@
 """The fusion phase's step (paper Eq. 8 and 9): ``F`` under the fusion loss, ``T`` under the task.
 
-:meth:`MetaFusionTrainer.fusion_step <tdfusion.MetaFusionTrainer.fusion_step>` is
-:func:`fusion_step`: the losses and the (clipped) gradients are checked under the trainer's
-``on_nonfinite`` rule before any optimiser steps, and a step that is skipped or fails leaves
-every parameter, buffer and optimiser state as it was.
+``MetaFusionTrainer.fusion_step`` is :func:`fusion_step`: the losses and the (clipped)
+gradients are checked under the trainer's ``on_nonfinite`` rule before any optimiser steps,
+and a step that is skipped or fails leaves every parameter, buffer and optimiser state as it
+was.
 """
 
 from __future__ import annotations

@@ -298,8 +298,8 @@ def trainer_from_preset(
     fusion_loss: Callable[..., torch.Tensor] | None = None,
     **keywords: Any,
 ) -> Any:
-    """A trainer set up by a named preset of :data:`PRESETS`
-    (:meth:`MetaFusionTrainer.from_preset <tdfusion.MetaFusionTrainer.from_preset>`).
+    """A trainer set up by a named preset of ``PRESETS``
+    (``MetaFusionTrainer.from_preset``).
 
     ``"research"`` reproduces the meta and fusion steps of the authors' research code:
     ``LearnableFusionLoss(weighting="squared")``, SGD for ``F'``, ``T'`` by one step of
@@ -313,7 +313,7 @@ def trainer_from_preset(
     Parameters
     ----------
     cls : type
-        :class:`~tdfusion.MetaFusionTrainer` (or a subclass).
+        ``MetaFusionTrainer`` (or a subclass).
     preset : {"default", "research"}
         The preset.
     fusion_model, task_loss, loss_generator : see the class
@@ -332,7 +332,7 @@ def trainer_from_preset(
 
     Returns
     -------
-    MetaFusionTrainer
+    tdfusion.MetaFusionTrainer
         The trainer.
 
     Examples
