@@ -90,14 +90,7 @@ def _sequential_task_update(trainer: Any, task: nn.Module, prepared: Prepared) -
         stats = trainer._summarise("fusion step", {"task_loss": task_loss})
         if not stats["skipped"]:
             gradients = _backward(trainer, "task", trainer.task_optimizer, task, task_loss)
-            check_gradients(
-                gradients,
-                "fusion step",
-                stats,
-                on_nonfinite=trainer.on_nonfinite,
-                position=trainer._position,
-                warn=trainer.is_main_process,
-            )
+            _check_gradients(trainer, gradients, stats)
     except BaseException:
         restore_buffers()
         trainer.task_optimizer.zero_grad(set_to_none=True)
@@ -148,6 +141,14 @@ def _fusion_gradients(
     )
     if task is not None and task_loss is not None and trainer.task_optimizer is not None:
         gradients.update(_backward(trainer, "task", trainer.task_optimizer, task, task_loss))
+    _check_gradients(trainer, gradients, stats)
+    return stats, (a, b, target)
+
+
+def _check_gradients(
+    trainer: Any, gradients: dict[str, torch.Tensor | None], stats: dict[str, float]
+) -> None:
+    """The trainer's non-finite rule on the gradients about to be stepped along."""
     check_gradients(
         gradients,
         "fusion step",
@@ -156,7 +157,6 @@ def _fusion_gradients(
         position=trainer._position,
         warn=trainer.is_main_process,
     )
-    return stats, (a, b, target)
 
 
 def _fusion_phase_task_loss(
