@@ -38,20 +38,10 @@ from tdfusion.demo.arm import (  # noqa: F401 (the protocol's parts, also import
     run_arm,
 )
 from tdfusion.demo.comparison import compare_arms
-from tdfusion.demo.settings import _ARM_TITLES, ARMS, PRETRAINED, DemoSettings
+from tdfusion.demo.settings import _ARM_TITLES, ARMS, DemoSettings
 from tdfusion.files import atomic_path
 
-__all__ = [
-    "ARMS",
-    "PRETRAINED",
-    "ArmRun",
-    "DemoSettings",
-    "WeightTracker",
-    "compare_arms",
-    "fold_split",
-    "run_arm",
-    "run_demo",
-]
+__all__ = ["run_demo"]
 
 
 def run_demo(
