@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,16 @@ from torch import nn
 
 from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.errors import DataError
-from tdfusion.files import NAME_MAX, list_images, output_lock, pair_folders, unpaired_stems
+from tdfusion.files import (
+    LOCK_NAME,
+    NAME_MAX,
+    list_images,
+    missing_folders,
+    output_lock,
+    pair_folders,
+    remove_unused_folders,
+    unpaired_stems,
+)
 from tdfusion.inference.acceleration import Precision
 from tdfusion.inference.colour import merge_chroma
 from tdfusion.inference.fuse import _fuse_lumas, _with_options, min_max_stretch
@@ -37,6 +46,7 @@ _Pair = tuple[str, dict[str, Path]]  # (stem, {"infrared": path, "visible": path
 _Lumas = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 _Loaded = tuple[str, dict[str, Path], _Lumas]
 _Read = tuple[list[_Loaded], list[tuple[str, str]]]  # (pairs read, (stem, reason) skipped)
+_FusedChunk = tuple[list[tuple[str, str]], list["_Fused"], int]  # (skipped, fused, pairs)
 
 
 @dataclass
@@ -70,12 +80,12 @@ class FolderReport:
 
     @property
     def pairs_per_second(self) -> float:
-        """Pairs written per second of :attr:`wall_seconds` (0 when none was written)."""
+        """Pairs written per second of ``wall_seconds`` (0 when none was written)."""
         return len(self.written) / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     @property
     def pixels_per_second(self) -> float:
-        """Fused pixels written per second of :attr:`wall_seconds`."""
+        """Fused pixels written per second of ``wall_seconds``."""
         return self.pixels / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
@@ -164,14 +174,14 @@ def fuse_folders(
         _check_pairs(pairs, out_dir)
     chunks = [pairs[first : first + max(1, batch)] for first in range(0, len(pairs), max(1, batch))]
 
-    def fuse(read: _Read) -> tuple[list[tuple[str, str]], list[_Fused], int]:
+    def fuse(read: _Read) -> _FusedChunk:
         loaded, skipped = read
         fused = _fuse_loaded(model, loaded, report, tile=tile, overlap=overlap)
         return skipped, fused, len(loaded) + len(skipped)
 
     bars: list[Any] = []  # shown once writing starts, so that a refused folder shows none
 
-    def finish(fused_chunk: tuple[list[tuple[str, str]], list[_Fused], int]) -> None:
+    def finish(fused_chunk: _FusedChunk) -> None:
         skipped, fused, size = fused_chunk
         if not bars:
             bars.append(tqdm(total=len(pairs), desc="fusing", unit="pair", disable=not progress))
@@ -181,27 +191,46 @@ def fuse_folders(
         bars[0].update(size)
 
     checked = threading.Event()
-    with output_lock(out, purpose="fusing"):
-        try:
-            if prefetch == 0:
-                checked.set()
-                for chunk in chunks:
-                    finish(fuse(_read_chunk(chunk, skip_bad)))
-            else:
-                reads = _checked_reads(chunks, out_dir, skip_bad, checked, prefetch)
-                run_overlapped(reads, fuse, finish, prefetch=prefetch, writes_allowed=checked)
-        except DataError as error:
-            if not checked.is_set():  # the check's own message: nothing was written
-                raise
-            raise DataError(
-                f"{error}; stopped after writing {len(report.written)} of {len(pairs)} "
-                f"pair(s) into {out_dir} (skip_bad / --skip-bad skips bad pairs)"
-            ) from None
-        finally:
-            for bar in bars:
-                bar.close()
+    created = missing_folders(out)
+    try:
+        with output_lock(out, purpose="fusing"):
+            _run(chunks, fuse, finish, checked, out_dir, skip_bad, prefetch)
+    except DataError as error:
+        remove_unused_folders(created, out, {LOCK_NAME})  # a refused folder leaves none
+        if not checked.is_set():  # the check's own message: nothing was written
+            raise
+        raise DataError(
+            f"{error}; stopped after writing {len(report.written)} of {len(pairs)} "
+            f"pair(s) into {out_dir} (skip_bad / --skip-bad skips bad pairs)"
+        ) from None
+    except BaseException:
+        remove_unused_folders(created, out, {LOCK_NAME})
+        raise
+    finally:
+        for bar in bars:
+            bar.close()
     report.wall_seconds = time.perf_counter() - start
     return report
+
+
+def _run(
+    chunks: list[list[_Pair]],
+    fuse: Callable[[_Read], _FusedChunk],
+    finish: Callable[[_FusedChunk], None],
+    checked: threading.Event,
+    out_dir: str | os.PathLike[str],
+    skip_bad: bool,
+    prefetch: int,
+) -> None:
+    """Read, fuse and finish every chunk, serially or overlapped; ``checked`` is set once every
+    pair has been read (and writing may start)."""
+    if prefetch == 0:
+        checked.set()  # the serial way checked the pairs before
+        for chunk in chunks:
+            finish(fuse(_read_chunk(chunk, skip_bad)))
+        return
+    reads = _checked_reads(chunks, out_dir, skip_bad, checked, prefetch)
+    run_overlapped(reads, fuse, finish, prefetch=prefetch, writes_allowed=checked)
 
 
 def _output_name(stem: str) -> str:

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 __all__ = ["run_overlapped"]
 
-Read = TypeVar("Read")
-Computed = TypeVar("Computed")
+_ReadT = TypeVar("_ReadT")
+_ComputedT = TypeVar("_ComputedT")
 
 _END = object()  # the last item of a queue
 _POLL_SECONDS = 0.05  # how often a blocked thread looks whether the run was stopped
@@ -49,9 +49,9 @@ def _get(items: queue.Queue, stop: threading.Event) -> Any:
 
 
 def run_overlapped(
-    source: Iterable[Read],
-    compute: Callable[[Read], Computed],
-    write: Callable[[Computed], None],
+    source: Iterable[_ReadT],
+    compute: Callable[[_ReadT], _ComputedT],
+    write: Callable[[_ComputedT], None],
     *,
     prefetch: int = 2,
     writes_allowed: threading.Event | None = None,
