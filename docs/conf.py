@@ -160,6 +160,7 @@ _OTHER_PROJECTS = (
     "logging",
     "contextlib",
     "numbers",
+    "threading",
 )
 nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_OTHER_PROJECTS)})\..+"),

@@ -10,8 +10,10 @@ What each option does and costs (measured by ``benchmarks/inference.py``; see
 - ``precision="bf16"`` or ``"fp16"``: the convolutions and products run under
   :func:`torch.autocast` in that type (normalisations and softmax stay in float32), the output
   comes back in the input's dtype. Fused images then differ from float32 by up to about
-  1e-2 (8e-3 with bf16 on the authors' weights, 2 grey levels of 255). Meant for GPUs; on the
-  CPU it runs the modules one after the other and is slower than the banded float32 forward.
+  1e-2: with bf16, 8e-3 on the authors' weights and 7.5e-3 to 9.9e-3 on the bundled weights
+  over the six 480x640 MSRS example pairs (2-3 grey levels of 255); with fp16 about 7e-4.
+  Meant for GPUs; on the CPU they run the modules one after the other, bf16 no faster than the
+  banded float32 forward and fp16 about 20 times slower.
 - ``channels_last``: convolution weights in channels-last order, as cuDNN prefers them (the
   activations of the Restormer blocks are channels-last already). Default: on a GPU only.
 - ``compile=True``: :func:`torch.compile` of the network, tried at the first call; when the
@@ -38,6 +40,18 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    message = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message
+
+
+def _is_compiler_error(error: Exception) -> bool:
+    return any(
+        kind.__module__.startswith(("torch._dynamo", "torch._inductor"))
+        for kind in type(error).__mro__
+    )
 
 
 class AcceleratedFusion(nn.Module):
@@ -110,25 +124,35 @@ class AcceleratedFusion(nn.Module):
         return torch.autocast(device_type, dtype=dtype)
 
     def _run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.compiled is None:  # first call with compile=True: try, fall back once
+        if self.compiled is not False:
             try:
-                self._compiled_model = torch.compile(self.model, **self._compile_options)
+                if self._compiled_model is None:
+                    self._compiled_model = torch.compile(self.model, **self._compile_options)
                 with self._autocast(a.device.type):
                     fused = self._compiled_model(a, b)
-            except Exception as error:  # any compiler failure: run eagerly from now on
-                self.compiled = False
-                warnings.warn(
-                    f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
-                    "running the network uncompiled",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            except Exception as error:
+                # Out of memory is no compiler failure (the caller may tile); once compiled,
+                # only the compiler's own errors (a new input size recompiles) mean falling back.
+                if _is_out_of_memory(error) or (self.compiled and not _is_compiler_error(error)):
+                    raise
+                self._fall_back(error)
             else:
                 self.compiled = True
                 return fused
-        model = self._compiled_model if self.compiled else self.model
         with self._autocast(a.device.type):
-            return model(a, b)
+            return self.model(a, b)
+
+    def _fall_back(self, error: Exception) -> None:
+        """Run eagerly from now on, and say so in one line."""
+        self.compiled = False
+        self._compiled_model = None
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+        warnings.warn(
+            f"torch.compile failed ({reason}); running the network uncompiled",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Fuse ``a`` and ``b`` with the options of this wrapper.
