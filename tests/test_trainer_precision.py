@@ -27,6 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tdfusion import LearnableFusionLoss, MetaFusionTrainer
+from tdfusion.cli import build_parser, main
+from tdfusion.errors import DataError
+from tdfusion.recipes import RECIPES, build_trainer
 from tdfusion.trainer.compilation import CompiledCall
 from tdfusion.trainer.precision import Autocast, check_precision
 
@@ -239,6 +242,12 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_scale(order):
     assert trainer.fusion_step(batch(4))["skipped"] == 0.0  # a step at a sane scale goes ahead
 
 
+def test_fp16_needs_no_meta_steps_in_a_recipe():
+    recipe = RECIPES["msrs-segmentation"].replace(precision="fp16", task_size=(32, 32))
+    with pytest.raises(DataError, match="precision 'bf16'"):
+        build_trainer(recipe, device="cpu")
+
+
 # ---------------------------------------------------------------------- compile
 class Exploding(nn.Module):
     """What the patched torch.compile returns: a module whose call raises."""
@@ -412,3 +421,45 @@ def test_resuming_with_other_options_warns(tmp_path):
         same = trainer_for(precision="bf16")
         same.fit(loader(), epochs=2, meta_steps=1, resume=tmp_path / "c.pt", progress=False)
     assert same.epoch == 2
+
+
+# ---------------------------------------------------------------------- recipe and CLI
+def test_the_command_line_takes_the_options(monkeypatch, tmp_path):
+    args = build_parser().parse_args(
+        ["train", "--recipe", "msrs-segmentation", "--precision", "bf16", "--compile",
+         "--channels-last"]
+    )  # fmt: skip
+    assert (args.precision, args.compile, args.channels_last) == ("bf16", True, True)
+    args = build_parser().parse_args(["train", "--recipe", "msrs-segmentation"])
+    assert (args.precision, args.compile, args.channels_last) == (None, None, None)
+
+    import tdfusion.recipes
+
+    seen = {}
+
+    def fake_train(recipe, data_root, out, **kwargs):
+        seen["recipe"] = recipe
+        raise DataError("stop here")
+
+    monkeypatch.setattr(tdfusion.recipes, "train", fake_train)
+    arguments = ["train", "--recipe", "roadscene-pretrain", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "out"), "--precision", "fp16",
+                 "--channels-last"]  # fmt: skip
+    assert main(arguments) == 2
+    recipe = seen["recipe"]
+    assert (recipe.precision, recipe.compile, recipe.channels_last) == ("fp16", False, True)
+
+
+def test_an_unknown_precision_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--recipe", "msrs-segmentation", "--precision", "fp8"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "--precision: invalid choice" in error
+
+
+def test_a_recipe_builds_its_trainer_with_the_options():
+    recipe = RECIPES["roadscene-pretrain"].replace(precision="bf16", channels_last=True)
+    trainer = build_trainer(recipe, device="cpu")
+    assert (trainer.precision, trainer.channels_last, trainer.compile) == ("bf16", True, False)
+    assert trainer.config()["precision"] == "bf16"
