@@ -2,28 +2,37 @@
 
 ``MetaFusionTrainer(precision=...)`` takes ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``:
 
-============================================  ========  ==========================  ==========
-Computation                                   fp32      bf16                        fp16
-============================================  ========  ==========================  ==========
-Parameters, ``.grad``, optimiser states,      float32   float32                     float32
-checkpoints, G's update
-Forward of ``F``, ``G`` and a task network    float32   autocast bfloat16           autocast
-``T`` (convolutions, matrix products)                                               float16
-Their outputs, as the losses see them         float32   cast to float32             same
-Fusion loss ``L_f`` (and its derivatives in   float32   float32 (autocast off)      float32
-the forward-mode hypergradient)
-Task loss inside ``T``'s module               float32   autocast: cross-entropy,    same
-                                                        MSE, log-softmax in float32
-A task that is a plain function               float32   float32 (autocast off)      float32
-Backward passes through the forwards          float32   bfloat16 ops, parameter     float16
-                                                        gradients summed in float32
-Forward-mode derivative of ``F``              float32   autocast bfloat16 (float32  meta step
-(``hypergradient_method="forward"``)                    where PyTorch's forward     refused
-                                                        mode fails under autocast)
-Inner step ``theta_F' = step(theta_F, g)``,   float32   float32                     meta step
-``T'``, hypergradient ``v``, ``u``, result                                          refused
-Loss scaling (fusion phase)                   none      none                        GradScaler
-============================================  ========  ==========================  ==========
++---------------------------------------------+---------+-----------------------------+------------+
+| Computation                                 | fp32    | bf16                        | fp16       |
++=============================================+=========+=============================+============+
+| Parameters, ``.grad``, optimiser states,    | float32 | float32                     | float32    |
+| checkpoints, G's update                     |         |                             |            |
++---------------------------------------------+---------+-----------------------------+------------+
+| Forward of ``F``, ``G`` and a task network  | float32 | autocast bfloat16           | autocast   |
+| ``T`` (convolutions, matrix products)       |         |                             | float16    |
++---------------------------------------------+---------+-----------------------------+------------+
+| Their outputs, as the losses see them       | float32 | cast to float32             | same       |
++---------------------------------------------+---------+-----------------------------+------------+
+| Fusion loss ``L_f`` (and its derivatives in | float32 | float32 (autocast off)      | float32    |
+| the forward-mode hypergradient)             |         |                             |            |
++---------------------------------------------+---------+-----------------------------+------------+
+| Task loss inside ``T``'s module             | float32 | autocast: cross-entropy,    | same       |
+|                                             |         | MSE, log-softmax in float32 |            |
++---------------------------------------------+---------+-----------------------------+------------+
+| A task that is a plain function             | float32 | float32 (autocast off)      | float32    |
++---------------------------------------------+---------+-----------------------------+------------+
+| Backward passes through the forwards        | float32 | bfloat16 ops, parameter     | float16    |
+|                                             |         | gradients summed in float32 |            |
++---------------------------------------------+---------+-----------------------------+------------+
+| Forward-mode derivative of ``F``            | float32 | autocast bfloat16 (float32  | meta step  |
+| (``hypergradient_method="forward"``)        |         | where PyTorch's forward     | refused    |
+|                                             |         | mode fails under autocast)  |            |
++---------------------------------------------+---------+-----------------------------+------------+
+| Inner step ``theta_F' = step(theta_F, g)``, | float32 | float32                     | meta step  |
+| ``T'``, hypergradient ``v``, ``u``, result  |         |                             | refused    |
++---------------------------------------------+---------+-----------------------------+------------+
+| Loss scaling (fusion phase)                 | none    | none                        | GradScaler |
++---------------------------------------------+---------+-----------------------------+------------+
 
 ``"fp16"`` is for the fusion phase only: its steps scale the losses with a
 :class:`torch.amp.GradScaler` (its state is kept in checkpoints), and a NaN or infinite gradient
