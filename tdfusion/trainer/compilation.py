@@ -8,9 +8,10 @@ calls them with substituted parameters (:func:`torch.func.functional_call`), dif
 autograd supports neither, so the hypergradient is exactly the uncompiled one.
 
 Each network is compiled at its first call; when :func:`torch.compile` is missing, or that call
-(its forward, or a backward through it, tried at once) raises, one warning names the network
-and the reason, and the network runs uncompiled from then on. The trainer keeps the uncompiled
-modules as its attributes, so state dicts and checkpoints have no ``_orig_mod.`` prefix.
+(its forward, or a backward through it, tried at once except in a distributed run) raises, one
+warning names the network and the reason, and the network runs uncompiled from then on. The
+trainer keeps the uncompiled modules as its attributes, so state dicts and checkpoints have no
+``_orig_mod.`` prefix.
 
 ``channels_last=True`` converts the networks' 4-D parameters and buffers, and the batches'
 sources, to :data:`torch.channels_last` order (names, shapes and values are unchanged).
@@ -18,6 +19,7 @@ sources, to :data:`torch.channels_last` order (names, shapes and values are unch
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -105,11 +107,19 @@ class CompiledCall:
 
 def _try_backward(module: nn.Module, output: Any) -> None:
     """Compile the backward now too (it may be compiled at its first use): the gradients of
-    the output's sum are computed and dropped, ``.grad`` fields are not touched."""
+    the output's sum are computed and dropped, ``.grad`` fields are not touched. Not through
+    DistributedDataParallel, whose backward hooks would synchronise the ranks' gradients."""
     if not isinstance(output, torch.Tensor) or not output.requires_grad:
         return
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return
     parameters = [p for p in module.parameters() if p.requires_grad]
-    if parameters:
+    if not parameters:
+        return
+    device_type = output.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
+    guard = torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext()
+    with guard:  # a backward pass runs outside autocast
         torch.autograd.grad(output.sum(), parameters, retain_graph=True, allow_unused=True)
 
 
