@@ -146,7 +146,8 @@ def compiled_calls(
     """
 
     def call(module: nn.Module, role: str) -> CompiledCall:
-        inner = getattr(module, "module", module)  # DistributedDataParallel wraps it
+        wrapped = isinstance(module, nn.parallel.DistributedDataParallel)
+        inner = module.module if wrapped else module
         name = f"the {role} ({type(inner).__name__})"
         return CompiledCall(module, name, enabled=enabled, options=options)
 
