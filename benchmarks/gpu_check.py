@@ -10,8 +10,9 @@ CUDA error in one part cannot take the others down) and prints one ``PASS``, ``F
 - ``steps-fp32``, ``steps-bf16``, ``steps-compiled``: the paper's MSRS setting (ReFusionNet,
   LossGenerator, SegFormer-b0 when ``segmentation_models_pytorch`` is installed, else a fixed
   task; 480x640 pairs in batches of 2, 256x256 fusion crop, 240x320 task input): meta and fusion
-  steps in float32, under bf16 autocast, and with F, G and T compiled by ``torch.compile``;
-  median times, the meta/fusion ratio and the peak CUDA memory of each;
+  steps of ``MetaFusionTrainer`` in float32, with ``precision="bf16"`` (also the cosine of its
+  hypergradient with float32's) and with ``compile=True``; median times, the meta/fusion ratio
+  and the peak CUDA memory of each;
 - ``fuse-1280x1024``: one 1280x1024 pair through ReFusionNet (the authors' IVIF weights when
   ``../shared/data`` has them) with ``tdfusion.inference.fuse_tensors``, in float32 and bf16
   (``accelerate(net, precision="bf16")``): time, peak memory, largest bf16 difference;
@@ -112,7 +113,7 @@ def check_hypergradient(device: str = "cuda") -> str:
     )
 
 
-def _msrs_trainer(compiled: bool) -> tuple[Any, str]:
+def _msrs_trainer(mode: str) -> tuple[Any, str]:
     from tdfusion import MetaFusionTrainer
     from tdfusion.nets import LossGenerator, ReFusionNet
 
@@ -125,10 +126,6 @@ def _msrs_trainer(compiled: bool) -> tuple[Any, str]:
         task_name = "SegFormer-b0"
     except Exception:  # the seg extra is absent: a fixed task on the same masks
         task, task_name = _mask_task_loss, "a fixed task (segmentation_models_pytorch absent)"
-    if compiled:
-        fusion, loss_generator = torch.compile(fusion), torch.compile(loss_generator)
-        if isinstance(task, torch.nn.Module):
-            task = torch.compile(task)
     trainer = MetaFusionTrainer(
         fusion,
         task,
@@ -137,8 +134,24 @@ def _msrs_trainer(compiled: bool) -> tuple[Any, str]:
         task_size=(240, 320),
         device="cuda",
         distributed=False,
+        precision="bf16" if mode == "bf16" else "fp32",
+        compile=mode == "compiled",
     )
     return trainer, task_name
+
+
+def _bf16_cosine(trainer: Any, meta_train: Any, meta_test: Any) -> float:
+    """Cosine of the bf16 trainer's hypergradient with a float32 copy's, same batches."""
+    reference, _ = _msrs_trainer("fp32")
+    reference.fusion_model.load_state_dict(trainer.fusion_model.state_dict())
+    reference.loss_generator.load_state_dict(trainer.loss_generator.state_dict())
+    if isinstance(trainer.task_loss, torch.nn.Module):
+        reference.task_loss.load_state_dict(trainer.task_loss.state_dict())
+    flat = [
+        torch.cat([g.flatten().double() for g in t.hypergradient(meta_train, meta_test).values()])
+        for t in (trainer, reference)
+    ]
+    return float(torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0))
 
 
 def _msrs_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -151,20 +164,17 @@ def _msrs_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def check_steps(mode: str, steps: int = 3) -> str:
-    """Meta and fusion steps in one mode: fp32, bf16 (autocast) or compiled."""
-    trainer, task_name = _msrs_trainer(compiled=mode == "compiled")
+    """Meta and fusion steps in one mode: fp32, bf16 (``precision``) or compiled."""
+    trainer, task_name = _msrs_trainer(mode)
     batches = _msrs_batches(4)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if mode == "bf16"
-        else torch.autocast("cuda", enabled=False)
-    )
+    extra = ""
+    if mode == "bf16":
+        extra = f", hypergradient cosine with fp32 {_bf16_cosine(trainer, *batches[:2]):.5f}"
 
     def timed(step: Callable[[], Any]) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with autocast:
-            step()
+        step()
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -178,10 +188,14 @@ def check_steps(mode: str, steps: int = 3) -> str:
     fusion = [timed(lambda i=i: trainer.fusion_step(batches[i % 4])) for i in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30
     meta_s, fusion_s = statistics.median(meta), statistics.median(fusion)
+    if mode == "compiled":
+        compiled = sorted(name for name, call in trainer._calls.items() if call.compiled)
+        extra = f", compiled: {', '.join(compiled) or 'none (fell back)'}"
     return (
         f"PASS steps-{mode}: meta step {meta_s * 1e3:.0f} ms, fusion step {fusion_s * 1e3:.0f} ms, "
         f"meta/fusion {meta_s / fusion_s:.2f}x, peak CUDA memory {peak:.2f} GiB "
         f"(first meta + fusion step {warm_up:.1f} s; {task_name}, batch 2, 256 crop, 240x320)"
+        f"{extra}"
     )
 
 

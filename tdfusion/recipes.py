@@ -120,6 +120,13 @@ class Recipe:
     preset : {"default", "research"}
         The preset of :data:`PRESETS` the recipe was built with; ``replace(preset=...)``
         applies one (the other changes given with it override it).
+    precision : {"fp32", "bf16", "fp16"}
+        Mixed precision of the networks' forwards (``precision`` of
+        :class:`~tdfusion.MetaFusionTrainer`); ``"fp16"`` needs ``meta_steps=0``.
+    compile : bool
+        :func:`torch.compile` the fusion phase's forwards (uncompiled when that fails).
+    channels_last : bool
+        Networks and sources in channels-last memory order.
     """
 
     name: str
@@ -155,6 +162,9 @@ class Recipe:
     fusion_step_order: str = "simultaneous"
     label_resolution: str = "task"
     preset: str = "default"
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some settings changed (unknown names are an error).
@@ -411,6 +421,12 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
                 f"learned; set meta_steps to 0 (got {recipe.meta_steps})"
             )
         generator = FixedLossWeights(recipe.loss_weights)  # type: ignore[arg-type]
+    if recipe.precision == "fp16" and recipe.meta_steps:
+        raise DataError(
+            f"recipe {recipe.name}: precision 'fp16' trains the fusion phase only; its "
+            f"{recipe.meta_steps} meta steps per epoch need precision 'bf16' (or 'fp32'), or "
+            "set meta_steps to 0"
+        )
     return MetaFusionTrainer(
         ReFusionNet()
         if recipe.init_weights is None
@@ -432,6 +448,9 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
         seed=recipe.seed,
         task_inner_optimizer=recipe.task_inner_optimizer,  # type: ignore[arg-type]
         fusion_step_order=recipe.fusion_step_order,  # type: ignore[arg-type]
+        precision=recipe.precision,  # type: ignore[arg-type]
+        compile=recipe.compile,
+        channels_last=recipe.channels_last,
     )
 
 

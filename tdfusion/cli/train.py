@@ -41,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     argparse.ArgumentParser
         The sub-command's parser, with ``handler`` set to :func:`run`.
     """
+    from tdfusion.inference.acceleration import PRECISIONS
     from tdfusion.recipes import PRESETS, RECIPES
 
     parser = subparsers.add_parser(
@@ -96,6 +97,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "with F after its update); 'default' is tdfusion's (the paper's equations)"
         ),
     )
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help=(
+            "autocast type of the networks' forwards (parameters, losses, the inner step and "
+            "the hypergradient stay float32); fp16 needs --meta-steps 0, bf16 does not "
+            "(default: fp32)"
+        ),
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the fusion phase's networks (uncompiled, with a warning, on failure)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="networks and images in channels-last memory order (faster convolutions on GPUs)",
+    )
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument(
         "--init-weights",
@@ -145,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         "init_weights": args.init_weights,
         "num_workers": args.num_workers,
         "preset": args.preset,
+        "precision": args.precision,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
     }
     if args.smoke:
         overrides = {**SMOKE_SETTINGS, **{k: v for k, v in overrides.items() if v is not None}}

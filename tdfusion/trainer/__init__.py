@@ -3,10 +3,11 @@
 Modules: ``trainer`` (the algorithm, :class:`MetaFusionTrainer`), :mod:`~tdfusion.trainer.meta`
 (functional steps), :mod:`~tdfusion.trainer.hypergradient`, :mod:`~tdfusion.trainer.batches`,
 :mod:`~tdfusion.trainer.loop`, :mod:`~tdfusion.trainer.checkpoint`,
-``callbacks``, :mod:`~tdfusion.trainer.statistics` and
-:mod:`~tdfusion.trainer.options`. The names below are imported on first use, so that
-:mod:`tdfusion.nets` can read trainer checkpoints through :mod:`tdfusion.trainer.checkpoint`
-without importing the trainer.
+``callbacks``, :mod:`~tdfusion.trainer.statistics`, :mod:`~tdfusion.trainer.options`,
+:mod:`~tdfusion.trainer.precision` (mixed precision) and
+:mod:`~tdfusion.trainer.compilation` (``torch.compile``, channels-last). The names below are
+imported on first use, so that :mod:`tdfusion.nets` can read trainer checkpoints through
+:mod:`tdfusion.trainer.checkpoint` without importing the trainer.
 """
 
 from __future__ import annotations

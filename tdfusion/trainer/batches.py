@@ -272,6 +272,8 @@ class BatchPreparer:
         Floating-point type of the sources (and of floating targets).
     in_channels : int, optional
         Channels the fusion model takes.
+    channels_last : bool
+        Give the sources :data:`torch.channels_last` memory order.
 
     Example
     -------
@@ -281,19 +283,24 @@ class BatchPreparer:
     """
 
     def __init__(
-        self, device: torch.device, dtype: torch.dtype, in_channels: int | None = None
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        in_channels: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.device = device
         self.dtype = dtype
         self.in_channels = in_channels
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.range_warned = False
         self.fused_range_warned = False
 
     def __call__(self, batch: Batch, where: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``(a, b, target)`` checked and moved; see :func:`check_batch`."""
         a, b, target = check_batch(batch, where, self.in_channels)
-        a = a.to(device=self.device, dtype=self.dtype)
-        b = b.to(device=self.device, dtype=self.dtype)
+        a = a.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
+        b = b.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
         if not self.range_warned:
             low, high = value_range(a, b)
             if low < 0.0 or high > 1.0:

@@ -5,8 +5,13 @@ A trainer checkpoint is a dict that loads with ``torch.load(weights_only=True)``
     {"format": "tdfusion.trainer", "version": 1, "epoch", "global_step", "config",
      "models": {"fusion_model", "loss_generator", "task"},        # state dicts
      "model_configs": {"fusion_model", "loss_generator"},         # {"arch", "class", "config"}
-     "optimizers", "schedulers", "history",
+     "optimizers", "schedulers", "history", "grad_scaler",
      "data": {"passes", "seed", "world_size"}, "rng", ["rng_per_rank"]}
+
+``config`` holds the constructor's options, ``precision``, ``compile`` and ``channels_last``
+among them (:meth:`MetaFusionTrainer.load` builds the trainer with them; a trainer resumed by
+``fit`` with other values warns). ``grad_scaler`` is the ``precision="fp16"`` loss scaler's
+state (``{}`` otherwise; absent from older checkpoints).
 
 :func:`trainer_state` writes it, :func:`load_trainer_state` reads it back into a trainer (they
 are also the trainer's ``state_dict`` and ``load_state_dict`` methods, as :func:`save_trainer`
@@ -286,6 +291,7 @@ def trainer_state(
         },
         "optimizers": {name: opt.state_dict() for name, opt in trainer.optimizers.items()},
         "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
+        "grad_scaler": trainer.loss_scaler.state_dict(),
         "history": copy.deepcopy(trainer.history),
         "data": {
             "passes": trainer.data_passes,
@@ -336,6 +342,8 @@ def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> 
     for name, scheduler in trainer.schedulers.items():
         if name in state.get("schedulers", {}):
             scheduler.load_state_dict(state["schedulers"][name])
+    _check_speed_options(trainer, state.get("config", {}))
+    trainer.loss_scaler.load_state_dict(state.get("grad_scaler") or {})
     trainer.epoch = int(state["epoch"])
     trainer.global_step = int(state["global_step"])
     trainer.history = list(copy.deepcopy(state.get("history", [])))
@@ -349,6 +357,26 @@ def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> 
             f"run has {trainer.world_size}: training continues from the saved models and "
             "optimisers, with a different global batch and data order",
             stacklevel=2,
+        )
+
+
+#: The options that change how training computes, not what: a resumed run may change them.
+_SPEED_OPTIONS = {"precision": "fp32", "compile": False, "channels_last": False}
+
+
+def _check_speed_options(trainer: MetaFusionTrainer, config: Mapping[str, Any]) -> None:
+    """Warn (on rank 0) when the checkpoint was trained with other precision, compile or
+    channels-last options than the trainer resuming it."""
+    changed = [
+        f"{key}={config.get(key, default)!r} -> {getattr(trainer, key)!r}"
+        for key, default in _SPEED_OPTIONS.items()
+        if config.get(key, default) != getattr(trainer, key)
+    ]
+    if changed and trainer.is_main_process:
+        warnings.warn(
+            f"the checkpoint was trained with other options ({', '.join(changed)}); training "
+            "continues with this trainer's",
+            stacklevel=3,
         )
 
 

@@ -3,7 +3,10 @@
 ``MetaFusionTrainer.fusion_step`` is :func:`fusion_step`: the losses and the (clipped)
 gradients are checked under the trainer's ``on_nonfinite`` rule before any optimiser steps,
 and a step that is skipped or fails leaves every parameter, buffer and optimiser state as it
-was.
+was. The networks are called through the trainer's ``autocast`` and its compiled calls
+(``precision``, ``compile``); with ``precision="fp16"`` the losses are scaled by its
+``loss_scaler``, and a NaN or infinite gradient is an overflow of the scale: the step is
+skipped (``skipped`` = 1) and the scale halved, without the ``on_nonfinite`` rule.
 """
 
 from __future__ import annotations
@@ -62,21 +65,24 @@ def fusion_step(trainer: Any, batch: Batch) -> dict[str, float]:
     sequential = trainer.fusion_step_order == "sequential"
     restore_buffers = snapshot_buffers(trainer.fusion_model, trainer.loss_generator, task)
     try:
-        stats, prepared = _fusion_gradients(trainer, batch, None if sequential else task)
-    except BaseException:
-        restore_buffers()
-        _clear_gradients(trainer, task)
-        raise
-    if stats["skipped"]:
-        restore_buffers()
-        _clear_gradients(trainer, task)
-        return stats
-    trainer.fusion_optimizer.step()
-    if task is not None and trainer.task_optimizer is not None:
-        if sequential:
-            stats.update(_sequential_task_update(trainer, task, prepared))
-        else:
-            trainer.task_optimizer.step()
+        try:
+            stats, prepared = _fusion_gradients(trainer, batch, None if sequential else task)
+        except BaseException:
+            restore_buffers()
+            _clear_gradients(trainer, task)
+            raise
+        if stats["skipped"]:
+            restore_buffers()
+            _clear_gradients(trainer, task)
+            return stats
+        trainer.loss_scaler.step(trainer.fusion_optimizer)
+        if task is not None and trainer.task_optimizer is not None:
+            if sequential:
+                stats.update(_sequential_task_update(trainer, task, prepared))
+            else:
+                trainer.loss_scaler.step(trainer.task_optimizer)
+    finally:
+        trainer.loss_scaler.update()  # fp16: the next scale, after this step's gradients
     # Batch-norm statistics are updated by each rank's own batch: keep them equal.
     trainer.strategy.sync_buffers_(trainer.fusion_model, task)
     return stats
@@ -99,7 +105,7 @@ def _sequential_task_update(trainer: Any, task: nn.Module, prepared: Prepared) -
         restore_buffers()
         trainer.task_optimizer.zero_grad(set_to_none=True)
     else:
-        trainer.task_optimizer.step()
+        trainer.loss_scaler.step(trainer.task_optimizer)
     return stats
 
 
@@ -110,9 +116,10 @@ def _fusion_gradients(
     also the prepared batch."""
     a, b, target = trainer._prepare(batch, "batch")
     crop_a, crop_b = random_crop(a, b, trainer.fusion_crop, trainer.generator, "batch")
+    forward = trainer.autocast.forward  # under autocast, the outputs in float32
     with torch.no_grad():
-        weights = trainer.loss_generator(crop_a, crop_b)
-    fused = trainer._fusion_replica(crop_a, crop_b)
+        weights = forward(trainer._calls["generator"], crop_a, crop_b)
+    fused = forward(trainer._calls["fusion"], crop_a, crop_b)
     trainer._prepare.check_fused_range(fused, "the fusion model")
     terms = fusion_loss_terms(trainer.fusion_loss, fused, crop_a, crop_b, weights)
 
@@ -148,14 +155,16 @@ def _fusion_gradients(
 def _check_gradients(
     trainer: Any, gradients: dict[str, torch.Tensor | None], stats: dict[str, float]
 ) -> None:
-    """The trainer's non-finite rule on the gradients about to be stepped along."""
+    """The trainer's non-finite rule on the gradients about to be stepped along (with loss
+    scaling, a non-finite gradient is an overflow of the scale: the step is skipped quietly)."""
+    scaled = trainer.loss_scaler.enabled
     check_gradients(
         gradients,
         "fusion step",
         stats,
-        on_nonfinite=trainer.on_nonfinite,
+        on_nonfinite="skip" if scaled else trainer.on_nonfinite,
         position=trainer._position,
-        warn=trainer.is_main_process,
+        warn=trainer.is_main_process and not scaled,
     )
 
 
@@ -176,16 +185,19 @@ def _fusion_phase_task_loss(
         if reuse and fused_crop is not None:
             fused_task = fused_crop.detach()
         else:
-            fused_task = trainer.fusion_model(task_a, task_b)
-    return check_task_loss(trainer._task_replica(fused_task, target), "fusion step")
+            fused_task = trainer.autocast.forward(trainer._calls["fusion_no_grad"], task_a, task_b)
+    loss = trainer.autocast.task(task, fused_task, target, call=trainer._calls["task"])
+    return check_task_loss(loss, "fusion step")
 
 
 def _backward(
     trainer: Any, role: str, optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor
 ) -> dict[str, torch.Tensor | None]:
-    """Fresh gradients of ``loss``, clipped: ``role.name`` -> the gradient to step along."""
+    """Fresh gradients of ``loss`` (unscaled), clipped: ``role.name`` -> the gradient to step
+    along."""
     optimizer.zero_grad(set_to_none=True)
-    trainer.strategy.backward(loss)
+    trainer.strategy.backward(trainer.loss_scaler.scale(loss))
+    trainer.loss_scaler.unscale_(optimizer)
     parameters = trainable_parameters(module)
     if trainer.grad_clip is not None:
         nn.utils.clip_grad_norm_(parameters.values(), trainer.grad_clip)

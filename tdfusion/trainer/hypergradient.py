@@ -6,6 +6,11 @@ gradient ``v = dL_t/dtheta_F'`` with ``theta_F'`` as leaves, and hands both to a
 functions: no trainer, no random numbers (the crop is drawn before the inner step) and no
 communication between processes (the trainer averages ``v`` and the result over ranks). A new
 method is one function and one entry of the table.
+
+Under mixed precision (an :class:`~tdfusion.trainer.precision.Autocast` passed as
+``precision``) the forwards of ``F``, ``G`` and a task network run under autocast and their
+outputs come back in float32; the fusion loss, the inner step and every product of the
+hypergradient are float32.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tdfusion.trainer.meta import (
     trainable_parameters,
     vector_jacobian_product,
 )
+from tdfusion.trainer.precision import FLOAT32, Autocast
 from tdfusion.trainer.statistics import check_task_loss
 
 __all__ = [
@@ -125,6 +131,8 @@ class InnerStepResult:
         ``L_t(T(F(x_mtr)))`` (detached) when the task network is trainable.
     outer : callable
         ``outer(theta_F') -> L_t(T'(F'(x_mts)))``, a scalar.
+    precision : Autocast
+        How ``F`` and ``G`` were called (float32 by default).
     """
 
     fusion_model: nn.Module
@@ -141,6 +149,7 @@ class InnerStepResult:
     adapted_fusion: tuple[torch.Tensor, ...]
     meta_train_task_loss: torch.Tensor | None
     outer: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    precision: Autocast = FLOAT32
 
     def statistics(self, outer_loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """The meta step's logged values: inner losses, outer loss, mean ``w_a`` (scalars).
@@ -180,6 +189,7 @@ def inner_step(
     task_size: tuple[int, int] | None = None,
     differentiable: bool = True,
     reduce: GradientReduction | None = None,
+    precision: Autocast | None = None,
 ) -> InnerStepResult:
     """The inner step (Eq. 4, 5) on a meta-train batch, and the outer loss on a meta-test one.
 
@@ -214,6 +224,8 @@ def inner_step(
     reduce : callable, optional
         ``reduce(gradients, keep_graph)`` replaces this batch's gradients of ``L_f`` and
         ``L_t`` by those of the global batch (a distributed run); ``None`` keeps them.
+    precision : Autocast, optional
+        Mixed precision of the networks' forwards; ``None``: float32.
 
     Returns
     -------
@@ -222,13 +234,15 @@ def inner_step(
     """
     a_train, b_train, target_train, crop_a, crop_b = meta_train
     a_test, b_test, target_test = meta_test
+    precision = FLOAT32 if precision is None else precision
+    run = precision.forward
 
     # Inner step (Eq. 4): theta_F' = step(theta_F, dL_f/dtheta_F); keeps the graph to G.
     fusion_params = trainable_parameters(fusion_model)
     fusion_names, fusion_values = tuple(fusion_params), tuple(fusion_params.values())
     with torch.set_grad_enabled(differentiable):
-        weights = call_functionally(loss_generator, (crop_a, crop_b))
-    fused_crop = call_functionally(fusion_model, (crop_a, crop_b))
+        weights = run(call_functionally, loss_generator, (crop_a, crop_b))
+    fused_crop = run(call_functionally, fusion_model, (crop_a, crop_b))
     terms = fusion_loss_terms(fusion_loss, fused_crop, crop_a, crop_b, weights)
     inner_gradients = gradients(terms.total, fusion_values, create_graph=differentiable)
     if reduce is not None:
@@ -248,10 +262,11 @@ def inner_step(
             if task_a is crop_a and task_b is crop_b:  # no crop, no resize: reuse
                 fused_train = fused_crop.detach()
             else:
-                fused_train = call_functionally(fusion_model, (task_a, task_b))
+                fused_train = run(call_functionally, fusion_model, (task_a, task_b))
         task_values = list(task_params.values())
         meta_train_task_loss = check_task_loss(
-            call_functionally(task, (fused_train, target_train)), "meta step"
+            precision.task(task, task, (fused_train, target_train), call=call_functionally),
+            "meta step",
         )
         task_gradients = gradients(meta_train_task_loss, task_values)
         if reduce is not None:
@@ -265,11 +280,12 @@ def inner_step(
 
     def outer(fusion_values_prime: Sequence[torch.Tensor]) -> torch.Tensor:
         substitutes = dict(zip(fusion_names, fusion_values_prime))
-        fused_test = call_functionally(fusion_model, (test_a, test_b), substitutes)
+        fused_test = run(call_functionally, fusion_model, (test_a, test_b), substitutes)
         if task_params:
-            loss = call_functionally(task, (fused_test, target_test), task_substitutes)
+            arguments = (task, (fused_test, target_test), task_substitutes)
+            loss = precision.task(task, *arguments, call=call_functionally)
         else:
-            loss = task(fused_test, target_test)
+            loss = precision.task(task, fused_test, target_test)
         return check_task_loss(loss, "meta step")
 
     return InnerStepResult(
@@ -287,6 +303,7 @@ def inner_step(
         adapted_fusion=tuple(adapted_fusion),
         meta_train_task_loss=meta_train_task_loss,
         outer=outer,
+        precision=precision,
     )
 
 
@@ -384,7 +401,7 @@ def forward_mode_hypergradient(
             warnings.filterwarnings(
                 "ignore", message=r".*torch\.jit\.script", category=FutureWarning
             )
-            _, fused_tangent = torch.func.jvp(
+            _, fused_tangent = inner.precision.jvp(
                 fused_from, tuple(inner.fusion_values), tuple(direction)
             )
     except (RuntimeError, NotImplementedError) as error:
@@ -403,7 +420,7 @@ def forward_mode_hypergradient(
 
     # Back-propagate c through G.
     generator_params = trainable_parameters(inner.loss_generator)
-    weights = call_functionally(inner.loss_generator, (crop_a, crop_b))
+    weights = inner.precision.forward(call_functionally, inner.loss_generator, (crop_a, crop_b))
     return vector_jacobian_product([weights], generator_params, [weights_cotangent])
 
 

@@ -73,6 +73,9 @@ CONFIG_KEYS = (
     "hypergradient_method",
     "optimizer",
     "fusion_step_order",
+    "precision",
+    "compile",
+    "channels_last",
 )
 
 #: Optimisers of ``F`` and ``T`` by name (``optimizer=`` of :class:`MetaFusionTrainer`).

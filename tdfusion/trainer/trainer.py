@@ -27,6 +27,7 @@ from tdfusion.trainer.batches import (
     module_dtype,
     prepare_meta_batches,
 )
+from tdfusion.trainer.compilation import channels_last_, compiled_calls
 from tdfusion.trainer.hypergradient import (
     HYPERGRADIENT_METHODS,
     ForwardModeUnsupported,
@@ -56,10 +57,8 @@ from tdfusion.trainer.options import (
     trainer_config,
     trainer_from_preset,
 )
-from tdfusion.trainer.statistics import (
-    snapshot_buffers,
-    step_statistics,
-)
+from tdfusion.trainer.precision import Precision, mixed_precision
+from tdfusion.trainer.statistics import snapshot_buffers, step_statistics
 
 __all__ = ["Batch", "MetaFusionTrainer"]
 
@@ -170,6 +169,19 @@ class MetaFusionTrainer:
     fusion_step_order : {"simultaneous", "sequential"}
         In :meth:`fusion_step`, whether ``T`` learns from ``F``'s output before this step's
         update of ``F`` (Eq. 8 and 9 side by side) or after it (the research code).
+    precision : {"fp32", "bf16", "fp16"}
+        ``"bf16"``/``"fp16"``: the forwards (and backwards) of ``F``, ``G`` and a task network
+        (its loss inside its module) run under :func:`torch.autocast`; float32 are the
+        parameters, gradients, optimiser states, the fusion loss and a task function (on
+        float32 outputs), the inner step and the hypergradient's sums. ``"fp16"`` scales the
+        fusion phase's losses (``GradScaler``; an overflow skips the step) and refuses meta
+        steps: use ``"bf16"``. Table: :mod:`tdfusion.trainer.precision`.
+    compile : bool
+        :func:`torch.compile` the fusion phase's forwards of ``F``, ``G`` and ``T`` (the
+        meta step runs uncompiled, so the hypergradient is exact); a network whose compiled
+        first call fails warns once and runs uncompiled (:mod:`tdfusion.trainer.compilation`).
+    channels_last : bool
+        Networks and sources in :data:`torch.channels_last` memory order.
 
     Attributes
     ----------
@@ -190,6 +202,8 @@ class MetaFusionTrainer:
         ``step(parameters, gradients, lr_scale) -> parameters``; ``task_inner_step`` is a
         :class:`~tdfusion.trainer.meta.TaskOptimizerStep` with ``task_inner_optimizer=
         "task_optimizer"`` (or ``"task_optimizer_persistent"``).
+    autocast, loss_scaler : tdfusion.trainer.precision.Autocast, LossScaler
+        How the networks are called, and the fusion phase's loss scaling (``"fp16"``).
     distributed : bool
         Whether this trainer is one rank of a multi-process run.
     rank, world_size : int
@@ -236,6 +250,9 @@ class MetaFusionTrainer:
         ddp_options: Mapping[str, Any] | None = None,
         task_inner_optimizer: TaskInnerOptimizer | None = None,
         fusion_step_order: FusionStepOrder = "simultaneous",
+        precision: Precision = "fp32",
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         check_arguments(
             fusion_model,
@@ -275,11 +292,16 @@ class MetaFusionTrainer:
             loss_generator = LossGenerator()
         self.fusion_model = fusion_model.to(self.device)
         self.dtype = module_dtype(self.fusion_model)
+        self.autocast, self.loss_scaler = mixed_precision(precision, self.device, self.dtype)
+        self.precision, self.compile, self.channels_last = precision, compile, channels_last
         in_channels = getattr(self.fusion_model, "in_channels", None)
-        self._prepare = BatchPreparer(self.device, self.dtype, in_channels)
+        self._prepare = BatchPreparer(self.device, self.dtype, in_channels, self.channels_last)
         self.loss_generator = loss_generator.to(self.device)
         self.task_loss = (
             task_loss.to(self.device) if isinstance(task_loss, nn.Module) else task_loss
+        )
+        channels_last_(
+            self.fusion_model, self.loss_generator, self.task_loss, enabled=channels_last
         )
         self.fusion_loss = (
             fusion_loss if fusion_loss is not None else LearnableFusionLoss(alpha=1.0)
@@ -339,6 +361,7 @@ class MetaFusionTrainer:
         self.data_seed: int | None = None
 
         join_replicas(self, ddp_options)
+        self._calls = compiled_calls(self, self.compile)  # the fusion phase's forwards
 
     @property
     def is_main_process(self) -> bool:
@@ -391,6 +414,7 @@ class MetaFusionTrainer:
             task_size=self.task_size,
             differentiable=differentiable,
             reduce=self.strategy.global_gradients if synchronise else None,
+            precision=self.autocast.for_meta_step(),
         )
 
     def meta_loss(self, meta_train: Batch, meta_test: Batch) -> torch.Tensor:
