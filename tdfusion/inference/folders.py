@@ -184,7 +184,10 @@ def fuse_folders(
     def finish(fused_chunk: _FusedChunk) -> None:
         skipped, fused, size = fused_chunk
         if not bars:
-            bars.append(tqdm(total=len(pairs), desc="fusing", unit="pair", disable=not progress))
+            bar = tqdm(total=len(pairs), desc="fusing", unit="pair", disable=not progress)
+            # tqdm's clock is time.time: count its elapsed time and rate from the folder's start
+            bar.start_t = bar.last_print_t = time.time() - (time.perf_counter() - start)
+            bars.append(bar)
         report.skipped.extend(skipped)
         for item in fused:
             _finish(item, out, report, stretch=stretch, skip_bad=skip_bad)
