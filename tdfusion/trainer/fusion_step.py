@@ -180,12 +180,13 @@ def _fusion_phase_task_loss(
     a, b, target = batch
     task.train()
     task_a, task_b = resize_for_task(a, b, trainer.task_size)
-    with torch.no_grad():
-        reuse = crop is not None and task_a is crop[0] and task_b is crop[1]
-        if reuse and fused_crop is not None:
-            fused_task = fused_crop.detach()
-        else:
+    reuse = crop is not None and task_a is crop[0] and task_b is crop[1]
+    if reuse and fused_crop is not None:
+        fused_task = fused_crop.detach()
+    else:  # a constant for T's step: F's fastest forward (banded on the CPU)
+        with torch.inference_mode():
             fused_task = trainer.autocast.forward(trainer._calls["fusion_no_grad"], task_a, task_b)
+        fused_task = fused_task.clone()  # out of inference mode, an input T's graph can save
     loss = trainer.autocast.task(task, fused_task, target, call=trainer._calls["task"])
     return check_task_loss(loss, "fusion step")
 

@@ -37,6 +37,7 @@ __all__ = [
     "TaskInnerOptimizer",
     "TaskOptimizerStep",
     "call_functionally",
+    "constant_output",
     "differentiable_step",
     "gradients",
     "make_inner_optimizer",
@@ -393,6 +394,32 @@ def call_functionally(
     if params:
         substitutes.update(params)
     return functional_call(module, substitutes, args, strict=False)
+
+
+def constant_output(module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    """``module(*args)`` as a constant: no graph, no side effects, a tensor usable by autograd.
+
+    The call runs under :func:`torch.inference_mode`, where a network may take a faster
+    forward-only path (:class:`~tdfusion.nets.ReFusionNet` goes band by band on the CPU: the
+    same output up to float rounding, in about half the time), and through
+    :func:`call_functionally`, so that buffers are left as they were. The result is copied out
+    of inference mode, so that it can be the input of a differentiated computation.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module to call; it is not modified.
+    args : tuple
+        Positional arguments of ``forward``.
+
+    Returns
+    -------
+    torch.Tensor
+        What ``forward`` returns (a tensor), without a graph.
+    """
+    with torch.inference_mode():
+        output = call_functionally(module, args)
+    return output.clone()
 
 
 def vector_jacobian_product(
