@@ -189,12 +189,15 @@ def test_weight_tracker_keeps_the_curve_of_a_resumed_run(tmp_path):
     assert resumed.records[-1]["mean"] == pytest.approx(0.3)
 
 
-def test_weight_range_widens_a_uniform_map_and_keeps_a_varied_one():
+def test_weight_range_is_centred_on_equal_weights():
+    # A uniform map at 1/2 is widened, so that noise does not look like structure.
     assert weight_range(np.full((4, 4), 0.5)) == (0.475, 0.525)
-    assert weight_range(np.full((4, 4), 0.99)) == (0.95, 1.0)
-    varied = np.linspace(0.2, 0.8, 101)
+    # One-sided maps keep 1/2 at the centre: the palette's sides stay infrared and visible.
+    assert weight_range(np.full((4, 4), 0.99)) == (0.01, 0.99)
+    assert weight_range(np.full((4, 4), 0.3)) == (0.3, 0.7)
+    varied = np.linspace(0.2, 0.7, 101)
     low, high = weight_range(varied)
-    assert low == pytest.approx(0.206) and high == pytest.approx(0.794)
+    assert low == pytest.approx(0.205) and high == pytest.approx(0.795)
 
 
 def test_demo_starts_from_the_bundled_weights_and_says_what_to_do_without_them(monkeypatch):

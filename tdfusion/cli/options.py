@@ -8,10 +8,13 @@ that every bad argument ends in one line ``tdfusion COMMAND: error: ...`` and ex
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "HelpFormatter",
     "OneLineParser",
     "add_argument_check",
     "add_device_option",
@@ -39,6 +42,10 @@ class OneLineParser(argparse.ArgumentParser):
             What was wrong.
         """
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _integer(text: str, what: str) -> int:
@@ -288,3 +295,18 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
         "--overlap", type=non_negative_int, default=32, help="tile overlap in pixels (default 32)"
     )
     add_argument_check(parser, _tile_exceeds_overlap)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, but lines never break inside a hyphenated name, so that
+    names such as ``tdfusion-ivif`` or ``--init-weights`` stay whole whatever the width."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(
+            text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )

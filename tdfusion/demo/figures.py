@@ -2,8 +2,9 @@
 
 Every figure says what its colours mean: ``w_a`` is the weight of the infrared image in the
 intensity term of the fusion loss (``w_b = 1 - w_a`` that of the visible image), drawn with
-matplotlib's ``viridis``, so yellow means *infrared dominates* and dark blue *visible
-dominates*. Needs matplotlib (the ``all`` extra).
+matplotlib's diverging ``RdBu_r`` centred on 1/2, so red means *infrared dominates*
+(``w_a > 1/2``), blue *visible dominates* and white *equal weights*, whatever range the
+colour bar spans. Needs matplotlib (the ``all`` extra).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ __all__ = [
 #: The one-line legend of every ``w_a`` picture.
 WEIGHT_LEGEND = (
     "w_a = weight of the infrared image in the intensity loss (w_b = 1 - w_a): "
-    "yellow = infrared dominates, dark blue = visible dominates"
+    "red = infrared dominates, blue = visible dominates, white = equal"
 )
 
-_COLOURMAP = "viridis"
+_COLOURMAP = "RdBu_r"  # diverging: white at the centre, 1/2
 _ARM_COLOURS = {"learned": "tab:red", "fixed": "tab:blue"}
 _ARM_LABELS = {"learned": "learned loss", "fixed": "fixed loss (w = 1/2)"}
 
@@ -50,10 +51,13 @@ def _pyplot() -> Any:
 
 
 def weight_range(weight_a: np.ndarray, min_span: float = 0.05) -> tuple[float, float]:
-    """Colour-bar limits for a ``w_a`` map: its 1st to 99th percentile, at least ``min_span``.
+    """Colour-bar limits for a ``w_a`` map, centred on 1/2 (equal weights).
 
-    A map that is nearly uniform is drawn over at least ``min_span`` so that noise of a few
-    thousandths does not look like structure; the colour bar shows the values either way.
+    The limits are ``1/2 -+ d`` with ``d`` the larger distance of the map's 1st and 99th
+    percentiles from 1/2, at least ``min_span / 2``: with a diverging palette the centre
+    colour then always means equal weights, and each side one source. A map that is nearly
+    uniform at 1/2 is drawn over at least ``min_span``, so that noise of a few thousandths
+    does not look like structure; the colour bar shows the values either way.
 
     Parameters
     ----------
@@ -65,26 +69,26 @@ def weight_range(weight_a: np.ndarray, min_span: float = 0.05) -> tuple[float, f
     Returns
     -------
     (float, float)
-        ``(vmin, vmax)`` inside [0, 1].
+        ``(vmin, vmax)`` inside [0, 1], symmetric about 1/2.
 
     Example
     -------
     >>> weight_range(np.full((4, 4), 0.5))
     (0.475, 0.525)
+    >>> weight_range(np.full((4, 4), 0.3))  # red and blue stay infrared and visible
+    (0.3, 0.7)
     """
     low, high = (float(v) for v in np.percentile(weight_a, [1, 99]))
-    if high - low < min_span:
-        centre = (low + high) / 2
-        low, high = centre - min_span / 2, centre + min_span / 2
-        if low < 0:
-            low, high = 0.0, min_span
-        if high > 1:
-            low, high = 1.0 - min_span, 1.0
-    return round(low, 6), round(high, 6)
+    half = min(0.5, max(abs(low - 0.5), abs(high - 0.5), min_span / 2))
+    return round(0.5 - half, 6), round(0.5 + half, 6)
 
 
 def _draw_boxes(
-    axis: Any, boxes: torch.Tensor, size: tuple[int, int], classes: Sequence[str]
+    axis: Any,
+    boxes: torch.Tensor,
+    size: tuple[int, int],
+    classes: Sequence[str],
+    colour: str = "white",
 ) -> None:
     from matplotlib.patches import Rectangle
 
@@ -96,7 +100,7 @@ def _draw_boxes(
                 w * width,
                 h * height,
                 fill=False,
-                edgecolor="white",
+                edgecolor=colour,
                 linewidth=0.9,
             )
         )
@@ -168,14 +172,14 @@ def comparison_figure(
         axis = axes[-1]
         vmin, vmax = weight_range(weight_a)
         shown = axis.imshow(weight_a, cmap=_COLOURMAP, vmin=vmin, vmax=vmax)
-        _draw_boxes(axis, boxes, (height, width), classes)
+        _draw_boxes(axis, boxes, (height, width), classes, colour="black")
         axis.set_title(
-            f"learned w_a (mean {weight_a.mean():.3f})\nwhite boxes: objects", fontsize=9
+            f"learned w_a (mean {weight_a.mean():.3f})\nblack boxes: objects", fontsize=9
         )
         axis.set_axis_off()
         bar = figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
-        bar.set_label("w_a (yellow: infrared)", fontsize=8)
+        bar.set_label("w_a (red: infrared, blue: visible)", fontsize=8)
     figure.suptitle(
         f"{name}: each fusion by a model that did not train on this pair "
         f"({', '.join(classes)} boxes). {WEIGHT_LEGEND}",
@@ -209,7 +213,7 @@ def weight_map_figure(
     visible : numpy.ndarray
         ``uint8`` visible image, (H, W, 3) or (H, W).
     boxes : torch.Tensor
-        (K, 5) normalised boxes, drawn in white.
+        (K, 5) normalised boxes, drawn in black.
 
     Returns
     -------
@@ -230,12 +234,12 @@ def weight_map_figure(
     axes[1].imshow(weight_a, cmap=_COLOURMAP, vmin=vmin, vmax=vmax, alpha=0.55)
     axes[1].set_title("over the visible image", fontsize=9)
     for axis in axes:
-        _draw_boxes(axis, boxes, weight_a.shape, ())
+        _draw_boxes(axis, boxes, weight_a.shape, (), colour="black")
         axis.set_axis_off()
     bar = figure.colorbar(shown, cax=bar_axis)
-    bar.set_label("w_a (yellow: infrared)", fontsize=8)
+    bar.set_label("w_a (red: infrared, blue: visible)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    figure.text(0.01, 0.02, WEIGHT_LEGEND + "; white boxes: objects", fontsize=8)
+    figure.text(0.01, 0.02, WEIGHT_LEGEND + "; black boxes: objects", fontsize=8)
     figure.subplots_adjust(left=0.01, right=0.93, top=0.92, bottom=0.1, wspace=0.04)
     figure.savefig(path)
     plt.close(figure)

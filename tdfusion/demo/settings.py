@@ -38,12 +38,14 @@ class DemoSettings:
       ``task_size`` 192 x 256 is the paper's detection size for M3FD;
     - ``alpha`` 2 instead of 1: the pretrained weights were trained towards the brighter source
       at every pixel, and the intensity target of ``w_a = w_b = 1/2`` is the mean of the two
-      sources, whose VIF is about 0.33 on the sample. Measured on the sample's held-out pairs,
-      twelve fusion steps at ``alpha = 1`` pull the pretrained network's VIF from 0.405 to
-      0.39 in both arms; at ``alpha = 2`` the heavier gradient term keeps it (0.403 fixed,
-      0.402 learned), so both arms start from and keep the pretrained image quality. The
-      learned weights act on the intensity term only; ``alpha`` sets how much that term
-      counts against the edges, equally in both arms.
+      sources, whose VIF is about 0.33 on the sample. Measured on the sample's held-out pairs
+      with an earlier version of the bundled weights, twelve fusion steps at ``alpha = 1``
+      pulled the pretrained network's VIF from 0.405 to 0.39 in both arms, and at
+      ``alpha = 2`` the heavier gradient term kept it (0.403 fixed, 0.402 learned); with the
+      current weights the demo goes from 0.412 to 0.408 (fixed) and 0.406 (learned), so
+      both arms start from and keep the pretrained image quality. The learned weights act on
+      the intensity term only; ``alpha`` sets how much that term counts against the edges,
+      equally in both arms.
 
     Attributes
     ----------
