@@ -8,7 +8,7 @@ touch a random generator.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "BatchPreparer",
     "check_batch",
     "crop_size",
+    "map_tensors",
     "module_dtype",
     "move_target",
     "random_crop",
@@ -142,17 +143,44 @@ def move_target(target: Any, device: torch.device, dtype: torch.dtype) -> Any:
     ...             torch.float64)["masks"].dtype
     torch.int64
     """
-    if isinstance(target, torch.Tensor):
-        if target.is_floating_point():
-            return target.to(device=device, dtype=dtype)
-        return target.to(device=device)
-    if isinstance(target, Mapping):
-        return type(target)({k: move_target(v, device, dtype) for k, v in target.items()})
-    if isinstance(target, tuple) and hasattr(target, "_fields"):  # named tuple
-        return type(target)(*(move_target(v, device, dtype) for v in target))
-    if isinstance(target, (list, tuple)):
-        return type(target)(move_target(v, device, dtype) for v in target)
-    return target
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            return tensor.to(device=device, dtype=dtype)
+        return tensor.to(device=device)
+
+    return map_tensors(move, target)
+
+
+def map_tensors(function: Callable[[torch.Tensor], torch.Tensor], structure: Any) -> Any:
+    """``structure`` with ``function`` applied to each of its tensors.
+
+    Parameters
+    ----------
+    function : callable
+        Maps one tensor to another.
+    structure : Any
+        A tensor, or mappings, (named) tuples and lists of them; anything else is kept.
+
+    Returns
+    -------
+    Any
+        The same structure, of the same container types.
+
+    Example
+    -------
+    >>> map_tensors(torch.neg, {"x": (torch.ones(1), "kept")})
+    {'x': (tensor([-1.]), 'kept')}
+    """
+    if isinstance(structure, torch.Tensor):
+        return function(structure)
+    if isinstance(structure, Mapping):
+        return type(structure)({k: map_tensors(function, v) for k, v in structure.items()})
+    if isinstance(structure, tuple) and hasattr(structure, "_fields"):  # named tuple
+        return type(structure)(*(map_tensors(function, v) for v in structure))
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(map_tensors(function, v) for v in structure)
+    return structure
 
 
 def crop_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:

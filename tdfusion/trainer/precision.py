@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from tdfusion.inference.acceleration import PRECISIONS, Precision
+from tdfusion.trainer.batches import map_tensors
 
 __all__ = [
     "FLOAT32",
@@ -122,15 +123,7 @@ def to_float32(output: Any) -> Any:
     >>> to_float32((torch.ones(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.float64)))
     (tensor([1.]), tensor([1.], dtype=torch.float64))
     """
-    if isinstance(output, torch.Tensor):
-        return output.float() if output.dtype in _LOW else output
-    if isinstance(output, Mapping):
-        return type(output)({k: to_float32(v) for k, v in output.items()})
-    if isinstance(output, tuple) and hasattr(output, "_fields"):  # named tuple
-        return type(output)(*(to_float32(v) for v in output))
-    if isinstance(output, (tuple, list)):
-        return type(output)(to_float32(v) for v in output)
-    return output
+    return map_tensors(lambda tensor: tensor.float() if tensor.dtype in _LOW else tensor, output)
 
 
 @dataclass(frozen=True)
