@@ -84,12 +84,9 @@ def weight_range(weight_a: np.ndarray, min_span: float = 0.05) -> tuple[float, f
 
 
 def _draw_boxes(
-    axis: Any,
-    boxes: torch.Tensor,
-    size: tuple[int, int],
-    classes: Sequence[str],
-    colour: str = "white",
+    axis: Any, boxes: torch.Tensor, size: tuple[int, int], classes: Sequence[str]
 ) -> None:
+    """Object boxes in black: the weight maps' palette is white at equal weights."""
     from matplotlib.patches import Rectangle
 
     height, width = size
@@ -100,7 +97,7 @@ def _draw_boxes(
                 w * width,
                 h * height,
                 fill=False,
-                edgecolor=colour,
+                edgecolor="black",
                 linewidth=0.9,
             )
         )
@@ -172,7 +169,7 @@ def comparison_figure(
         axis = axes[-1]
         vmin, vmax = weight_range(weight_a)
         shown = axis.imshow(weight_a, cmap=_COLOURMAP, vmin=vmin, vmax=vmax)
-        _draw_boxes(axis, boxes, (height, width), classes, colour="black")
+        _draw_boxes(axis, boxes, (height, width), classes)
         axis.set_title(
             f"learned w_a (mean {weight_a.mean():.3f})\nblack boxes: objects", fontsize=9
         )
@@ -234,7 +231,7 @@ def weight_map_figure(
     axes[1].imshow(weight_a, cmap=_COLOURMAP, vmin=vmin, vmax=vmax, alpha=0.55)
     axes[1].set_title("over the visible image", fontsize=9)
     for axis in axes:
-        _draw_boxes(axis, boxes, weight_a.shape, (), colour="black")
+        _draw_boxes(axis, boxes, weight_a.shape, ())
         axis.set_axis_off()
     bar = figure.colorbar(shown, cax=bar_axis)
     bar.set_label("w_a (red: infrared, blue: visible)", fontsize=8)
