@@ -40,6 +40,11 @@ def demo(places, *extra):
     return ["demo", *extra]
 
 
+def benchmark(places, *extra):
+    return ["benchmark", "--dataset", "msrs", "--data-root", str(places / "folder"),
+            "--models", "mean", *extra]  # fmt: skip
+
+
 BAD_ARGUMENTS = [
     (fuse, ["--tile", "0"], "argument --tile: expected a positive integer, got 0"),
     (fuse, ["--tile", "-1"], "argument --tile: expected a positive integer, got -1"),
@@ -74,7 +79,19 @@ BAD_ARGUMENTS = [
     (demo, ["--epochs", "0"], "positive integer"),
     (demo, ["--meta-steps", "-1"], "at least 0"),
     (demo, ["--out", "{file}"], "is a file"),
+    (benchmark, ["--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
+    (benchmark, ["--seeds"], "argument --seeds: expected at least one argument"),
+    (benchmark, ["--lr", "-1"], "expected a positive number"),
+    (benchmark, ["--dataset", "kitti"], "argument --dataset: invalid choice: 'kitti'"),
+    (benchmark, ["--device", "gpu"], "unknown device 'gpu'"),
 ]
+
+
+def test_benchmark_names_the_missing_folder_of_the_layout(places, capsys):
+    assert main(benchmark(places)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert f"MSRS infrared folder {places / 'folder' / 'train' / 'ir'} does not exist" in error
 
 
 @pytest.mark.parametrize("command, extra, expected", BAD_ARGUMENTS)
