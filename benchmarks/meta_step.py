@@ -19,8 +19,10 @@ are compared (``--work``):
 
 Timings are taken in one child process per kind of work, the three steps (research meta step,
 our meta step, our fusion step) alternating on the same inputs, as medians after a warm-up
-round. Peak memory and its growth over the steps are measured in a fresh child process per
-variant, so that each peak is its own. Run from the repository root::
+round. A fourth variant, ``ours-meta-lean``, is our meta step with the blocks of ``F`` and ``G``
+checkpointed (``set_grad_checkpointing()``), which trades time for memory. Peak memory and its
+growth over the steps are measured in a fresh child process per variant, so that each peak is
+its own. Run from the repository root::
 
     python benchmarks/meta_step.py [--work both] [--steps 3] [--memory-steps 20] [--threads 2]
 
@@ -68,6 +70,9 @@ def build(mode: str, batches, work: str = "tdfusion"):
 
     research = work == "research"
     fusion, generator = ReFusionNet(), LossGenerator()
+    if mode == "ours-meta-lean":
+        fusion.set_grad_checkpointing()
+        generator.set_grad_checkpointing()
     task = SegmentationTask(9, pad=not research, align_corners=research)
     if mode == "research-meta":
         from _research_mechanics import ResearchMechanics
@@ -84,7 +89,7 @@ def build(mode: str, batches, work: str = "tdfusion"):
         task_size=(240, 320),
         device="cpu",
     )
-    if mode == "ours-meta":
+    if mode in ("ours-meta", "ours-meta-lean"):
         return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
     return lambda i: trainer.fusion_step(batches[i % 4])
 
@@ -104,7 +109,8 @@ def time_side_by_side(steps: int, data: Path, work: str) -> dict[str, list[float
     """Alternate the three variants in this process on the same inputs; seconds per step."""
     batches = make_batches(data, 4, work)
     variants = {
-        mode: build(mode, batches, work) for mode in ("research-meta", "ours-meta", "ours-fusion")
+        mode: build(mode, batches, work)
+        for mode in ("research-meta", "ours-meta", "ours-meta-lean", "ours-fusion")
     }
     times: dict[str, list[float]] = {mode: [] for mode in variants}
     for i in range(steps + 1):  # round 0 is the warm-up
@@ -141,8 +147,10 @@ def report(work: str, args: argparse.Namespace) -> str:
     # Every measurement runs in a child process, so that this one holds no memory meanwhile.
     times = run_child("timing", args.steps, args.data, args.threads, work)
     ours_meta = run_child("ours-meta", args.memory_steps, args.data, args.threads, work)
+    lean = run_child("ours-meta-lean", args.memory_steps, args.data, args.threads, work)
     research = run_child("research-meta", args.research_steps, args.data, args.threads, work)
     meta = statistics.median(times["ours-meta"])
+    lean_time = statistics.median(times["ours-meta-lean"])
     fusion = statistics.median(times["ours-fusion"])
     baseline = statistics.median(times["research-meta"])
     for mode, values in times.items():
@@ -151,16 +159,19 @@ def report(work: str, args: argparse.Namespace) -> str:
             + ", ".join(f"{v:.2f}" for v in values)
             + ")"
         )
-    for name, result in (("ours meta", ours_meta), ("research meta", research)):
+    variants = (("ours meta", ours_meta), ("ours lean", lean), ("research meta", research))
+    for name, result in variants:
         print(
             f"{name:14s} peak RSS {result['peak']:.2f} GiB; RSS after each step "
             + " ".join(f"{m:.2f}" for m in result["rss"])
         )
     growth = ours_meta["rss"][-1] - ours_meta["rss"][1]
     research_growth = research["rss"][-1] - research["rss"][1]
+    lean_growth = lean["rss"][-1] - lean["rss"][1]
     print(
-        f"memory growth over the run: ours {growth:+.2f} GiB ({len(ours_meta['rss']) - 1} meta "
-        f"steps), research {research_growth:+.2f} GiB ({len(research['rss']) - 1} meta steps)"
+        f"memory growth over the run: ours {growth:+.2f} GiB, lean {lean_growth:+.2f} GiB "
+        f"({len(ours_meta['rss']) - 1} meta steps each), research {research_growth:+.2f} GiB "
+        f"({len(research['rss']) - 1} meta steps)"
     )
     ours_name = "ours (research preset)" if work == "research" else "ours (default)"
     return (
@@ -168,7 +179,10 @@ def report(work: str, args: argparse.Namespace) -> str:
         f"networks {baseline:.2f} s, speed-up {baseline / meta:.2f}x; ours meta/fusion "
         f"{meta / fusion:.2f}x (fusion step {fusion:.2f} s); peak memory over "
         f"{len(ours_meta['rss']) - 1} meta steps ours {ours_meta['peak']:.2f} GiB vs research "
-        f"{research['peak']:.2f} GiB"
+        f"{research['peak']:.2f} GiB ({ours_meta['peak'] / research['peak']:.2f}); lean "
+        f"(grad checkpointing) {lean_time:.2f} s, speed-up {baseline / lean_time:.2f}x, "
+        f"{lean_time / meta:.2f}x the default, peak {lean['peak']:.2f} GiB "
+        f"({lean['peak'] / research['peak']:.2f} of research)"
     )
 
 

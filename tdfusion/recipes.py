@@ -127,6 +127,10 @@ class Recipe:
         :func:`torch.compile` the fusion phase's forwards (uncompiled when that fails).
     channels_last : bool
         Networks and sources in channels-last memory order.
+    grad_checkpointing : bool
+        Checkpoint the blocks of ``F`` and ``G``
+        (:meth:`~tdfusion.nets.ReFusionNet.set_grad_checkpointing`): the meta step's memory
+        peak falls to about 60% for about a fifth more time.
     """
 
     name: str
@@ -165,6 +169,7 @@ class Recipe:
     precision: str = "fp32"
     compile: bool = False
     channels_last: bool = False
+    grad_checkpointing: bool = False
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with some settings changed (unknown names are an error).
@@ -427,10 +432,17 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
             f"{recipe.meta_steps} meta steps per epoch need precision 'bf16' (or 'fp32'), or "
             "set meta_steps to 0"
         )
-    return MetaFusionTrainer(
+    fusion = (
         ReFusionNet()
         if recipe.init_weights is None
-        else ReFusionNet.from_pretrained(recipe.init_weights),
+        else ReFusionNet.from_pretrained(recipe.init_weights)
+    )
+    if recipe.grad_checkpointing:
+        for network in (fusion, generator):
+            if hasattr(network, "set_grad_checkpointing"):
+                network.set_grad_checkpointing()
+    return MetaFusionTrainer(
+        fusion,
         build_task(recipe),
         generator,
         LearnableFusionLoss(alpha=recipe.alpha, weighting=recipe.weighting),  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ torch.Size([1, 2, 32, 40])
 from __future__ import annotations
 
 from tdfusion.nets.bundled import DEFAULT_FUSION_WEIGHTS, list_pretrained
+from tdfusion.nets.checkpointing import checkpointed_call
 from tdfusion.nets.fixed_weights import FixedLossWeights
 from tdfusion.nets.generator import LossGenerator
 from tdfusion.nets.layers import (
@@ -44,6 +45,7 @@ __all__ = [
     "ReFusionNet",
     "RestormerBlock",
     "TwoSourceNetwork",
+    "checkpointed_call",
     "convert_research_state_dict",
     "create_model",
     "list_models",

@@ -93,7 +93,8 @@ class LossGenerator(TwoSourceNetwork):
         """
         features_a, features_b = self.encode(a, b)
         features = torch.cat([features_a, features_b], dim=1)
-        logits = self.head_out(self.head_act(self.head_conv(self.decoder(features))))
+        decoded = self.head_conv(self.run_blocks(self.decoder, features))
+        logits = self.head_out(self.head_act(decoded))
         # The blocks work channels-last; hand back the usual layout.
         return torch.softmax(logits, dim=1).contiguous()
 

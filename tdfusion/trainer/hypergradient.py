@@ -395,7 +395,9 @@ def forward_mode_hypergradient(
         return functional_call(model, substitutes, (crop_a, crop_b), strict=False)
 
     try:
-        with warnings.catch_warnings():
+        # No graph is recorded: forward-mode tangents do not need one (torch.func.jvp works
+        # under no_grad), and networks that checkpoint their blocks then run them plainly.
+        with warnings.catch_warnings(), torch.no_grad():
             # PyTorch's first forward-mode call scripts its decompositions with the deprecated
             # torch.jit.script; that is PyTorch's business, not the user's.
             warnings.filterwarnings(
