@@ -130,7 +130,8 @@ class Recipe:
     grad_checkpointing : bool
         Checkpoint the blocks of ``F`` and ``G``
         (:meth:`~tdfusion.nets.ReFusionNet.set_grad_checkpointing`): the meta step's memory
-        peak falls to about 60% for about a fifth more time.
+        peak falls by about 45% (4.2 to 2.3 GiB in the paper's MSRS setting) for 1.16 times
+        the time.
     """
 
     name: str
