@@ -102,7 +102,7 @@ class TwoSourceNetwork(PretrainedMixin, nn.Module):
         self.grad_checkpointing = bool(enable)
 
     def run_blocks(self, blocks: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
-        """Run a stage of blocks, each checkpointed when :attr:`grad_checkpointing` applies.
+        """Run a stage of blocks, each checkpointed when ``grad_checkpointing`` applies.
 
         Parameters
         ----------
