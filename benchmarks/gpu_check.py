@@ -7,12 +7,13 @@ CUDA error in one part cannot take the others down) and prints one ``PASS``, ``F
 - ``hypergradient``: ``MetaFusionTrainer.hypergradient`` in float32 on CUDA (TF32 off) against
   float64 on the CPU, same networks and batches; passes at 1e-4 relative (L2 over all of G's
   parameters);
-- ``steps-fp32``, ``steps-bf16``, ``steps-compiled``: the paper's MSRS setting (ReFusionNet,
-  LossGenerator, SegFormer-b0 when ``segmentation_models_pytorch`` is installed, else a fixed
-  task; 480x640 pairs in batches of 2, 256x256 fusion crop, 240x320 task input): meta and fusion
-  steps of ``MetaFusionTrainer`` in float32, with ``precision="bf16"`` (also the cosine of its
-  hypergradient with float32's) and with ``compile=True``; median times, the meta/fusion ratio
-  and the peak CUDA memory of each;
+- ``steps-fp32``, ``steps-bf16``, ``steps-compiled``, ``steps-lean``: the paper's MSRS setting
+  (ReFusionNet, LossGenerator, SegFormer-b0 when ``segmentation_models_pytorch`` is installed,
+  else a fixed task; 480x640 pairs in batches of 2, 256x256 fusion crop, 240x320 task input):
+  meta and fusion steps of ``MetaFusionTrainer`` in float32, with ``precision="bf16"`` (also
+  the cosine of its hypergradient with float32's), with ``compile=True``, and in float32 with
+  gradient checkpointing of F and G (``set_grad_checkpointing()``); median times, the
+  meta/fusion ratio and the peak CUDA memory of each;
 - ``fuse-1280x1024``: one 1280x1024 pair through ReFusionNet (the authors' IVIF weights when
   ``../shared/data`` has them) with ``tdfusion.inference.fuse_tensors``, in float32 and bf16
   (``accelerate(net, precision="bf16")``): time, peak memory, largest bf16 difference;
@@ -52,7 +53,8 @@ PARTS: dict[str, int] = {
     "hypergradient": 60,
     "steps-fp32": 60,
     "steps-bf16": 60,
-    "steps-compiled": 150,
+    "steps-compiled": 135,
+    "steps-lean": 45,
     "fuse-1280x1024": 45,
     "nccl-torchrun": 60,
 }
@@ -119,6 +121,9 @@ def _msrs_trainer(mode: str) -> tuple[Any, str]:
 
     torch.manual_seed(0)
     fusion, loss_generator = ReFusionNet(), LossGenerator()
+    if mode == "lean":
+        fusion.set_grad_checkpointing()
+        loss_generator.set_grad_checkpointing()
     try:
         from tdfusion.tasks import SegmentationTask
 
@@ -164,7 +169,7 @@ def _msrs_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def check_steps(mode: str, steps: int = 3) -> str:
-    """Meta and fusion steps in one mode: fp32, bf16 (``precision``) or compiled."""
+    """Meta and fusion steps in one mode: fp32, bf16 (``precision``), compiled or lean."""
     trainer, task_name = _msrs_trainer(mode)
     batches = _msrs_batches(4)
     extra = ""
