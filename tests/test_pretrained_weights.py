@@ -66,11 +66,11 @@ def fused_sample_pairs():
 
 
 def test_bundled_weights_fuse_real_pairs_well(fused_sample_pairs):
-    # Floors a little under the measured means (VIF 0.412, Qabf 0.608, SSIM 0.677): a
+    # Floors a little under the measured means (VIF 0.436, Qabf 0.627, SSIM 0.685): a
     # regression guard for the weights that ship.
     scores = [evaluate(*triple) for triple in fused_sample_pairs]
     mean = {key: float(np.mean([s[key] for s in scores])) for key in ("VIF", "Qabf", "SSIM")}
-    assert mean["VIF"] >= 0.40 and mean["Qabf"] >= 0.59 and mean["SSIM"] >= 0.65, mean
+    assert mean["VIF"] >= 0.42 and mean["Qabf"] >= 0.61 and mean["SSIM"] >= 0.66, mean
     for fused, ir, vis in fused_sample_pairs:
         # Natural brightness: not darker than the darker source by more than a few levels.
         assert fused.mean() >= min(ir.mean(), vis.mean()) - 3.0
