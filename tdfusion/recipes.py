@@ -130,7 +130,7 @@ class Recipe:
     grad_checkpointing : bool
         Checkpoint the blocks of ``F`` and ``G``
         (:meth:`~tdfusion.nets.ReFusionNet.set_grad_checkpointing`): the meta step's memory
-        peak falls by about 45% (4.2 to 2.3 GiB in the paper's MSRS setting) for 1.16 times
+        peak falls by about 42% (4.2 to 2.4 GiB in the paper's MSRS setting) for 1.12 times
         the time.
     """
 
