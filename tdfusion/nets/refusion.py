@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from tdfusion.nets.banded import banded_forward
-from tdfusion.nets.checkpointing import checkpointed_call, checkpointing_applies
 from tdfusion.nets.layers import (
     CrossAttentionFusion,
     restormer_stage,
@@ -107,10 +106,7 @@ class ReFusionNet(TwoSourceNetwork):
         if self.banded and _runs_banded(a):
             return banded_forward(self, a, b)
         features_a, features_b = self.encode(a, b)
-        if self.grad_checkpointing and checkpointing_applies():
-            features = checkpointed_call(self.fusion, features_a, features_b)
-        else:
-            features = self.fusion(features_a, features_b)
+        features = self.call_block(self.fusion, features_a, features_b)
         decoded = self.head_conv(self.run_blocks(self.decoder, features))
         # The blocks work channels-last; hand back the usual layout.
         return torch.sigmoid(self.head_out(self.head_act(decoded))).contiguous()

@@ -80,11 +80,11 @@ class TwoSourceNetwork(PretrainedMixin, nn.Module):
         The activations kept for the backward pass shrink to the blocks' inputs (a default
         ReFusionNet's graph keeps 5% of the elements it keeps without, a LossGenerator's 6%)
         at the price of one more forward of the blocks per backward pass; outputs and
-        gradients are unchanged. It applies while a graph is
-        recorded (not under :func:`torch.no_grad` or :func:`torch.inference_mode`), including
-        under :func:`torch.func.functional_call`, so the meta step's ``F'`` and
-        second-order back-propagation through the inner step work as without it. The name and
-        signature are timm's.
+        gradients are unchanged. It applies while a graph is recorded (not under
+        :func:`torch.no_grad` or :func:`torch.inference_mode`), including under
+        :func:`torch.func.functional_call`, so the meta step's ``F'`` and second-order
+        back-propagation through the inner step work as without it. The name and signature
+        are timm's.
 
         Parameters
         ----------
@@ -101,6 +101,28 @@ class TwoSourceNetwork(PretrainedMixin, nn.Module):
         """
         self.grad_checkpointing = bool(enable)
 
+    def _checkpoints(self) -> bool:
+        return self.grad_checkpointing and checkpointing_applies()
+
+    def call_block(self, block: nn.Module, *inputs: torch.Tensor) -> Any:
+        """``block(*inputs)``, checkpointed when ``grad_checkpointing`` applies.
+
+        Parameters
+        ----------
+        block : torch.nn.Module
+            One block of this network.
+        *inputs : torch.Tensor
+            Its positional arguments.
+
+        Returns
+        -------
+        Any
+            What ``block(*inputs)`` returns.
+        """
+        if self._checkpoints():
+            return checkpointed_call(block, *inputs)
+        return block(*inputs)
+
     def run_blocks(self, blocks: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
         """Run a stage of blocks, each checkpointed when ``grad_checkpointing`` applies.
 
@@ -116,8 +138,8 @@ class TwoSourceNetwork(PretrainedMixin, nn.Module):
         torch.Tensor
             Its output.
         """
-        if not (self.grad_checkpointing and checkpointing_applies()):
-            return blocks(features)
+        if not self._checkpoints():
+            return blocks(features)  # the stage's own call (and hooks), as without the option
         for block in blocks:
             features = checkpointed_call(block, features)
         return features
