@@ -3,7 +3,8 @@
 :data:`DATASETS` maps ``Recipe.dataset`` to a reader ``(recipe, root, split, transform) ->
 dataset`` (the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`);
 :data:`TASKS` maps ``Recipe.task`` to a builder ``recipe -> task network`` (or task loss);
-:func:`read_transform` is the crop, flips and darkening applied to each pair as it is read.
+:func:`read_transform` is the crop, flips, darkening, blur and noise applied to each pair as it
+is read.
 """
 
 from __future__ import annotations
@@ -20,14 +21,22 @@ __all__ = ["DATASETS", "TASKS", "no_task", "read_transform"]
 
 
 def read_transform(recipe: Recipe) -> Any:
-    """The transform applied to every pair when it is read (``data_crop``), or None."""
+    """The transform applied to every pair when it is read (``data_crop``), or None.
+
+    A random crop and flips, then, as the recipe asks, :class:`~tdfusion.data.RandomExposure`
+    on both sources, :class:`~tdfusion.data.RandomBlur` on ``a`` and
+    :class:`~tdfusion.data.RandomNoise` on ``b``, all drawn from one generator seeded by
+    ``seed + 1``.
+    """
     if recipe.data_crop is None:
         return None
     from tdfusion.data import (
         Compose,
+        RandomBlur,
         RandomCrop,
         RandomExposure,
         RandomHorizontalFlip,
+        RandomNoise,
         RandomVerticalFlip,
     )
 
@@ -40,6 +49,14 @@ def read_transform(recipe: Recipe) -> Any:
             *(
                 [RandomExposure(max_gamma=recipe.exposure_gamma, generator=augment)]
                 if recipe.exposure_augment
+                else []
+            ),
+            # Blur and noise come after the darkening and only when asked for, so that the
+            # random draws of recipes without them stay as they were.
+            *([RandomBlur(recipe.blur_augment, generator=augment)] if recipe.blur_augment else []),
+            *(
+                [RandomNoise(recipe.noise_augment, generator=augment)]
+                if recipe.noise_augment
                 else []
             ),
         ]

@@ -100,6 +100,14 @@ class Recipe:
         (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
     exposure_gamma : float
         Largest gamma of that darkening (1: a factor only; larger: mid-tones turn black).
+    blur_augment : float
+        Largest standard deviation (pixels) of a Gaussian blur of source ``a`` of a cropped
+        pair, applied to half the pairs (:class:`~tdfusion.data.RandomBlur`): soft infrared
+        images; 0: none.
+    noise_augment : float
+        Largest standard deviation (0-1 range) of Gaussian noise added to source ``b`` of a
+        cropped pair after the darkening, for half the pairs
+        (:class:`~tdfusion.data.RandomNoise`): grainy night visible images; 0: none.
     init_weights : str or None
         Fusion weights to start from (a name of :func:`~tdfusion.nets.list_pretrained`, a
         ``save_pretrained`` file or a trainer checkpoint); ``None``: a fresh network.
@@ -161,6 +169,8 @@ class Recipe:
     data_crop: int | None = None
     exposure_augment: bool = False
     exposure_gamma: float = 1.0
+    blur_augment: float = 0.0
+    noise_augment: float = 0.0
     init_weights: str | None = None
     weighting: str = "linear"
     task_inner_optimizer: str = "sgd"
@@ -354,8 +364,9 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     """The recipe's dataset (full-size images; the trainer crops and resizes).
 
     Segmentation masks are resized to ``task_size`` (nearest), matching the task input; with
-    ``data_crop`` every pair is cropped (and flipped, and darkened with ``exposure_augment``)
-    when it is read; with ``stride`` every ``stride``-th pair is kept.
+    ``data_crop`` every pair is cropped (and flipped, and darkened, blurred or made noisy as
+    the recipe's augmentation settings say) when it is read; with ``stride`` every
+    ``stride``-th pair is kept.
 
     Parameters
     ----------

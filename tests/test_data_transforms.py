@@ -8,9 +8,12 @@ from torch.utils.data import DataLoader
 
 from tdfusion.data import (
     Compose,
+    RandomBlur,
     RandomCrop,
+    RandomExposure,
     RandomFlip,
     RandomHorizontalFlip,
+    RandomNoise,
     RandomVerticalFlip,
     Resize,
     SwapSources,
@@ -213,3 +216,83 @@ def test_swap_sources_as_a_collate_step():
 def test_random_flip_names_its_axis():
     with pytest.raises(ValueError, match="axis must be 'horizontal' or 'vertical'"):
         RandomFlip("diagonal")
+
+
+def textured_pair(seed=0, size=48):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, size, size, generator=g), torch.rand(1, size, size, generator=g), "stem"
+
+
+def test_exposure_darkens_each_source_within_its_range():
+    a, b, target = textured_pair()
+    a2, b2, target2 = RandomExposure(0.5, 0.5, p=1.0, max_gamma=1.0)((a, b, target))
+    assert torch.allclose(a2, 0.5 * a) and torch.allclose(b2, 0.5 * b) and target2 == "stem"
+    # A gamma of at most 3 and a factor of at most 1: never brighter, never below k * x**3.
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        a3, _, _ = RandomExposure(0.25, 1.0, p=1.0, max_gamma=3.0, generator=g)((a, b, target))
+        assert bool((a3 <= a + 1e-7).all()) and bool((a3 >= 0.25 * a**3 - 1e-7).all())
+    assert RandomExposure(p=0.0)((a, b, target))[0] is a
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RandomExposure(0.0, 1.0), "0 < low <= high <= 1"),
+        (lambda: RandomExposure(0.5, 1.0, max_gamma=0.5), "max_gamma >= 1"),
+        (lambda: RandomBlur(0.0), "max_sigma > 0"),
+        (lambda: RandomBlur(1.0, min_sigma=2.0), "min_sigma <= max_sigma"),
+        (lambda: RandomBlur(1.0, source="ir"), "source 'a' or 'b'"),
+        (lambda: RandomNoise(-0.1), "max_sigma > 0"),
+        (lambda: RandomNoise(0.1, source="c"), "source 'a' or 'b'"),
+    ],
+)
+def test_photometric_transforms_reject_bad_settings(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("source", ["a", "b"])
+def test_blur_softens_only_the_chosen_source(source):
+    a, b, target = textured_pair()
+    a2, b2, target2 = RandomBlur(2.0, min_sigma=2.0, p=1.0, source=source)((a, b, target))
+    blurred, kept = (a2, b2) if source == "a" else (b2, a2)
+    original, other = (a, b) if source == "a" else (b, a)
+    assert torch.equal(kept, other) and target2 == "stem"
+    assert blurred.shape == original.shape and blurred.dtype == original.dtype
+    # White noise loses most of its variance under a sigma-2 Gaussian; the mean stays.
+    assert float(blurred.std()) < 0.3 * float(original.std())
+    assert abs(float(blurred.mean()) - float(original.mean())) < 1e-3
+    assert RandomBlur(2.0, p=0.0)((a, b, target))[0] is a
+
+
+def test_blur_keeps_channels_apart():
+    image = torch.zeros(3, 9, 9)
+    image[1, 4, 4] = 1.0
+    blurred, _, _ = RandomBlur(1.0, min_sigma=1.0, p=1.0)((image, image.clone(), None))
+    assert float(blurred[0].abs().max()) == 0.0 and float(blurred[2].abs().max()) == 0.0
+    assert abs(float(blurred[1].sum()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("source", ["a", "b"])
+def test_noise_is_added_to_the_chosen_source_and_clipped(source):
+    a, b = torch.full((1, 64, 64), 0.5), torch.full((1, 64, 64), 0.98)
+    g = torch.Generator().manual_seed(3)
+    a2, b2, _ = RandomNoise(0.05, p=1.0, source=source, generator=g)((a, b, None))
+    noisy, kept, other = (a2, b2, b) if source == "a" else (b2, a2, a)
+    assert torch.equal(kept, other)
+    assert float(noisy.min()) >= 0.0 and float(noisy.max()) <= 1.0
+    assert 0.0 < float((noisy - (a if source == "a" else b)).std()) <= 0.05 + 0.005
+    assert RandomNoise(0.05, p=0.0)((a, b, None))[1] is b
+
+
+def test_noise_and_blur_repeat_with_the_same_seed():
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        blur, noise = RandomBlur(2.0, p=1.0, generator=g), RandomNoise(0.1, p=1.0, generator=g)
+        pipeline = Compose([blur, noise])
+        return pipeline(textured_pair())
+
+    first, again, other = run(7), run(7), run(8)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[1], other[1])

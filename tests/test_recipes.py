@@ -212,3 +212,24 @@ def test_a_second_training_into_the_same_folder_fails_with_one_line(tmp_path, ca
     assert len(error.strip().splitlines()) == 1
     assert f"output folder {out} is in use by another tdfusion process" in error
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_read_transform_adds_blur_and_noise_only_when_asked():
+    from tdfusion.data import RandomBlur, RandomExposure, RandomNoise
+    from tdfusion.recipe_tables import read_transform
+
+    plain = RECIPES["roadscene-refine"]
+    kinds = [type(t) for t in read_transform(plain).transforms]
+    assert RandomExposure in kinds and RandomBlur not in kinds and RandomNoise not in kinds
+    noisy = plain.replace(blur_augment=2.5, noise_augment=0.03)
+    steps = read_transform(noisy).transforms
+    # The extra steps come last, so the crops and darkening of the plain recipe are unchanged.
+    assert [type(t) for t in steps] == [*kinds, RandomBlur, RandomNoise]
+    assert steps[-2].max_sigma == 2.5 and steps[-2].index == 0
+    assert steps[-1].max_sigma == 0.03 and steps[-1].index == 1
+    # Blur touches only source a: b comes out of the same crop, flips and darkening (for the
+    # first pair; the blur's draws shift those of the pairs after it).
+    a = torch.rand(1, 200, 200, generator=torch.Generator().manual_seed(0))
+    first = read_transform(plain)((a, a.clone(), "x"))
+    again = read_transform(plain.replace(blur_augment=2.5))((a, a.clone(), "x"))
+    assert torch.equal(first[1], again[1]) and first[1].shape == (1, 160, 160)

@@ -18,9 +18,12 @@ from torch.utils.data import default_collate
 
 __all__ = [
     "Compose",
+    "RandomBlur",
     "RandomCrop",
+    "RandomExposure",
     "RandomFlip",
     "RandomHorizontalFlip",
+    "RandomNoise",
     "RandomVerticalFlip",
     "Resize",
     "SwapSources",
@@ -303,6 +306,132 @@ class RandomExposure:
     def __call__(self, sample: Sample) -> Sample:
         a, b, target = sample
         return self._darken(a), self._darken(b), target
+
+
+_SOURCES = ("a", "b")
+
+
+def _check_source(name: str, source: str) -> int:
+    if source not in _SOURCES:
+        raise ValueError(f"{name} needs source 'a' or 'b', got {source!r}")
+    return _SOURCES.index(source)
+
+
+class RandomBlur:
+    """Blur one source by a Gaussian of random width, as the soft images of thermal cameras.
+
+    With probability ``p`` the chosen source is blurred by a Gaussian whose standard deviation
+    is drawn uniformly from ``[min_sigma, max_sigma]`` pixels
+    (:func:`scipy.ndimage.gaussian_filter`, reflected borders); the other source and the target
+    are unchanged. Infrared images resampled to a large visible camera's grid (LLVIP's
+    1280x1024) carry far less fine detail than the crops a network is trained on; this
+    teaches it to take the detail from the other source instead of expecting it from both.
+
+    Parameters
+    ----------
+    max_sigma : float
+        Largest standard deviation, in pixels (positive).
+    min_sigma : float
+        Smallest standard deviation (``0 <= min_sigma <= max_sigma``).
+    p : float
+        Probability of blurring.
+    source : {"a", "b"}
+        The source blurred (``"a"``: the first, in tdfusion's convention the infrared).
+    generator : torch.Generator, optional
+        Source of the random numbers.
+
+    Example
+    -------
+    >>> a = torch.zeros(1, 5, 5); a[0, 2, 2] = 1.0
+    >>> a2, b2, _ = RandomBlur(1.0, min_sigma=1.0, p=1.0)((a, torch.ones(1, 5, 5), None))
+    >>> round(float(a2[0, 2, 2]), 3), float(b2.min())
+    (0.159, 1.0)
+    """
+
+    def __init__(
+        self,
+        max_sigma: float,
+        min_sigma: float = 0.0,
+        p: float = 0.5,
+        source: str = "a",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not 0.0 <= min_sigma <= max_sigma or max_sigma <= 0.0:
+            raise ValueError(
+                f"RandomBlur needs 0 <= min_sigma <= max_sigma and max_sigma > 0, got "
+                f"{min_sigma} and {max_sigma}"
+            )
+        self.index = _check_source("RandomBlur", source)
+        self.min_sigma, self.max_sigma, self.p = float(min_sigma), float(max_sigma), float(p)
+        self.generator = generator
+
+    def __call__(self, sample: Sample) -> Sample:
+        from scipy.ndimage import gaussian_filter
+
+        coin, draw = torch.rand(2, generator=self.generator).tolist()
+        if coin >= self.p:
+            return sample
+        sigma = self.min_sigma + (self.max_sigma - self.min_sigma) * draw
+        images = list(sample[:2])
+        image = images[self.index]
+        # Channels are blurred separately: sigma 0 along the channel axis.
+        blurred = gaussian_filter(image.numpy(), sigma=(0.0, sigma, sigma), mode="reflect")
+        images[self.index] = torch.from_numpy(blurred).to(image.dtype)
+        return images[0], images[1], sample[2]
+
+
+class RandomNoise:
+    """Add Gaussian noise of random strength to one source, as the noise of dim visible images.
+
+    With probability ``p`` the chosen source gets independent Gaussian noise per pixel, its
+    standard deviation drawn uniformly from ``[0, max_sigma]`` (in the images' 0-1 range),
+    and is clipped back to ``[0, 1]``; the other source and the target are unchanged. Place it
+    after :class:`RandomExposure`: a camera's noise does not darken with the scene. Night
+    visible images (LLVIP's, MSRS's) are grainy where daylight training pairs are clean; a
+    network that never saw grain smooths it away with the texture under it.
+
+    Parameters
+    ----------
+    max_sigma : float
+        Largest standard deviation (positive).
+    p : float
+        Probability of adding noise.
+    source : {"a", "b"}
+        The source made noisy (``"b"``: the second, in tdfusion's convention the visible).
+    generator : torch.Generator, optional
+        Source of the random numbers (the noise too, so a seeded pipeline repeats exactly).
+
+    Example
+    -------
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a, b = torch.full((1, 64, 64), 0.5), torch.full((1, 64, 64), 0.5)
+    >>> a2, b2, _ = RandomNoise(0.1, p=1.0, generator=g)((a, b, None))
+    >>> bool(torch.equal(a2, a)), 0.0 < float(b2.std()) < 0.1
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        max_sigma: float,
+        p: float = 0.5,
+        source: str = "b",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not max_sigma > 0.0:
+            raise ValueError(f"RandomNoise needs max_sigma > 0, got {max_sigma}")
+        self.index = _check_source("RandomNoise", source)
+        self.max_sigma, self.p = float(max_sigma), float(p)
+        self.generator = generator
+
+    def __call__(self, sample: Sample) -> Sample:
+        coin, draw = torch.rand(2, generator=self.generator).tolist()
+        if coin >= self.p:
+            return sample
+        images = list(sample[:2])
+        image = images[self.index]
+        noise = torch.randn(image.shape, generator=self.generator, dtype=image.dtype)
+        images[self.index] = (image + noise * (self.max_sigma * draw)).clamp(0.0, 1.0)
+        return images[0], images[1], sample[2]
 
 
 def detection_collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
