@@ -308,16 +308,33 @@ class RandomExposure:
         return self._darken(a), self._darken(b), target
 
 
-_SOURCES = ("a", "b")
+class _OneSourceTransform:
+    """A random change of one source: with probability ``p``, ``_change(image, draw)``.
+
+    ``draw`` is uniform in [0, 1); the coin and the draw come first from ``generator``, then
+    whatever ``_change`` draws. The other source and the target pass through.
+    """
+
+    def __init__(self, p: float, source: str, generator: torch.Generator | None) -> None:
+        if source not in ("a", "b"):
+            raise ValueError(f"{type(self).__name__} needs source 'a' or 'b', got {source!r}")
+        self.index = ("a", "b").index(source)
+        self.p = float(p)
+        self.generator = generator
+
+    def _change(self, image: torch.Tensor, draw: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, sample: Sample) -> Sample:
+        coin, draw = torch.rand(2, generator=self.generator).tolist()
+        if coin >= self.p:
+            return sample
+        images = list(sample[:2])
+        images[self.index] = self._change(images[self.index], draw)
+        return images[0], images[1], sample[2]
 
 
-def _check_source(name: str, source: str) -> int:
-    if source not in _SOURCES:
-        raise ValueError(f"{name} needs source 'a' or 'b', got {source!r}")
-    return _SOURCES.index(source)
-
-
-class RandomBlur:
+class RandomBlur(_OneSourceTransform):
     """Blur one source by a Gaussian of random width, as the soft images of thermal cameras.
 
     With probability ``p`` the chosen source is blurred by a Gaussian whose standard deviation
@@ -361,26 +378,19 @@ class RandomBlur:
                 f"RandomBlur needs 0 <= min_sigma <= max_sigma and max_sigma > 0, got "
                 f"{min_sigma} and {max_sigma}"
             )
-        self.index = _check_source("RandomBlur", source)
-        self.min_sigma, self.max_sigma, self.p = float(min_sigma), float(max_sigma), float(p)
-        self.generator = generator
+        super().__init__(p, source, generator)
+        self.min_sigma, self.max_sigma = float(min_sigma), float(max_sigma)
 
-    def __call__(self, sample: Sample) -> Sample:
+    def _change(self, image: torch.Tensor, draw: float) -> torch.Tensor:
         from scipy.ndimage import gaussian_filter
 
-        coin, draw = torch.rand(2, generator=self.generator).tolist()
-        if coin >= self.p:
-            return sample
         sigma = self.min_sigma + (self.max_sigma - self.min_sigma) * draw
-        images = list(sample[:2])
-        image = images[self.index]
         # Channels are blurred separately: sigma 0 along the channel axis.
         blurred = gaussian_filter(image.numpy(), sigma=(0.0, sigma, sigma), mode="reflect")
-        images[self.index] = torch.from_numpy(blurred).to(image.dtype)
-        return images[0], images[1], sample[2]
+        return torch.from_numpy(blurred).to(image.dtype)
 
 
-class RandomNoise:
+class RandomNoise(_OneSourceTransform):
     """Add Gaussian noise of random strength to one source, as the noise of dim visible images.
 
     With probability ``p`` the chosen source gets independent Gaussian noise per pixel, its
@@ -419,19 +429,12 @@ class RandomNoise:
     ) -> None:
         if not max_sigma > 0.0:
             raise ValueError(f"RandomNoise needs max_sigma > 0, got {max_sigma}")
-        self.index = _check_source("RandomNoise", source)
-        self.max_sigma, self.p = float(max_sigma), float(p)
-        self.generator = generator
+        super().__init__(p, source, generator)
+        self.max_sigma = float(max_sigma)
 
-    def __call__(self, sample: Sample) -> Sample:
-        coin, draw = torch.rand(2, generator=self.generator).tolist()
-        if coin >= self.p:
-            return sample
-        images = list(sample[:2])
-        image = images[self.index]
+    def _change(self, image: torch.Tensor, draw: float) -> torch.Tensor:
         noise = torch.randn(image.shape, generator=self.generator, dtype=image.dtype)
-        images[self.index] = (image + noise * (self.max_sigma * draw)).clamp(0.0, 1.0)
-        return images[0], images[1], sample[2]
+        return (image + noise * (self.max_sigma * draw)).clamp(0.0, 1.0)
 
 
 def detection_collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
