@@ -125,7 +125,19 @@ def _dataclass_factory_defaults(app, what, name, obj, options, signature, return
     return None
 
 
+def _public_bases(app, name, obj, options, bases):
+    """A private base class has no page to link to: show its own bases in its place."""
+
+    def public(base):
+        if not base.__name__.startswith("_"):
+            return [base]
+        return [b for parent in base.__bases__ for b in public(parent)]
+
+    bases[:] = [b for base in list(bases) for b in public(base)]
+
+
 def setup(app):
+    app.connect("autodoc-process-bases", _public_bases)
     app.connect("autodoc-process-signature", _dataclass_factory_defaults)
     app.connect("autodoc-skip-member", _skip_named_tuple_field_aliases)
     app.connect("autodoc-process-docstring", _drop_builtin_type_docstrings, priority=100)
