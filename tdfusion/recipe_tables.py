@@ -47,7 +47,14 @@ def read_transform(recipe: Recipe) -> Any:
             RandomHorizontalFlip(generator=augment),
             RandomVerticalFlip(generator=augment),
             *(
-                [RandomExposure(max_gamma=recipe.exposure_gamma, generator=augment)]
+                [
+                    RandomExposure(
+                        low=recipe.exposure_low,
+                        p=recipe.exposure_p,
+                        max_gamma=recipe.exposure_gamma,
+                        generator=augment,
+                    )
+                ]
                 if recipe.exposure_augment
                 else []
             ),

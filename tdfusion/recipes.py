@@ -100,6 +100,10 @@ class Recipe:
         (:class:`~tdfusion.data.RandomExposure`), so that night scenes keep their black level.
     exposure_gamma : float
         Largest gamma of that darkening (1: a factor only; larger: mid-tones turn black).
+    exposure_low : float
+        Smallest factor of that darkening (the factor is drawn from ``[exposure_low, 1]``).
+    exposure_p : float
+        Probability of darkening each source.
     blur_augment : float
         Largest standard deviation (pixels) of a Gaussian blur of source ``a`` of a cropped
         pair, applied to half the pairs (:class:`~tdfusion.data.RandomBlur`): soft infrared
@@ -169,6 +173,8 @@ class Recipe:
     data_crop: int | None = None
     exposure_augment: bool = False
     exposure_gamma: float = 1.0
+    exposure_low: float = 0.25
+    exposure_p: float = 0.5
     blur_augment: float = 0.0
     noise_augment: float = 0.0
     init_weights: str | None = None

@@ -240,6 +240,7 @@ def test_exposure_darkens_each_source_within_its_range():
     [
         (lambda: RandomExposure(0.0, 1.0), "0 < low <= high <= 1"),
         (lambda: RandomExposure(0.5, 1.0, max_gamma=0.5), "max_gamma >= 1"),
+        (lambda: RandomExposure(0.5, 1.0, p=1.5), "0 <= p <= 1"),
         (lambda: RandomBlur(0.0), "max_sigma > 0"),
         (lambda: RandomBlur(1.0, min_sigma=2.0), "min_sigma <= max_sigma"),
         (lambda: RandomBlur(1.0, source="ir"), "source 'a' or 'b'"),

@@ -233,3 +233,21 @@ def test_read_transform_adds_blur_and_noise_only_when_asked():
     first = read_transform(plain)((a, a.clone(), "x"))
     again = read_transform(plain.replace(blur_augment=2.5))((a, a.clone(), "x"))
     assert torch.equal(first[1], again[1]) and first[1].shape == (1, 160, 160)
+
+
+def test_read_transform_darkens_as_the_recipe_says():
+    from tdfusion.data import RandomExposure
+    from tdfusion.recipe_tables import read_transform
+
+    plain = RECIPES["roadscene-refine"]
+    (exposure,) = [t for t in read_transform(plain).transforms if isinstance(t, RandomExposure)]
+    assert (exposure.low, exposure.p, exposure.max_gamma) == (0.25, 0.5, plain.exposure_gamma)
+    dark = plain.replace(exposure_low=0.1, exposure_p=1.0)
+    (exposure,) = [t for t in read_transform(dark).transforms if isinstance(t, RandomExposure)]
+    assert (exposure.low, exposure.p) == (0.1, 1.0)
+    # Every source is darkened: no crop comes out as bright as it went in.
+    a = torch.full((1, 200, 200), 0.8)
+    transform = read_transform(dark)
+    for _ in range(5):
+        out_a, out_b, _ = transform((a, a.clone(), "x"))
+        assert float(out_a.max()) < 0.8 and float(out_b.max()) < 0.8

@@ -290,6 +290,8 @@ class RandomExposure:
             raise ValueError(f"RandomExposure needs 0 < low <= high <= 1, got {low} and {high}")
         if not max_gamma >= 1.0:
             raise ValueError(f"RandomExposure needs max_gamma >= 1, got {max_gamma}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomExposure needs 0 <= p <= 1, got {p}")
         self.low, self.high, self.p = float(low), float(high), float(p)
         self.max_gamma = float(max_gamma)
         self.generator = generator
