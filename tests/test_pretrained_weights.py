@@ -66,11 +66,11 @@ def fused_sample_pairs():
 
 
 def test_bundled_weights_fuse_real_pairs_well(fused_sample_pairs):
-    # Floors a little under the measured means (VIF 0.447, Qabf 0.637, SSIM 0.686): a
+    # Floors a little under the measured means (VIF 0.459, Qabf 0.645, SSIM 0.691): a
     # regression guard for the weights that ship.
     scores = [evaluate(*triple) for triple in fused_sample_pairs]
     mean = {key: float(np.mean([s[key] for s in scores])) for key in ("VIF", "Qabf", "SSIM")}
-    assert mean["VIF"] >= 0.43 and mean["Qabf"] >= 0.62 and mean["SSIM"] >= 0.66, mean
+    assert mean["VIF"] >= 0.44 and mean["Qabf"] >= 0.63 and mean["SSIM"] >= 0.67, mean
     for fused, ir, vis in fused_sample_pairs:
         # Natural brightness: not darker than the darker source by more than a few levels.
         assert fused.mean() >= min(ir.mean(), vis.mean()) - 3.0
@@ -107,16 +107,18 @@ def test_pretrain_recipe_smoke_run_writes_fusion_weights(tmp_path, capsys):
 
 
 def test_last_stage_smoke_run_from_the_bundled_weights(tmp_path):
-    # The bundled weights' last stage blurs the infrared and adds noise to the visible crops.
-    recipe = RECIPES["roadscene-polish"]
+    # The bundled weights' last stage darkens every source, blurs the infrared and adds noise
+    # to the visible crops.
+    recipe = RECIPES["roadscene-dark"]
     assert recipe.blur_augment > 0 and recipe.noise_augment > 0 and recipe.exposure_augment
-    assert recipe.init_weights == "runs/roadscene-grain/fusion_model.pt"
-    out = tmp_path / "polish"
-    arguments = ["train", "--recipe", "roadscene-polish", "--smoke", "--out", str(out)]
+    assert (recipe.exposure_p, recipe.exposure_low) == (1.0, 0.1)
+    assert recipe.init_weights == "runs/roadscene-settle/fusion_model.pt"
+    out = tmp_path / "dark"
+    arguments = ["train", "--recipe", "roadscene-dark", "--smoke", "--out", str(out)]
     assert main([*arguments, "--init-weights", "tdfusion-ivif"]) == 0
     trained = ReFusionNet.from_pretrained(out / "fusion_model.pt")
     bundled = ReFusionNet.from_pretrained("tdfusion-ivif")
-    # Two Adam steps at 1e-4 from the bundled weights: every value moved by at most ~2e-4.
+    # Two Adam steps at 3e-5 from the bundled weights: every value moved by at most ~6e-5.
     change = max(
         float((p - q).abs().max())
         for p, q in zip(trained.state_dict().values(), bundled.state_dict().values())
