@@ -66,11 +66,11 @@ def fused_sample_pairs():
 
 
 def test_bundled_weights_fuse_real_pairs_well(fused_sample_pairs):
-    # Floors a little under the measured means (VIF 0.459, Qabf 0.645, SSIM 0.691): a
+    # Floors a little under the measured means (VIF 0.468, Qabf 0.653, SSIM 0.695): a
     # regression guard for the weights that ship.
     scores = [evaluate(*triple) for triple in fused_sample_pairs]
     mean = {key: float(np.mean([s[key] for s in scores])) for key in ("VIF", "Qabf", "SSIM")}
-    assert mean["VIF"] >= 0.44 and mean["Qabf"] >= 0.63 and mean["SSIM"] >= 0.67, mean
+    assert mean["VIF"] >= 0.45 and mean["Qabf"] >= 0.64 and mean["SSIM"] >= 0.67, mean
     for fused, ir, vis in fused_sample_pairs:
         # Natural brightness: not darker than the darker source by more than a few levels.
         assert fused.mean() >= min(ir.mean(), vis.mean()) - 3.0
@@ -109,12 +109,12 @@ def test_pretrain_recipe_smoke_run_writes_fusion_weights(tmp_path, capsys):
 def test_last_stage_smoke_run_from_the_bundled_weights(tmp_path):
     # The bundled weights' last stage darkens every source, blurs the infrared and adds noise
     # to the visible crops.
-    recipe = RECIPES["roadscene-dark"]
+    recipe = RECIPES["roadscene-dark-settle"]
     assert recipe.blur_augment > 0 and recipe.noise_augment > 0 and recipe.exposure_augment
     assert (recipe.exposure_p, recipe.exposure_low) == (1.0, 0.1)
-    assert recipe.init_weights == "runs/roadscene-settle/fusion_model.pt"
-    out = tmp_path / "dark"
-    arguments = ["train", "--recipe", "roadscene-dark", "--smoke", "--out", str(out)]
+    assert recipe.init_weights == "runs/roadscene-dark-boost/fusion_model.pt"
+    out = tmp_path / "dark-settle"
+    arguments = ["train", "--recipe", "roadscene-dark-settle", "--smoke", "--out", str(out)]
     assert main([*arguments, "--init-weights", "tdfusion-ivif"]) == 0
     trained = ReFusionNet.from_pretrained(out / "fusion_model.pt")
     bundled = ReFusionNet.from_pretrained("tdfusion-ivif")
