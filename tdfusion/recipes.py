@@ -248,121 +248,133 @@ _PRETRAIN = Recipe(
     exposure_augment=True,
 )
 RECIPES["roadscene-pretrain"] = _PRETRAIN
+
+
+def _next_stage(previous: str, name: str, **changes: Any) -> Recipe:
+    """Training stage ``name``: stage ``previous``'s recipe with ``changes``, started from the
+    weights that ``previous`` writes when run with ``--out runs/<previous>``."""
+    return RECIPES[previous].replace(
+        name=name, init_weights=f"runs/{previous}/fusion_model.pt", **changes
+    )
+
+
 # Its second stage, from the first stage's weights: the intensity term weighs more (alpha 0.1)
 # and the darkening includes a gamma, so that the fused image keeps the target's black and
 # white levels (RoadScene's brighter source is rarely darker than 90 grey levels).
-RECIPES["roadscene-finetune"] = _PRETRAIN.replace(
-    name="roadscene-finetune",
+RECIPES["roadscene-finetune"] = _next_stage(
+    "roadscene-pretrain",
+    "roadscene-finetune",
     epochs=8,
     lr=3e-4,
     alpha=0.1,
     exposure_gamma=4.0,
     seed=1,
-    init_weights="runs/roadscene-pretrain/fusion_model.pt",
 )
 # Its third stage, from the second stage's weights: the same loss at a falling learning rate
 # (1e-4, then 3e-5 after 5 epochs) on larger crops, which settles the fine texture the first
 # two stages leave soft.
-RECIPES["roadscene-refine"] = RECIPES["roadscene-finetune"].replace(
-    name="roadscene-refine",
+RECIPES["roadscene-refine"] = _next_stage(
+    "roadscene-finetune",
+    "roadscene-refine",
     epochs=10,
     lr=1e-4,
     step_size=5,
     gamma=0.3,
     data_crop=160,
     seed=2,
-    init_weights="runs/roadscene-finetune/fusion_model.pt",
 )
 # Its fourth stage, from the third stage's weights: the gradient term weighs twice as much
 # (alpha 0.2) at a constant learning rate of 1e-4 for 32 epochs, which carries more of the
 # darker source's texture into the fused image. The bundled weights were trained as 8 epochs,
 # resumed to 16, then to 32 (--epochs); each resume restarts the data order from the seed.
-RECIPES["roadscene-sharpen"] = RECIPES["roadscene-refine"].replace(
-    name="roadscene-sharpen",
+RECIPES["roadscene-sharpen"] = _next_stage(
+    "roadscene-refine",
+    "roadscene-sharpen",
     epochs=32,
     lr=1e-4,
     step_size=100,
     alpha=0.2,
     seed=3,
-    init_weights="runs/roadscene-refine/fusion_model.pt",
 )
 # Its fifth stage, from the fourth stage's weights: the same loss on pairs made to look like
 # night scenes from large cameras. Half the infrared crops are blurred (sigma up to 3 pixels)
 # and half the visible crops get noise (sigma up to 0.03) after the darkening: RoadScene's
 # infrared carries more fine detail than its visible image, night pairs the other way round, and
 # a network that only saw the former leaves the visible image's texture behind.
-RECIPES["roadscene-night"] = RECIPES["roadscene-sharpen"].replace(
-    name="roadscene-night",
+RECIPES["roadscene-night"] = _next_stage(
+    "roadscene-sharpen",
+    "roadscene-night",
     epochs=16,
     blur_augment=3.0,
     noise_augment=0.03,
     seed=5,
-    init_weights="runs/roadscene-sharpen/fusion_model.pt",
 )
 # Its sixth stage, from the fifth stage's weights: twice the noise (sigma up to 0.06) and a
 # heavier gradient term (alpha 0.25), which carry more of the visible image's fine texture.
-RECIPES["roadscene-grain"] = RECIPES["roadscene-night"].replace(
-    name="roadscene-grain",
+RECIPES["roadscene-grain"] = _next_stage(
+    "roadscene-night",
+    "roadscene-grain",
     epochs=8,
     alpha=0.25,
     noise_augment=0.06,
     seed=7,
-    init_weights="runs/roadscene-night/fusion_model.pt",
 )
 # Its seventh and last stage, from the sixth stage's weights: the same loss and pairs at a
 # learning rate of 3e-5, which settles the fine detail (the bundled weights).
-RECIPES["roadscene-polish"] = RECIPES["roadscene-grain"].replace(
-    name="roadscene-polish",
+RECIPES["roadscene-polish"] = _next_stage(
+    "roadscene-grain",
+    "roadscene-polish",
     epochs=6,
     lr=3e-5,
     seed=9,
-    init_weights="runs/roadscene-grain/fusion_model.pt",
 )
 # Its eighth stage, from the seventh stage's weights: noise up to 0.1 on half the visible crops,
 # at the sixth stage's learning rate (1e-4); on night pairs the visible image's grain is the
 # fine detail, and the network learns to carry it at full strength.
-RECIPES["roadscene-noise"] = RECIPES["roadscene-grain"].replace(
-    name="roadscene-noise",
+RECIPES["roadscene-noise"] = _next_stage(
+    "roadscene-polish",
+    "roadscene-noise",
+    epochs=8,
+    lr=1e-4,
     noise_augment=0.10,
     seed=11,
-    init_weights="runs/roadscene-polish/fusion_model.pt",
 )
 # Its ninth stage, from the eighth stage's weights: the same loss and pairs at 3e-5.
-RECIPES["roadscene-settle"] = RECIPES["roadscene-noise"].replace(
-    name="roadscene-settle",
+RECIPES["roadscene-settle"] = _next_stage(
+    "roadscene-noise",
+    "roadscene-settle",
     epochs=6,
     lr=3e-5,
     seed=13,
-    init_weights="runs/roadscene-noise/fusion_model.pt",
 )
 # Its tenth stage, from the ninth stage's weights: every source darkened, by a factor down to
 # 0.1 (and the random gamma), at 3e-5. On dark scenes the fused image carried the visible
 # image's detail at 0.79 to 0.86 of its contrast where the visible image is the brighter source
 # and under 20 grey levels (MSRS night pairs): darker training crops bring it to 0.86-0.92.
-RECIPES["roadscene-dark"] = RECIPES["roadscene-settle"].replace(
-    name="roadscene-dark",
+RECIPES["roadscene-dark"] = _next_stage(
+    "roadscene-settle",
+    "roadscene-dark",
     epochs=8,
     exposure_low=0.1,
     exposure_p=1.0,
     seed=15,
-    init_weights="runs/roadscene-settle/fusion_model.pt",
 )
 # Its eleventh stage, from the tenth stage's weights: the same darkened pairs at 1e-4 for 6
 # epochs, which moves the network further than 8 more epochs at 3e-5 did.
-RECIPES["roadscene-dark-boost"] = RECIPES["roadscene-dark"].replace(
-    name="roadscene-dark-boost",
+RECIPES["roadscene-dark-boost"] = _next_stage(
+    "roadscene-dark",
+    "roadscene-dark-boost",
     epochs=6,
     lr=1e-4,
     seed=19,
-    init_weights="runs/roadscene-dark/fusion_model.pt",
 )
 # Its twelfth and last stage, from the eleventh stage's weights: the same at 3e-5 (the bundled
 # weights).
-RECIPES["roadscene-dark-settle"] = RECIPES["roadscene-dark-boost"].replace(
-    name="roadscene-dark-settle",
+RECIPES["roadscene-dark-settle"] = _next_stage(
+    "roadscene-dark-boost",
+    "roadscene-dark-settle",
     lr=3e-5,
     seed=21,
-    init_weights="runs/roadscene-dark-boost/fusion_model.pt",
 )
 
 
