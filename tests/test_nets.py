@@ -38,7 +38,7 @@ from tdfusion.nets import (
     list_models,
 )
 from tdfusion.nets.banded import band_rows, banded_forward
-from tdfusion.nets.layers import transposed_attention
+from tdfusion.nets.layers import _output_slices, transposed_attention
 
 REFERENCE_FIXTURE = Path(__file__).parent / "data" / "refusion_msrs_reference.npz"
 RESEARCH_TASKS = ("IVIF", "MIF", "MFIF", "MEIF")
@@ -237,6 +237,29 @@ def test_blocks_keep_shape_and_do_not_depend_on_memory_layout(block: nn.Module) 
     out = block(x)
     assert out.shape == x.shape
     torch.testing.assert_close(block(x.to(memory_format=torch.channels_last)), out)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_convolutions_by_output_slices_equal_the_whole_then_chunked(bias: bool, parts: int) -> None:
+    # The blocks compute depthwise(pointwise(x)).chunk(parts) part by part; values and
+    # gradients (input, weights, biases) must be those of the whole computation.
+    torch.manual_seed(0)
+    pointwise = nn.Conv2d(4, 6 * parts, kernel_size=1, bias=bias).double()
+    depthwise = nn.Conv2d(6 * parts, 6 * parts, 3, padding=1, groups=6 * parts, bias=bias).double()
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(2, 6, 7, 9, dtype=torch.float64) for _ in range(parts)]
+    leaves = [x, *pointwise.parameters(), *depthwise.parameters()]
+
+    def gradients_of(outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)), leaves)
+
+    whole = list(depthwise(pointwise(x)).chunk(parts, dim=1))
+    sliced = _output_slices(pointwise, depthwise, x.to(memory_format=torch.channels_last), parts)
+    for expected, actual in zip(whole, sliced):
+        torch.testing.assert_close(actual, expected)
+    for expected, actual in zip(gradients_of(whole), gradients_of(sliced)):
+        torch.testing.assert_close(actual, expected)
 
 
 def test_cross_attention_fusion_mixes_both_sources() -> None:

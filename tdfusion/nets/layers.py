@@ -114,6 +114,36 @@ def _from_pixel_major(pixels: torch.Tensor, height: int, width: int) -> torch.Te
     return pixels.reshape(n, height, width, channels).permute(0, 3, 1, 2)
 
 
+def _output_slices(
+    pointwise: nn.Conv2d, depthwise: nn.Conv2d, x: torch.Tensor, parts: int
+) -> list[torch.Tensor]:
+    # depthwise(pointwise(x)).chunk(parts, dim=1), computed part by part from slices of the
+    # two convolutions' weights. The values are the same (each output channel depends only on
+    # its own filters), but no part is a strided view of a shared tensor: the backward pass
+    # then hands each part's gradient to its own convolutions instead of concatenating the
+    # parts' gradients into one full-size tensor first (measured 13% of the time of a
+    # ReFusionNet training step on the CPU), and attention reads contiguous matrices.
+    width = pointwise.out_channels // parts
+    outputs = []
+    for part in range(parts):
+        channels = slice(part * width, (part + 1) * width)
+        mixed = F.conv2d(x, pointwise.weight[channels], _bias_slice(pointwise, channels))
+        outputs.append(
+            F.conv2d(
+                mixed,
+                depthwise.weight[channels],
+                _bias_slice(depthwise, channels),
+                padding=depthwise.padding,
+                groups=width,
+            )
+        )
+    return outputs
+
+
+def _bias_slice(conv: nn.Conv2d, channels: slice) -> torch.Tensor | None:
+    return None if conv.bias is None else conv.bias[channels]
+
+
 def _pixel_norm(pixels: torch.Tensor) -> torch.Tensor:
     # L2 norm over the pixel axis of (N, P, C), clamped like F.normalize (at 1e-12). Summing
     # the squares is accumulated pairwise, whereas vector_norm along this strided axis was
@@ -267,8 +297,8 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        qkv = _pixel_major(self.qkv_dwconv(self.qkv(x)))
-        query, key, value = qkv.chunk(3, dim=-1)
+        parts = _output_slices(self.qkv, self.qkv_dwconv, x, 3)
+        query, key, value = (_pixel_major(part) for part in parts)
         attended = transposed_attention(query, key, value, self.temperature)
         return self.project_out(_from_pixel_major(attended, height, width))
 
@@ -309,7 +339,7 @@ class GatedFeedForward(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, content = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        gate, content = _output_slices(self.project_in, self.dwconv, x, 2)
         return self.project_out(F.gelu(gate) * content)
 
 
@@ -409,16 +439,16 @@ class CrossAttentionFusion(nn.Module):
 
     def forward(self, features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
         height, width = features_a.shape[-2:]
-        qkv_a = _pixel_major(self.qkv_dwconv_a(self.qkv_a(features_a)))
-        qkv_b = _pixel_major(self.qkv_dwconv_b(self.qkv_b(features_b)))
-        query_a, key_a, value_a = qkv_a.chunk(3, dim=-1)
-        query_b, key_b, value_b = qkv_b.chunk(3, dim=-1)
+        parts_a = _output_slices(self.qkv_a, self.qkv_dwconv_a, features_a, 3)
+        parts_b = _output_slices(self.qkv_b, self.qkv_dwconv_b, features_b, 3)
+        query_a, key_a, value_a = (_pixel_major(part) for part in parts_a)
+        query_b, key_b, value_b = (_pixel_major(part) for part in parts_b)
         attended_a = transposed_attention(query_b, key_a, value_a, self.temperature_a)
         attended_b = transposed_attention(query_a, key_b, value_b, self.temperature_b)
         features_a = features_a + self.attn_project_a(_from_pixel_major(attended_a, height, width))
         features_b = features_b + self.attn_project_b(_from_pixel_major(attended_b, height, width))
         joint = torch.cat([features_a, features_b], dim=1)
-        gate_a, gate_b = self.gate_dwconv(self.gate_in(joint)).chunk(2, dim=1)
+        gate_a, gate_b = _output_slices(self.gate_in, self.gate_dwconv, joint, 2)
         branch_a = F.gelu(gate_a) * self.expand_dwconv_a(self.expand_a(features_a))
         branch_b = F.gelu(gate_b) * self.expand_dwconv_b(self.expand_b(features_b))
         return joint + self.project_out_a(branch_a) + self.project_out_b(branch_b)
