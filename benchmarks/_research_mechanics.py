@@ -11,10 +11,13 @@ What makes the research code's meta step slow and leaky, reproduced on the same 
   saved to disk before and reloaded from disk after every meta step;
 - the fused image for the task clone is computed with autograd on and then detached.
 
-The networks are tdfusion's (ReFusionNet, LossGenerator and the task module given), not the
-research code's own modules: this is the research code's *mechanics* on tdfusion's networks.
-Only the mechanics differ from :class:`tdfusion.MetaFusionTrainer`; the networks, the losses,
-the crops and the task input are the same, so timings compare like with like. With
+By default the networks are tdfusion's (ReFusionNet, LossGenerator and the task module
+given), run as tdfusion runs them: this is the research code's *mechanics* on tdfusion's
+networks, and only the mechanics differ from :class:`tdfusion.MetaFusionTrainer`; the networks,
+the losses, the crops and the task input are the same. With ``network="research"``, ``F`` and
+``G`` run the research code's way (``_research_network.py``: the same parameters and
+outputs, computed as the research implementation computes them), which makes the whole step a
+rebuild of the research code's. With
 ``weighting="squared"``, a task module built as ``SegmentationTask(..., pad=False,
 align_corners=True)`` and masks at the full label size, it also does the research code's work
 (``T`` is always adapted by its own Adam, as in the research code).
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from _research_network import research_forward, research_generator_forward
 from torch import nn
 
 from tdfusion.losses import learnable_fusion_loss
@@ -65,8 +69,16 @@ class ResearchMechanics:
         fusion_crop: int = 256,
         task_size: tuple[int, int] = (240, 320),
         weighting: str = "linear",
+        network: str = "tdfusion",
     ) -> None:
+        if network not in ("tdfusion", "research"):
+            raise ValueError(f"network must be 'tdfusion' or 'research', got {network!r}")
         self.fusion, self.generator, self.task = fusion, generator, task
+        if network == "research":
+            self.fuse = lambda a, b: research_forward(fusion, a, b)
+            self.weigh = lambda a, b: research_generator_forward(generator, a, b)
+        else:
+            self.fuse, self.weigh = fusion, generator
         self.inner_lr, self.lr = inner_lr, lr
         self.fusion_crop, self.task_size = fusion_crop, task_size
         self.weighting = weighting
@@ -100,22 +112,22 @@ class ResearchMechanics:
         self.generator_optimizer.zero_grad()
 
         crop_a, crop_b = self._crop(a, b)
-        fused = self.fusion(crop_a, crop_b)
-        weights = self.generator(crop_a, crop_b)
+        fused = self.fuse(crop_a, crop_b)
+        weights = self.weigh(crop_a, crop_b)
         fusion_loss = learnable_fusion_loss(
             fused, crop_a, crop_b, weights, weighting=self.weighting
         )
         fusion_loss.backward(create_graph=True, retain_graph=True)
         fast = {n: p - self.inner_lr * p.grad for n, p in self.fusion.named_parameters()}
 
-        fused_train = self.fusion(self._resize(a), self._resize(b)).detach()
+        fused_train = self.fuse(self._resize(a), self._resize(b)).detach()
         self.task(fused_train, target).backward()
         self.task_optimizer.step()
 
         test_a, test_b, test_target = meta_test
         self.generator_optimizer.zero_grad()
         with fast_weights_written_into(self.fusion, fast):
-            fused_test = self.fusion(self._resize(test_a), self._resize(test_b))
+            fused_test = self.fuse(self._resize(test_a), self._resize(test_b))
             task_loss = self.task(fused_test, test_target)
             task_loss.backward()
         with torch.no_grad():  # the normalised generator update

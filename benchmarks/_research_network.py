@@ -1,10 +1,16 @@
-"""The research code's way of running the ReFusion network, as the inference baseline.
+"""The research code's way of running the ReFusion network and the loss generator.
 
-The same computation as :class:`tdfusion.nets.ReFusionNet` (same parameters, same output),
+The baseline of the inference benchmark and, in training, of the meta-step benchmark's
+"research code" variant (``_research_mechanics.py`` with ``network="research"``).
+
+The same computation as :class:`tdfusion.nets.ReFusionNet` and
+:class:`tdfusion.nets.LossGenerator` (same parameters, same outputs),
 written the way the research implementation executes it: channels-first tensors throughout,
 the layer norm through a (N, H*W, C) copy with an explicit mean and variance and back,
 attention heads split by reshaping (N, C, H, W) into (N, heads, C/heads, H*W) with the queries
-and keys normalised over the full-size tensors, and inference under ``torch.no_grad``.
+and keys normalised over the full-size tensors, and the parts of one convolution's output
+taken with ``chunk``. The functions read the parameters as the modules' attributes, so fast
+weights written into a module are used.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tdfusion.nets import ReFusionNet
+from tdfusion.nets import LossGenerator, ReFusionNet
 
 
 def _layer_norm(x, norm):
@@ -84,3 +90,19 @@ def research_forward(net: ReFusionNet, a: torch.Tensor, b: torch.Tensor) -> torc
         x = _block(block, x)
     x = _conv(net.head_out, F.leaky_relu(_conv(net.head_conv, x), 0.01))
     return torch.sigmoid(x)
+
+
+def research_generator_forward(
+    net: LossGenerator, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """The loss weights of ``a`` and ``b`` with ``net``'s parameters, the research code's way."""
+    x_a, x_b = _conv(net.embed_a, a), _conv(net.embed_b, b)
+    for block in net.encoder_a:
+        x_a = _block(block, x_a)
+    for block in net.encoder_b:
+        x_b = _block(block, x_b)
+    x = torch.cat([x_a, x_b], 1)
+    for block in net.decoder:
+        x = _block(block, x)
+    x = F.prelu(_conv(net.head_conv, x), net.head_act.weight)
+    return torch.softmax(_conv(net.head_out, x), dim=1)

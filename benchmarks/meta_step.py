@@ -1,14 +1,22 @@
-"""Benchmark: one meta step and one fusion step of MetaFusionTrainer vs the research mechanics.
+"""Benchmark: one meta step and one fusion step of MetaFusionTrainer vs the research code.
 
 Setting (the paper's MSRS recipe): ReFusionNet F, LossGenerator G, SegFormer-b0 T (9 classes),
 fusion loss on random 256x256 crops, task input resized to 240x320, one 480x640 pair per batch
 fed in both orders (batch 2).
 
-The baseline is *not* the authors' code: it runs tdfusion's own networks (ReFusionNet,
-LossGenerator, tdfusion's SegFormer task) with the research code's mechanics
-(``_research_mechanics.py``: ``.backward(create_graph=True)`` into every parameter, fast weights
-written into the module, the task network saved to and reloaded from disk). Two kinds of work
-are compared (``--work``):
+Two baselines, both the research code's *mechanics* (``_research_mechanics.py``:
+``.backward(create_graph=True)`` into every parameter, fast weights written into the module, the
+task network saved to and reloaded from disk):
+
+- ``research-code``: a rebuild of the research code's step, whose ``F`` and ``G`` also run the
+  research code's way (``_research_network.py``: the same parameters and outputs, computed
+  with channels-first tensors, a hand-written layer norm through copies, heads split by
+  reshaping and parts taken with ``chunk``);
+- ``research-meta``: the same mechanics on tdfusion's networks as tdfusion runs them, which
+  isolates what the meta step's mechanics gain (tdfusion's network speed-ups help it too).
+
+The task network is tdfusion's SegFormer task in both. Two kinds of work are compared
+(``--work``):
 
 - ``tdfusion``: tdfusion's default step (linear weights, ``T'`` an SGD step, masks at the task
   size 240x320, padded cross-entropy) against the mechanics doing the same work, except that
@@ -17,14 +25,19 @@ are compared (``--work``):
   Adam, masks at the full 480x640 and the unpadded cross-entropy upsampled with
   ``align_corners=True``; ours is ``MetaFusionTrainer.from_preset("research", ...)``.
 
-Timings are taken in one child process per kind of work, the three steps (research meta step,
+Timings are taken in one child process per kind of work, the steps (both baselines' meta steps,
 our meta step, our fusion step) alternating on the same inputs, as medians after a warm-up
-round. A fourth variant, ``ours-meta-lean``, is our meta step with the blocks of ``F`` and ``G``
-checkpointed (``set_grad_checkpointing()``), which trades time for memory. Peak memory and its
-growth over the steps are measured in a fresh child process per variant, so that each peak is
-its own. Run from the repository root::
+round. ``--bf16`` adds our meta and fusion steps under bf16 autocast (``precision="bf16"``),
+worth it on CPUs with AVX512-BF16 or AMX. Another variant, ``ours-meta-lean``, is our meta
+step with the blocks of ``F`` and ``G`` checkpointed (``set_grad_checkpointing()``), which
+trades time for memory. Peak memory and its growth over the steps are measured in a fresh child
+process per variant, so that each peak is its own. Run from the repository root::
 
     python benchmarks/meta_step.py [--work both] [--steps 3] [--memory-steps 20] [--threads 2]
+                                   [--malloc system|keep]
+
+``--malloc keep`` runs every child process after :func:`tdfusion.allocator.keep_freed_memory`
+(what ``tdfusion train`` does by default), both sides alike; ``system`` leaves glibc's default.
 
 The last lines (one per kind of work) print the ratios this benchmark claims.
 """
@@ -74,11 +87,12 @@ def build(mode: str, batches, work: str = "tdfusion"):
         fusion.set_grad_checkpointing()
         generator.set_grad_checkpointing()
     task = SegmentationTask(9, pad=not research, align_corners=research)
-    if mode == "research-meta":
+    if mode in ("research-meta", "research-code"):
         from _research_mechanics import ResearchMechanics
 
         weighting = "squared" if research else "linear"
-        runner = ResearchMechanics(fusion, generator, task, weighting=weighting)
+        network = "research" if mode == "research-code" else "tdfusion"
+        runner = ResearchMechanics(fusion, generator, task, weighting=weighting, network=network)
         return lambda i: runner.meta_step(batches[i % 4], batches[(i + 1) % 4])
     trainer = MetaFusionTrainer.from_preset(
         "research" if research else "default",
@@ -88,8 +102,9 @@ def build(mode: str, batches, work: str = "tdfusion"):
         fusion_crop=256,
         task_size=(240, 320),
         device="cpu",
+        precision="bf16" if mode.endswith("-bf16") else "fp32",
     )
-    if mode in ("ours-meta", "ours-meta-lean"):
+    if mode in ("ours-meta", "ours-meta-lean", "ours-meta-bf16"):
         return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
     return lambda i: trainer.fusion_step(batches[i % 4])
 
@@ -105,13 +120,15 @@ def child(mode: str, steps: int, data: Path, threads: int, work: str) -> dict:
     return {"mode": mode, "rss": memory, "peak": rss_gib()[1]}
 
 
-def time_side_by_side(steps: int, data: Path, work: str) -> dict[str, list[float]]:
-    """Alternate the three variants in this process on the same inputs; seconds per step."""
+def time_side_by_side(
+    steps: int, data: Path, work: str, bf16: bool = False
+) -> dict[str, list[float]]:
+    """Alternate the variants in this process on the same inputs; seconds per step."""
     batches = make_batches(data, 4, work)
-    variants = {
-        mode: build(mode, batches, work)
-        for mode in ("research-meta", "ours-meta", "ours-meta-lean", "ours-fusion")
-    }
+    modes = ["research-code", "research-meta", "ours-meta", "ours-meta-lean", "ours-fusion"]
+    if bf16:
+        modes += ["ours-meta-bf16", "ours-fusion-bf16"]
+    variants = {mode: build(mode, batches, work) for mode in modes}
     times: dict[str, list[float]] = {mode: [] for mode in variants}
     for i in range(steps + 1):  # round 0 is the warm-up
         for mode, step in variants.items():
@@ -122,7 +139,9 @@ def time_side_by_side(steps: int, data: Path, work: str) -> dict[str, list[float
     return times
 
 
-def run_child(mode: str, steps: int, data: Path, threads: int, work: str) -> dict:
+def run_child(
+    mode: str, steps: int, data: Path, threads: int, work: str, malloc: str, bf16: bool = False
+) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -136,6 +155,9 @@ def run_child(mode: str, steps: int, data: Path, threads: int, work: str) -> dic
         str(data),
         "--threads",
         str(threads),
+        "--malloc",
+        malloc,
+        *(["--bf16"] if bf16 else []),
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -145,21 +167,27 @@ def report(work: str, args: argparse.Namespace) -> str:
     """Measure one kind of work; print the details and return the summary line."""
     print(f"--- work: {work}")
     # Every measurement runs in a child process, so that this one holds no memory meanwhile.
-    times = run_child("timing", args.steps, args.data, args.threads, work)
-    ours_meta = run_child("ours-meta", args.memory_steps, args.data, args.threads, work)
-    lean = run_child("ours-meta-lean", args.memory_steps, args.data, args.threads, work)
-    research = run_child("research-meta", args.research_steps, args.data, args.threads, work)
-    meta = statistics.median(times["ours-meta"])
-    lean_time = statistics.median(times["ours-meta-lean"])
-    fusion = statistics.median(times["ours-fusion"])
-    baseline = statistics.median(times["research-meta"])
+    common = (args.data, args.threads, work, args.malloc)
+    times = run_child("timing", args.steps, *common, args.bf16)
+    ours_meta = run_child("ours-meta", args.memory_steps, *common)
+    lean = run_child("ours-meta-lean", args.memory_steps, *common)
+    research = run_child("research-meta", args.research_steps, *common)
+    research_code = run_child("research-code", args.research_steps, *common)
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    meta, lean_time, fusion = median["ours-meta"], median["ours-meta-lean"], median["ours-fusion"]
+    baseline, code = median["research-meta"], median["research-code"]
     for mode, values in times.items():
         print(
             f"{mode:14s} median {statistics.median(values):7.2f} s over {len(values)} steps ("
             + ", ".join(f"{v:.2f}" for v in values)
             + ")"
         )
-    variants = (("ours meta", ours_meta), ("ours lean", lean), ("research meta", research))
+    variants = (
+        ("ours meta", ours_meta),
+        ("ours lean", lean),
+        ("research meta", research),
+        ("research code", research_code),
+    )
     for name, result in variants:
         print(
             f"{name:14s} peak RSS {result['peak']:.2f} GiB; RSS after each step "
@@ -173,16 +201,28 @@ def report(work: str, args: argparse.Namespace) -> str:
         f"({len(ours_meta['rss']) - 1} meta steps each), research {research_growth:+.2f} GiB "
         f"({len(research['rss']) - 1} meta steps)"
     )
+    if args.bf16:
+        bf16_meta, bf16_fusion = median["ours-meta-bf16"], median["ours-fusion-bf16"]
+        print(
+            f"bf16 autocast: meta step {bf16_meta:.2f} s ({meta / bf16_meta:.2f}x float32's, "
+            f"{code / bf16_meta:.2f}x faster than the research code), fusion step "
+            f"{bf16_fusion:.2f} s ({fusion / bf16_fusion:.2f}x float32's)"
+        )
     ours_name = "ours (research preset)" if work == "research" else "ours (default)"
     return (
-        f"meta step, {work} work: {ours_name} {meta:.2f} s, research mechanics on tdfusion's "
-        f"networks {baseline:.2f} s, speed-up {baseline / meta:.2f}x; ours meta/fusion "
-        f"{meta / fusion:.2f}x (fusion step {fusion:.2f} s); peak memory over "
+        f"meta step, {work} work, malloc {args.malloc}: {ours_name} {meta:.2f} s, research "
+        f"code {code:.2f} s, speed-up {code / meta:.2f}x; research mechanics on tdfusion's "
+        f"networks {baseline:.2f} s, speed-up {baseline / meta:.2f}x; "
+        f"ours meta/fusion {meta / fusion:.2f}x (fusion step {fusion:.2f} s); peak memory over "
         f"{len(ours_meta['rss']) - 1} meta steps ours {ours_meta['peak']:.2f} GiB vs research "
-        f"{research['peak']:.2f} GiB ({ours_meta['peak'] / research['peak']:.2f}); lean "
-        f"(grad checkpointing) {lean_time:.2f} s, speed-up {baseline / lean_time:.2f}x, "
+        f"code {research_code['peak']:.2f} GiB ({ours_meta['peak'] / research_code['peak']:.2f})"
+        f", research mechanics {research['peak']:.2f} GiB "
+        f"({ours_meta['peak'] / research['peak']:.2f}); lean "
+        f"(grad checkpointing) {lean_time:.2f} s, speed-up {code / lean_time:.2f}x "
+        f"({baseline / lean_time:.2f}x over the mechanics), "
         f"{lean_time / meta:.2f}x the default, peak {lean['peak']:.2f} GiB "
-        f"({lean['peak'] / research['peak']:.2f} of research)"
+        f"({lean['peak'] / research_code['peak']:.2f} of the research code's, "
+        f"{lean['peak'] / research['peak']:.2f} of the mechanics')"
     )
 
 
@@ -209,18 +249,34 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 2)))
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument(
+        "--malloc",
+        choices=["system", "keep"],
+        default="system",
+        help="glibc's default allocator, or freed memory kept (tdfusion.allocator)",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="also time our steps under bf16 autocast"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.malloc == "keep":
+        from tdfusion.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if args.child == "timing":
         torch.set_num_threads(args.threads)
-        print(json.dumps(time_side_by_side(args.steps, args.data, args.work)))
+        print(json.dumps(time_side_by_side(args.steps, args.data, args.work, args.bf16)))
         return
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.data, args.threads, args.work)))
         return
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU: {os.cpu_count()} cores")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, CPU: {os.cpu_count()} cores, "
+        f"malloc {args.malloc}"
+    )
     works = ["tdfusion", "research"] if args.work == "both" else [args.work]
     summaries = [report(work, args) for work in works]
     print("\n".join(summaries))

@@ -68,6 +68,7 @@ tdfusion_api_packages = [
     "tdfusion.metrics",
     "tdfusion.files",
     "tdfusion.devices",
+    "tdfusion.allocator",
     "tdfusion.distributed",
     "tdfusion.errors",
     "tdfusion.cli",

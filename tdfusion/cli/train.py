@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tdfusion.cli.options import (
     add_device_option,
+    add_malloc_option,
+    apply_malloc_option,
     non_negative_int,
     output_folder,
     positive_float,
@@ -69,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--out", type=output_folder, default=Path("runs/tdfusion"), help="output folder"
     )
     add_device_option(parser)
+    add_malloc_option(parser)
     parser.add_argument("--epochs", type=positive_int, help="epochs (paper: 50)")
     parser.add_argument(
         "--meta-steps", type=non_negative_int, help="generator updates per epoch (paper: 200)"
@@ -161,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     from tdfusion.distributed import distributed_session, is_main_process
     from tdfusion.errors import DataError
     from tdfusion.recipes import load_recipe, make_smoke_dataset, train
+
+    apply_malloc_option(args)
 
     overrides = {
         "epochs": args.epochs,
