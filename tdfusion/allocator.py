@@ -3,12 +3,12 @@
 PyTorch allocates every CPU tensor with the C library's ``malloc``. glibc's ``malloc`` serves
 large blocks with fresh ``mmap`` pages and returns them to the system when they are freed, so
 each training step faults in and zeroes its activations again, page by page: on 2 CPU threads
-a ReFusionNet meta step spent about an eighth of its time in the kernel doing so.
+a ReFusionNet meta step spent about a tenth of its CPU time in the kernel doing so.
 :func:`keep_freed_memory` asks ``malloc`` to keep freed memory for the next allocation
 instead, as PyTorch's CUDA caching allocator does on the GPU.
 
 The setting is process-wide, so the library never changes it by itself: ``tdfusion train``
-and ``tdfusion fuse`` call it (``--system-malloc`` leaves ``malloc`` as it is), and a script
+and ``tdfusion demo`` call it (``--system-malloc`` leaves ``malloc`` as it is), and a script
 calls it once at its start.
 """
 
@@ -42,8 +42,8 @@ def keep_freed_memory(
     the heap grows ``top_pad`` bytes beyond each request, and it is not shrunk until
     ``trim_threshold`` bytes lie free at its top. Freed activations are then reused by the next
     step without page faults. The resident memory stays near its high-water mark instead of
-    falling between steps (measured: peak +4% over a ReFusionNet meta step; steps 10-15%
-    faster on 2 CPU threads, see the docs' performance page).
+    falling between steps (measured in the paper's MSRS setting on 2 CPU threads: meta steps
+    about 5% faster, their peak 4-7% higher; see the docs' performance page).
 
     Parameters
     ----------

@@ -288,7 +288,7 @@ def add_malloc_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=(
             "leave the C library's malloc as it is; by default freed CPU memory is kept for "
-            "reuse (glibc), which made training steps 5-10%% faster on the CPU"
+            "reuse (glibc), which made meta steps about 5%% faster on the CPU"
         ),
     )
 
