@@ -31,7 +31,7 @@ from tdfusion.cli import build_parser, main
 from tdfusion.errors import DataError
 from tdfusion.recipes import RECIPES, build_trainer
 from tdfusion.trainer.compilation import CompiledCall
-from tdfusion.trainer.precision import Autocast, check_precision
+from tdfusion.trainer.precision import Autocast, check_precision, forward_derivative
 
 
 def batch(seed: int, size: tuple[int, int] = (32, 32), n: int = 2, task: str = "module"):
@@ -173,8 +173,9 @@ def test_losses_are_float32_and_the_networks_run_under_autocast():
     assert set(fixed_task_inputs) == {(torch.float32, False)}  # a task function: float32
 
 
-def test_forward_mode_falls_back_to_a_float32_derivative_where_autocast_breaks_it():
-    # PyTorch's CPU layer norm gives a bf16 output a float32 tangent under autocast.
+def test_forward_mode_derivative_runs_under_bf16_autocast() -> None:
+    # Dual tensors (torch.autograd.forward_ad) take ReFusionNet's derivative in bf16, layer
+    # norm included; no float32 fall-back is needed.
     from tdfusion import LossGenerator
     from tdfusion.nets import ReFusionNet
 
@@ -192,8 +193,43 @@ def test_forward_mode_falls_back_to_a_float32_derivative_where_autocast_breaks_i
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fall-back to backprop
             results[precision] = flat(trainer.hypergradient(meta_train, meta_test))
-    assert trainer.autocast.learned == {"jvp_float32": True}
-    assert cosine(results["bf16"], results["fp32"]) > 0.999  # measured 0.999975
+        assert trainer.autocast.learned == {}
+    assert cosine(results["bf16"], results["fp32"]) > 0.999  # measured 0.999976
+
+
+def test_forward_mode_falls_back_to_float32_where_autocast_breaks_it() -> None:
+    autocast = Autocast("bf16", "cpu")
+    calls = []
+
+    def fails_under_autocast(x: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.is_autocast_enabled("cpu"))
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("no forward-mode rule under autocast")
+        return x * x
+
+    x, direction = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0])
+    for _ in range(2):
+        output, tangent = autocast.jvp(fails_under_autocast, (x,), (direction,))
+        assert torch.equal(output, x * x) and torch.equal(tangent, 2 * x)
+    assert autocast.learned == {"jvp_float32": True}
+    assert calls == [True, False, False]  # the failure is remembered
+
+
+def test_forward_derivative_equals_torch_func_jvp() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, dtype=torch.float64)
+    primals = (torch.randn(4, 3, dtype=torch.float64), weight)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def function(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ w).sum(dim=1)
+
+    expected = torch.func.jvp(function, primals, tangents)
+    actual = forward_derivative(function, primals, tangents)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+    constant = forward_derivative(lambda x, w: torch.ones(2), primals, tangents)
+    assert torch.equal(constant[1], torch.zeros(2))
 
 
 def test_mixed_precision_needs_float32_parameters_and_a_known_name():

@@ -34,7 +34,7 @@ def checkpointing_applies() -> bool:
     -------
     bool
         ``True`` when gradients are enabled and inference mode is off. Under
-        :func:`torch.no_grad` (where :func:`torch.func.jvp` still computes tangents) or
+        :func:`torch.no_grad` (where forward-mode AD still computes tangents) or
         :func:`torch.inference_mode` no activations are kept, so blocks run plainly.
     """
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()

@@ -4,7 +4,7 @@
 (:meth:`~tdfusion.trainer.MetaFusionTrainer.fusion_step`): ``F``, ``G`` (its weights, without
 gradient) and a trainable task network ``T``. The meta step runs the networks uncompiled: it
 calls them with substituted parameters (:func:`torch.func.functional_call`), differentiates
-``F`` twice (``create_graph``) or in forward mode (:func:`torch.func.jvp`), and torch.compile's
+``F`` twice (``create_graph``) or in forward mode (dual tensors), and torch.compile's
 autograd supports neither, so the hypergradient is exactly the uncompiled one.
 
 Each network is compiled at its first call; when :func:`torch.compile` is missing, or that call

@@ -395,7 +395,7 @@ def forward_mode_hypergradient(
         return functional_call(model, substitutes, (crop_a, crop_b), strict=False)
 
     try:
-        # No graph is recorded: forward-mode tangents do not need one (torch.func.jvp works
+        # No graph is recorded: forward-mode tangents do not need one (dual tensors work
         # under no_grad), and networks that checkpoint their blocks then run them plainly.
         with warnings.catch_warnings(), torch.no_grad():
             # PyTorch's first forward-mode call scripts its decompositions with the deprecated
