@@ -78,14 +78,19 @@ def _fusion(fusion, x_a, x_b):
     return joint + _conv(fusion.project_out_a, branch_a) + _conv(fusion.project_out_b, branch_b)
 
 
-def research_forward(net: ReFusionNet, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Fuse ``a`` and ``b`` with ``net``'s parameters, the research code's way."""
+def _encode(net: ReFusionNet | LossGenerator, a: torch.Tensor, b: torch.Tensor):
+    # Each source's embedding and encoder blocks (the two networks share this part).
     x_a, x_b = _conv(net.embed_a, a), _conv(net.embed_b, b)
     for block in net.encoder_a:
         x_a = _block(block, x_a)
     for block in net.encoder_b:
         x_b = _block(block, x_b)
-    x = _fusion(net.fusion, x_a, x_b)
+    return x_a, x_b
+
+
+def research_forward(net: ReFusionNet, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Fuse ``a`` and ``b`` with ``net``'s parameters, the research code's way."""
+    x = _fusion(net.fusion, *_encode(net, a, b))
     for block in net.decoder:
         x = _block(block, x)
     x = _conv(net.head_out, F.leaky_relu(_conv(net.head_conv, x), 0.01))
@@ -96,12 +101,7 @@ def research_generator_forward(
     net: LossGenerator, a: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
     """The loss weights of ``a`` and ``b`` with ``net``'s parameters, the research code's way."""
-    x_a, x_b = _conv(net.embed_a, a), _conv(net.embed_b, b)
-    for block in net.encoder_a:
-        x_a = _block(block, x_a)
-    for block in net.encoder_b:
-        x_b = _block(block, x_b)
-    x = torch.cat([x_a, x_b], 1)
+    x = torch.cat(_encode(net, a, b), 1)
     for block in net.decoder:
         x = _block(block, x)
     x = F.prelu(_conv(net.head_conv, x), net.head_act.weight)

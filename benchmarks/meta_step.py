@@ -178,7 +178,7 @@ def report(work: str, args: argparse.Namespace) -> str:
     baseline, code = median["research-meta"], median["research-code"]
     for mode, values in times.items():
         print(
-            f"{mode:14s} median {statistics.median(values):7.2f} s over {len(values)} steps ("
+            f"{mode:14s} median {median[mode]:7.2f} s over {len(values)} steps ("
             + ", ".join(f"{v:.2f}" for v in values)
             + ")"
         )
