@@ -25,19 +25,26 @@ The task network is tdfusion's SegFormer task in both. Two kinds of work are com
   Adam, masks at the full 480x640 and the unpadded cross-entropy upsampled with
   ``align_corners=True``; ours is ``MetaFusionTrainer.from_preset("research", ...)``.
 
-Timings are taken in one child process per kind of work, the steps (both baselines' meta steps,
-our meta step, our fusion step) alternating on the same inputs, as medians after a warm-up
-round. ``--bf16`` adds our meta and fusion steps under bf16 autocast (``precision="bf16"``),
-worth it on CPUs with AVX512-BF16 or AMX. Another variant, ``ours-meta-lean``, is our meta
-step with the blocks of ``F`` and ``G`` checkpointed (``set_grad_checkpointing()``), which
-trades time for memory. Peak memory and its growth over the steps are measured in a fresh child
-process per variant, so that each peak is its own. Run from the repository root::
+Two timings. Side by side in one child process per kind of work: the steps (both baselines'
+meta steps, our meta step, our fusion step) alternate on the same inputs, medians after a
+warm-up round. And each variant in its own fresh process, one after the other, as a training
+run has it (these processes also measure peak memory and its growth, so that each peak is its
+own): one variant's allocations then do not fragment another's heap (in one process, after the
+research code's step, ours took 4.7-5.5 s instead of the 4.2-4.4 s it takes alone), and each
+side can have its own allocator setting. ``--bf16`` adds our meta and fusion steps under bf16
+autocast (``precision="bf16"``) to the first timing, worth it on CPUs with AVX512-BF16 or AMX.
+Another variant, ``ours-meta-lean``, is our meta step with the blocks of ``F`` and ``G``
+checkpointed (``set_grad_checkpointing()``), which trades time for memory. Run from the
+repository root::
 
     python benchmarks/meta_step.py [--work both] [--steps 3] [--memory-steps 20] [--threads 2]
-                                   [--malloc system|keep]
+                                   [--malloc system|keep|default] [--bf16]
 
 ``--malloc keep`` runs every child process after :func:`tdfusion.allocator.keep_freed_memory`
-(what ``tdfusion train`` does by default), both sides alike; ``system`` leaves glibc's default.
+(what ``tdfusion train`` does by default), both sides alike; ``system`` leaves glibc's default
+on both sides; ``default`` runs each side as it runs by default, the research code with
+glibc's default and ours with freed memory kept (own-process timings only: one process cannot
+hold both settings).
 
 The last lines (one per kind of work) print the ratios this benchmark claims.
 """
@@ -110,14 +117,31 @@ def build(mode: str, batches, work: str = "tdfusion"):
 
 
 def child(mode: str, steps: int, data: Path, threads: int, work: str) -> dict:
-    """Run one variant for ``steps`` steps (after a warm-up) and report its memory."""
+    """Run one variant for ``steps`` steps after a warm-up step; its memory and step times."""
     torch.set_num_threads(threads)
     step = build(mode, make_batches(data, 4, work), work)
-    memory = []
+    memory, seconds = [], []
     for i in range(steps + 1):
+        start = time.perf_counter()
         step(i)
+        seconds.append(time.perf_counter() - start)
         memory.append(rss_gib()[0])
-    return {"mode": mode, "rss": memory, "peak": rss_gib()[1]}
+    return {"mode": mode, "rss": memory, "peak": rss_gib()[1], "seconds": seconds[1:]}
+
+
+def malloc_of(mode: str, setting: str) -> str:
+    """The allocator setting of one variant: ``setting``, or each side's own default."""
+    if setting != "default":
+        return setting
+    return "system" if mode.startswith("research") else "keep"
+
+
+#: How a summary line names the ``--malloc`` setting.
+MALLOC_LABEL = {
+    "system": "malloc system",
+    "keep": "malloc keep",
+    "default": "each side's default allocator (research code: system, ours: keep)",
+}
 
 
 def time_side_by_side(
@@ -156,42 +180,37 @@ def run_child(
         "--threads",
         str(threads),
         "--malloc",
-        malloc,
+        malloc_of(mode, malloc),
         *(["--bf16"] if bf16 else []),
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def report(work: str, args: argparse.Namespace) -> str:
-    """Measure one kind of work; print the details and return the summary line."""
+def report(work: str, args: argparse.Namespace) -> list[str]:
+    """Measure one kind of work; print the details and return the summary lines."""
     print(f"--- work: {work}")
     # Every measurement runs in a child process, so that this one holds no memory meanwhile.
     common = (args.data, args.threads, work, args.malloc)
-    times = run_child("timing", args.steps, *common, args.bf16)
-    ours_meta = run_child("ours-meta", args.memory_steps, *common)
-    lean = run_child("ours-meta-lean", args.memory_steps, *common)
-    research = run_child("research-meta", args.research_steps, *common)
-    research_code = run_child("research-code", args.research_steps, *common)
-    median = {mode: statistics.median(values) for mode, values in times.items()}
-    meta, lean_time, fusion = median["ours-meta"], median["ours-meta-lean"], median["ours-fusion"]
-    baseline, code = median["research-meta"], median["research-code"]
-    for mode, values in times.items():
-        print(
-            f"{mode:14s} median {median[mode]:7.2f} s over {len(values)} steps ("
-            + ", ".join(f"{v:.2f}" for v in values)
-            + ")"
+    ours_steps, research_steps = args.memory_steps, args.research_steps
+    own = {
+        mode: run_child(mode, steps, *common)
+        for mode, steps in (
+            ("ours-meta", ours_steps),
+            ("ours-meta-lean", ours_steps),
+            ("ours-fusion", ours_steps),
+            ("research-meta", research_steps),
+            ("research-code", research_steps),
         )
-    variants = (
-        ("ours meta", ours_meta),
-        ("ours lean", lean),
-        ("research meta", research),
-        ("research code", research_code),
-    )
-    for name, result in variants:
+    }
+    ours_meta, lean = own["ours-meta"], own["ours-meta-lean"]
+    research, research_code = own["research-meta"], own["research-code"]
+    for mode, result in own.items():
         print(
-            f"{name:14s} peak RSS {result['peak']:.2f} GiB; RSS after each step "
+            f"{mode:14s} own process: peak RSS {result['peak']:.2f} GiB; RSS after each step "
             + " ".join(f"{m:.2f}" for m in result["rss"])
+            + "; seconds per step after the warm-up "
+            + ", ".join(f"{v:.2f}" for v in result["seconds"])
         )
     growth = ours_meta["rss"][-1] - ours_meta["rss"][1]
     research_growth = research["rss"][-1] - research["rss"][1]
@@ -201,28 +220,57 @@ def report(work: str, args: argparse.Namespace) -> str:
         f"({len(ours_meta['rss']) - 1} meta steps each), research {research_growth:+.2f} GiB "
         f"({len(research['rss']) - 1} meta steps)"
     )
-    if args.bf16:
-        bf16_meta, bf16_fusion = median["ours-meta-bf16"], median["ours-fusion-bf16"]
-        print(
-            f"bf16 autocast: meta step {bf16_meta:.2f} s ({meta / bf16_meta:.2f}x float32's, "
-            f"{code / bf16_meta:.2f}x faster than the research code), fusion step "
-            f"{bf16_fusion:.2f} s ({fusion / bf16_fusion:.2f}x float32's)"
-        )
     ours_name = "ours (research preset)" if work == "research" else "ours (default)"
-    return (
-        f"meta step, {work} work, malloc {args.malloc}: {ours_name} {meta:.2f} s, research "
-        f"code {code:.2f} s, speed-up {code / meta:.2f}x; research mechanics on tdfusion's "
-        f"networks {baseline:.2f} s, speed-up {baseline / meta:.2f}x; "
-        f"ours meta/fusion {meta / fusion:.2f}x (fusion step {fusion:.2f} s); peak memory over "
-        f"{len(ours_meta['rss']) - 1} meta steps ours {ours_meta['peak']:.2f} GiB vs research "
-        f"code {research_code['peak']:.2f} GiB ({ours_meta['peak'] / research_code['peak']:.2f})"
-        f", research mechanics {research['peak']:.2f} GiB "
-        f"({ours_meta['peak'] / research['peak']:.2f}); lean "
-        f"(grad checkpointing) {lean_time:.2f} s, speed-up {code / lean_time:.2f}x "
-        f"({baseline / lean_time:.2f}x over the mechanics), "
-        f"{lean_time / meta:.2f}x the default, peak {lean['peak']:.2f} GiB "
+    memory = (
+        f"peak memory over {len(ours_meta['rss']) - 1} meta steps ours "
+        f"{ours_meta['peak']:.2f} GiB vs research code {research_code['peak']:.2f} GiB "
+        f"({ours_meta['peak'] / research_code['peak']:.2f}), research mechanics "
+        f"{research['peak']:.2f} GiB ({ours_meta['peak'] / research['peak']:.2f}); lean "
+        f"(grad checkpointing) peak {lean['peak']:.2f} GiB "
         f"({lean['peak'] / research_code['peak']:.2f} of the research code's, "
         f"{lean['peak'] / research['peak']:.2f} of the mechanics')"
+    )
+    summaries = []
+    if args.malloc != "default":  # one process cannot hold two allocator settings
+        times = run_child("timing", args.steps, *common, args.bf16)
+        median = {mode: statistics.median(values) for mode, values in times.items()}
+        for mode, values in times.items():
+            print(
+                f"{mode:14s} one process, alternating: median {median[mode]:7.2f} s over "
+                f"{len(values)} steps (" + ", ".join(f"{v:.2f}" for v in values) + ")"
+            )
+        if args.bf16:
+            bf16_meta, bf16_fusion = median["ours-meta-bf16"], median["ours-fusion-bf16"]
+            meta, code = median["ours-meta"], median["research-code"]
+            print(
+                f"bf16 autocast: meta step {bf16_meta:.2f} s ({meta / bf16_meta:.2f}x "
+                f"float32's, {code / bf16_meta:.2f}x faster than the research code), fusion "
+                f"step {bf16_fusion:.2f} s ({median['ours-fusion'] / bf16_fusion:.2f}x "
+                "float32's)"
+            )
+        summaries.append(
+            f"meta step, {work} work, {MALLOC_LABEL[args.malloc]}, one process alternating: "
+            + _speeds(ours_name, median)
+        )
+    own_median = {mode: statistics.median(result["seconds"]) for mode, result in own.items()}
+    summaries.append(
+        f"meta step, {work} work, {MALLOC_LABEL[args.malloc]}, each variant in its own "
+        f"process (medians of {ours_steps} steps of ours, {research_steps} of the baselines, "
+        "after a warm-up step): " + _speeds(ours_name, own_median) + "; " + memory
+    )
+    return summaries
+
+
+def _speeds(ours_name: str, median: dict[str, float]) -> str:
+    """The ratios a summary line claims, from the variants' median seconds per step."""
+    meta, lean, fusion = median["ours-meta"], median["ours-meta-lean"], median["ours-fusion"]
+    baseline, code = median["research-meta"], median["research-code"]
+    return (
+        f"{ours_name} {meta:.2f} s, research code {code:.2f} s, speed-up {code / meta:.2f}x; "
+        f"research mechanics on tdfusion's networks {baseline:.2f} s, speed-up "
+        f"{baseline / meta:.2f}x; ours meta/fusion {meta / fusion:.2f}x (fusion step "
+        f"{fusion:.2f} s); lean (grad checkpointing) {lean:.2f} s, speed-up {code / lean:.2f}x "
+        f"({baseline / lean:.2f}x over the mechanics), {lean / meta:.2f}x the default"
     )
 
 
@@ -251,9 +299,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument(
         "--malloc",
-        choices=["system", "keep"],
+        choices=["system", "keep", "default"],
         default="system",
-        help="glibc's default allocator, or freed memory kept (tdfusion.allocator)",
+        help="glibc's default allocator or freed memory kept (tdfusion.allocator), both "
+        "sides alike; or each side as it runs by default: the research code with glibc's "
+        "default, ours with freed memory kept (as tdfusion train runs); with 'default' only "
+        "the own-process timings are taken",
     )
     parser.add_argument(
         "--bf16", action="store_true", help="also time our steps under bf16 autocast"
@@ -278,7 +329,7 @@ def main() -> None:
         f"malloc {args.malloc}"
     )
     works = ["tdfusion", "research"] if args.work == "both" else [args.work]
-    summaries = [report(work, args) for work in works]
+    summaries = [line for work in works for line in report(work, args)]
     print("\n".join(summaries))
 
 
