@@ -311,6 +311,12 @@ def main() -> None:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bf16 and args.malloc == "default":
+        parser.error(
+            "--bf16 times our steps in the one-process timing, which --malloc default does "
+            "not take (one process cannot hold both allocator settings); use --malloc keep "
+            "or system"
+        )
     if args.malloc == "keep":
         from tdfusion.allocator import keep_freed_memory
 
