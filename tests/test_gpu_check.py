@@ -68,3 +68,32 @@ def test_a_part_that_overruns_its_limit_is_a_failure(gpu_check, monkeypatch):
     monkeypatch.setattr(gpu_check.subprocess, "run", overrun)
     line = gpu_check.run_part_in_child("steps-fp32", 42)
     assert line == "FAIL steps-fp32: did not finish within 42 s"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without CUDA")
+def test_the_dry_run_runs_every_part_on_the_cpu():
+    # Everything but the compiled steps (inductor compiles for minutes on the CPU): the same
+    # code as on a GPU, at small sizes, so that the script is checked before GPU time is spent.
+    parts = ["hypergradient", "steps-fp32", "steps-bf16", "steps-lean", "fuse-1280x1024"]
+    parts.append("nccl-torchrun")
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--budget", "600", "--only", *parts],
+        capture_output=True,
+        text=True,
+        timeout=660,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    for part in parts:
+        assert any(line.startswith(f"PASS {part}:") for line in lines), (part, completed.stdout)
+    assert "backend gloo, world size 2" in completed.stdout  # the data-parallel path ran
+    assert lines[-1] == "gpu check: 6 passed, 0 failed, 0 skipped"
+
+
+def test_a_bf16_hypergradient_far_from_float32s_fails_the_judged_check(gpu_check, monkeypatch):
+    monkeypatch.setattr(gpu_check, "_bf16_cosine", lambda *args, **kwargs: 0.5)
+    judged = gpu_check.DRY_RUN._replace(judged=True)
+    line = gpu_check.check_steps("bf16", steps=1, setting=judged)
+    assert line.startswith("FAIL steps-bf16:") and "cosine with fp32 0.50000" in line
+    monkeypatch.setattr(gpu_check, "_bf16_cosine", lambda *args, **kwargs: 0.95)
+    assert gpu_check.check_steps("bf16", steps=1, setting=judged).startswith("PASS steps-bf16:")
