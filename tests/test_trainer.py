@@ -1178,3 +1178,18 @@ def test_resuming_from_a_file_that_runs_code_is_refused_without_unsafe_advice(tm
     assert "refers to exec" in message and "never runs code" in message
     assert "weights_only=False" not in message and "\x1b" not in message
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_of_a_machine_with_more_gpus_restores_the_devices_this_one_has(monkeypatch):
+    from tdfusion.trainer import checkpoint
+
+    state = checkpoint.capture_rng_state()
+    state["cuda"] = [torch.full((8,), float(index)) for index in range(4)]  # saved on 4 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda value, device: restored.append((int(value[0]), device))
+    )
+    checkpoint.restore_rng_state(state)
+    assert restored == [(0, 0), (1, 1)]

@@ -247,7 +247,10 @@ def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None
     )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A checkpoint of a machine with more GPUs restores the devices this one has (PyTorch's
+        # set_rng_state_all would fail on the first device it lacks).
+        for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
     for generator, generator_state in zip(generators, state["generators"]):
         if generator is not None and generator_state is not None:
             generator.set_state(generator_state)
