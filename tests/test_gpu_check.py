@@ -95,5 +95,6 @@ def test_a_bf16_hypergradient_far_from_float32s_fails_the_judged_check(gpu_check
     judged = gpu_check.DRY_RUN._replace(judged=True)
     line = gpu_check.check_steps("bf16", steps=1, setting=judged)
     assert line.startswith("FAIL steps-bf16:") and "cosine with fp32 0.50000" in line
-    monkeypatch.setattr(gpu_check, "_bf16_cosine", lambda *args, **kwargs: 0.95)
+    passing = gpu_check.BF16_COSINE_MIN + 0.005
+    monkeypatch.setattr(gpu_check, "_bf16_cosine", lambda *args, **kwargs: passing)
     assert gpu_check.check_steps("bf16", steps=1, setting=judged).startswith("PASS steps-bf16:")
