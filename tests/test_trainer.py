@@ -1193,3 +1193,34 @@ def test_a_checkpoint_of_a_machine_with_more_gpus_restores_the_devices_this_one_
     )
     checkpoint.restore_rng_state(state)
     assert restored == [(0, 0), (1, 1)]
+
+
+def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
+    # On a GPU, a checkpoint read onto the training device would put the saved random states
+    # there too, and torch.set_rng_state / numpy take CPU tensors only.
+    from tdfusion.trainer import loop
+
+    trainer = resumable_trainer()
+    trainer.fit(
+        segmentation_loader(), epochs=1, meta_steps=1, checkpoint=tmp_path / "c.pt", progress=False
+    )
+    locations = []
+    real_load = loop.load_checkpoint
+
+    def spy(path, map_location="cpu"):
+        locations.append(map_location)
+        return real_load(path, map_location=map_location)
+
+    monkeypatch.setattr(loop, "load_checkpoint", spy)
+    resumable_trainer().fit(
+        segmentation_loader(), epochs=2, meta_steps=1, resume=tmp_path / "c.pt", progress=False
+    )
+    assert locations == ["cpu"]
+
+
+def test_a_generator_off_the_cpu_is_refused_as_seed():
+    class CudaGenerator(torch.Generator):  # a stand-in: no CUDA here
+        device = torch.device("cuda", 0)
+
+    with pytest.raises(ValueError, match="drawn on the CPU.*cuda:0"):
+        make_trainer("module", seed=CudaGenerator())

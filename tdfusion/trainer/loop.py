@@ -209,7 +209,9 @@ def _train(
     progress = progress and trainer.is_main_process
     resume_rng = None
     if resume is not None:
-        state = load_checkpoint(resume, map_location=trainer.device)
+        # Read on the CPU: the modules and optimisers copy what they hold to their device, and
+        # the saved random states (CPU tensors by nature) must stay there.
+        state = load_checkpoint(resume, map_location="cpu")
         trainer.load_state_dict(state)
         resume_rng = saved_rng_state(state, trainer.world_size, trainer.rank)
     if trainer.epoch >= epochs and trainer.is_main_process:

@@ -135,7 +135,7 @@ class MetaFusionTrainer:
         :class:`~tdfusion.errors.NonFiniteLossError` naming the step and the losses, or skip
         that update with a warning. Either way the update changes nothing.
     seed : int or torch.Generator, optional
-        Seed (or generator) for the crop offsets; saved and restored with checkpoints.
+        Seed (or CPU generator) for the crop offsets; saved and restored with checkpoints.
     optimizer : {"adam", "sgd"} or callable
         Optimiser of ``F`` and ``T`` in the fusion phase: Adam (the paper's), plain SGD, or a
         factory ``optimizer(parameters, lr) -> torch.optim.Optimizer``.
@@ -323,6 +323,11 @@ class MetaFusionTrainer:
         )
         self.optimizer = optimizer if isinstance(optimizer, str) else None
 
+        if isinstance(seed, torch.Generator) and seed.device.type != "cpu":
+            raise ValueError(
+                f"seed: the crop offsets are drawn on the CPU, so a torch.Generator there is "
+                f"needed, got one on {seed.device} (pass an int, or torch.Generator())"
+            )
         self.generator = (  # draws the crop offsets
             seed
             if isinstance(seed, torch.Generator)
