@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +318,22 @@ def test_more_processes_than_gpus_on_a_node_is_refused(monkeypatch) -> None:
         dist_utils.rank_device("cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert dist_utils.rank_device("cuda") == torch.device("cuda", 1)
-    assert dist_utils.rank_device("cuda:0") == torch.device("cuda", 0)  # explicit index kept
+    with pytest.warns(UserWarning, match="LOCAL_RANK=1 of 9 on this node trains on cuda:0"):
+        assert dist_utils.rank_device("cuda:0") == torch.device("cuda", 0)  # explicit index kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dist_utils.rank_device("cuda:1") == torch.device("cuda", 1)  # its own: no warning
+
+
+def test_a_group_formed_without_torchrun_gives_each_rank_its_own_gpu(monkeypatch) -> None:
+    from tdfusion.distributed import process
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(process, "is_distributed", lambda: True)  # e.g. torch.multiprocessing
+    monkeypatch.setattr(process, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist_utils.rank_device("cuda") == torch.device("cuda", 1)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

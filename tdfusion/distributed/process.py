@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -135,7 +136,9 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
     device : str or torch.device, optional
         ``None`` picks CUDA when available, else the CPU. In a distributed run a CUDA device
         without an index (``"cuda"``) becomes ``cuda:LOCAL_RANK``, so each process on a node
-        gets its own GPU; an explicit index is kept.
+        gets its own GPU (``cuda:RANK % device_count()`` in a group formed without
+        ``torchrun``, which sets no ``LOCAL_RANK``); an explicit index is kept, with a warning
+        when it differs from ``LOCAL_RANK`` on a node of several processes.
 
     Returns
     -------
@@ -153,21 +156,33 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
     device(type='cpu')
     """
     device = resolve_device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or not (is_distributed() or launched_distributed()):
         return device
-    distributed = is_distributed() or launched_distributed()
-    if device.index is None and distributed:
-        local_rank = get_local_rank()
-        available = torch.cuda.device_count()
-        if local_rank >= available:
-            local_world = _environment_int("LOCAL_WORLD_SIZE") or local_rank + 1
-            raise DistributedError(
-                f"{local_world} processes were started on this node but it has {available} "
-                f"GPU(s) (process with LOCAL_RANK={local_rank} has none); launch with "
-                f"torchrun --nproc_per_node={available} or fewer"
+    local_rank = _environment_int("LOCAL_RANK")
+    local_world = _environment_int("LOCAL_WORLD_SIZE")
+    available = torch.cuda.device_count()
+    if device.index is not None:
+        if local_rank is not None and (local_world or 1) > 1 and device.index != local_rank:
+            warnings.warn(
+                f"the process with LOCAL_RANK={local_rank} of {local_world} on this node trains "
+                f"on {device}: if every process was given that device they share one GPU, which "
+                "NCCL refuses ('Duplicate GPU'); pass device='cuda' to give each process "
+                "cuda:LOCAL_RANK",
+                stacklevel=2,
             )
-        device = torch.device("cuda", local_rank)
-    return device
+        return device
+    if local_rank is None:
+        # A group formed without torchrun (torch.multiprocessing.spawn, a hand-made group):
+        # the ranks are taken to be numbered node by node, as many per node as it has GPUs.
+        return torch.device("cuda", get_rank() % max(available, 1))
+    if local_rank >= available:
+        local_world = local_world or local_rank + 1
+        raise DistributedError(
+            f"{local_world} processes were started on this node but it has {available} "
+            f"GPU(s) (process with LOCAL_RANK={local_rank} has none); launch with "
+            f"torchrun --nproc_per_node={available} or fewer"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def _check_environment() -> tuple[int, int]:
