@@ -18,6 +18,9 @@ CUDA error in one part cannot take the others down) and prints one ``PASS``, ``F
 - ``fuse-1280x1024``: one 1280x1024 pair through ReFusionNet (the authors' IVIF weights when
   ``../shared/data`` has them) with ``tdfusion.inference.fuse_tensors``, in float32 and bf16
   (``accelerate(net, precision="bf16")``): time, peak memory, largest bf16 difference;
+- ``resume``: ``fit`` for one epoch with a checkpoint, then resumed from it for a second,
+  against two epochs straight (small networks, a fixed task): the parameters must agree to
+  1e-4 relative (exactly on the CPU; cuDNN's backward may not be deterministic);
 - ``nccl-torchrun``: a one-process ``torchrun`` launch that starts an NCCL group, all-reduces a
   CUDA tensor and takes a meta step and a fusion step inside it (with ``distributed=None``: in
   a group of one process the trainer trains on its own; the dry run launches two processes,
@@ -60,13 +63,14 @@ DATA = REPO.parent / "shared" / "data"
 
 #: Part name -> its time limit in seconds (the whole check stays under 8 minutes).
 PARTS: dict[str, int] = {
-    "hypergradient": 60,
+    "hypergradient": 50,
     "steps-fp32": 60,
     "steps-bf16": 60,
-    "steps-compiled": 135,
+    "steps-compiled": 125,
     "steps-lean": 45,
     "fuse-1280x1024": 45,
-    "nccl-torchrun": 60,
+    "nccl-torchrun": 55,
+    "resume": 30,
 }
 #: The dry run's limits: the CPU is slower, and inductor compiles for minutes there.
 DRY_RUN_LIMIT: dict[str, int] = {**{name: 120 for name in PARTS}, "steps-compiled": 600}
@@ -327,6 +331,51 @@ def check_fuse(setting: Setting = GPU) -> str:
     )
 
 
+def check_resume(setting: Setting = GPU) -> str:
+    """Two epochs straight against one epoch, a checkpoint, and a resumed second epoch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tdfusion import MetaFusionTrainer
+
+    generator = torch.Generator().manual_seed(4)
+    a, b = (torch.rand(8, 1, 48, 64, generator=generator) for _ in range(2))
+
+    def trainer(fresh: bool = False) -> Any:
+        fusion, loss_generator = _small_networks()
+        if fresh:  # other weights, so that only the checkpoint can make it agree
+            with torch.no_grad():
+                for parameter in [*fusion.parameters(), *loss_generator.parameters()]:
+                    parameter.add_(torch.randn_like(parameter), alpha=0.1)
+        return MetaFusionTrainer(
+            fusion, _task_loss, loss_generator, device=setting.device, distributed=False, seed=5
+        )
+
+    def fit(model: Any, epochs: int, **options: Any) -> None:
+        loader = DataLoader(TensorDataset(a, b, (a + b) / 2), batch_size=2, shuffle=True)
+        model.fit(loader, epochs=epochs, meta_steps=1, progress=False, **options)
+
+    start = time.perf_counter()
+    straight = trainer()
+    fit(straight, 2)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "trainer.pt"
+        fit(trainer(), 1, checkpoint=path)
+        resumed = trainer(fresh=True)
+        fit(resumed, 2, resume=path)
+    worst = 0.0
+    for module in ("fusion_model", "loss_generator"):
+        expected = getattr(straight, module).state_dict()
+        for name, value in getattr(resumed, module).state_dict().items():
+            scale = float(expected[name].abs().max()) or 1.0
+            worst = max(worst, float((value - expected[name]).abs().max()) / scale)
+    ok = resumed.epoch == straight.epoch == 2 and worst <= 1e-4
+    return (
+        f"{'PASS' if ok else 'FAIL'} resume: epochs {straight.epoch} straight and "
+        f"{resumed.epoch} resumed on {setting.device}, largest parameter difference "
+        f"{worst:.1e} of the parameter's scale (at most 1e-4), {time.perf_counter() - start:.1f} s"
+    )
+
+
 def nccl_worker(out: Path, setting: Setting = GPU) -> None:
     """Inside torchrun: an NCCL all-reduce, then a meta step and a fusion step.
 
@@ -441,6 +490,8 @@ def run_part(name: str, timeout: float, setting: Setting = GPU) -> str:
             return check_fuse(setting)
         if name == "nccl-torchrun":
             return check_nccl(timeout, setting)
+        if name == "resume":
+            return check_resume(setting)
         raise Skip(f"unknown part (the parts are {', '.join(PARTS)})")
     except Skip as reason:
         return f"SKIP {name}: {reason}"
