@@ -223,14 +223,14 @@ def capture_rng_state(*generators: torch.Generator | None) -> dict[str, Any]:
     }
 
 
-def map_tensors_to_cpu(value: Any) -> Any:
+def _tensors_on_cpu(value: Any) -> Any:
     """``value`` with every tensor in its dicts, lists and tuples moved to the CPU."""
     if isinstance(value, torch.Tensor):
         return value.cpu()
     if isinstance(value, dict):
-        return {key: map_tensors_to_cpu(item) for key, item in value.items()}
+        return {key: _tensors_on_cpu(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors_to_cpu(item) for item in value)
+        return type(value)(_tensors_on_cpu(item) for item in value)
     return value
 
 
@@ -244,7 +244,7 @@ def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None
     *generators : torch.Generator or None
         The generators to restore, in the order they were captured.
     """
-    state = map_tensors_to_cpu(state)  # a checkpoint read onto a GPU holds them there
+    state = _tensors_on_cpu(state)  # a checkpoint read onto a GPU holds them there
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
