@@ -12,7 +12,7 @@ import stat
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tdfusion.errors import DataError, OutputInUseError
 
@@ -26,6 +26,7 @@ __all__ = [
     "missing_folders",
     "output_lock",
     "pair_folders",
+    "pair_folders_reporting",
     "remove_stale_temporaries",
     "remove_unused_folders",
     "temporary_name",
@@ -91,27 +92,43 @@ def list_images(
     ValueError
         If ``extensions`` names a suffix that is not an image suffix.
     """
-    suffixes = _image_suffixes(extensions)
+    images, ambiguous = _scan_images(folder, role, _image_suffixes(extensions))
+    if ambiguous:
+        raise DataError(_describe_ambiguous(role, folder, *next(iter(ambiguous.items()))))
+    if not images:
+        _raise_no_images(role, folder, extensions)
+    return images
+
+
+def _scan_images(
+    folder: str | Path, role: str, suffixes: Sequence[str]
+) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """The images directly inside ``folder``: stem -> file for the stems held once, and
+    stem -> files for those held by two or more files (``x.JPG`` and ``x.png``), both sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{role} folder {folder} does not exist or is not a folder")
-    images: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in suffixes:
-            continue
-        if path.stem in images:
-            raise DataError(
-                f"{role} folder {folder} holds two images named {path.stem!r}: "
-                f"{images[path.stem].name} and {path.name}"
-            )
-        images[path.stem] = path
-    if not images:
-        if extensions is None:
-            expected = f"image ({', '.join(IMAGE_SUFFIXES)} expected)"
-        else:
-            expected = f"{', '.join(suffixes)} image"
-        raise DataError(f"{role} folder {folder} holds no {expected}")
-    return dict(sorted(images.items()))
+        if path.is_file() and path.suffix.lower() in suffixes:
+            found.setdefault(path.stem, []).append(path)
+    images = {stem: files[0] for stem, files in sorted(found.items()) if len(files) == 1}
+    ambiguous = {stem: files for stem, files in sorted(found.items()) if len(files) > 1}
+    return images, ambiguous
+
+
+def _describe_ambiguous(role: str, folder: str | Path, stem: str, files: Sequence[Path]) -> str:
+    names = " and ".join(path.name for path in files)
+    count = "two" if len(files) == 2 else str(len(files))
+    return f"{role} folder {folder} holds {count} images named {stem!r}: {names}"
+
+
+def _raise_no_images(role: str, folder: str | Path, extensions: Sequence[str] | None) -> NoReturn:
+    if extensions is None:
+        expected = f"image ({', '.join(IMAGE_SUFFIXES)} expected)"
+    else:
+        expected = f"{', '.join(_image_suffixes(extensions))} image"
+    raise DataError(f"{role} folder {folder} holds no {expected}")
 
 
 def unpaired_stems(listings: Mapping[str, Mapping[str, Path]]) -> list[str]:
@@ -191,7 +208,9 @@ def pair_folders(
         when every path is an image file: then they form one pair, named by the first
         file's stem.
     skip_unpaired : bool
-        Drop stems that are not in every folder instead of raising.
+        Drop stems that are not in every folder, or held by two images of one folder
+        (``x.JPG`` and ``x.png``), instead of raising (:func:`pair_folders_reporting` lists
+        them).
     extensions : sequence of str, optional
         Only read files with these suffixes (e.g. ``[".png"]``); default: every suffix of
         :data:`IMAGE_SUFFIXES`.
@@ -205,7 +224,48 @@ def pair_folders(
     ------
     DataError
         If a folder is missing or empty, or (unless ``skip_unpaired``) a name is not in every
-        folder; the message counts the unpaired files of each folder and names the first few.
+        folder (the message counts the unpaired files of each folder and names the first few)
+        or is held by two images of one folder.
+    ValueError
+        If ``extensions`` names a suffix that is not an image suffix.
+    """
+    return pair_folders_reporting(folders, skip_unpaired=skip_unpaired, extensions=extensions)[0]
+
+
+def pair_folders_reporting(
+    folders: Mapping[str, str | Path],
+    *,
+    skip_unpaired: bool = False,
+    extensions: Sequence[str] | None = None,
+) -> tuple[list[tuple[str, dict[str, Path]]], list[tuple[str, str]]]:
+    """:func:`pair_folders`, with what ``skip_unpaired`` dropped.
+
+    With ``skip_unpaired``, a stem held by two images of one folder (``x.JPG`` and ``x.png``:
+    which one to fuse is ambiguous) is dropped like an unpaired one; without it, it is an error.
+
+    Parameters
+    ----------
+    folders : mapping of str to path
+        Role -> folder, or role -> file (see :func:`pair_folders`).
+    skip_unpaired : bool
+        Drop stems that are not in every folder, or held by two images of one folder, instead
+        of raising.
+    extensions : sequence of str, optional
+        Only read files with these suffixes; default: every suffix of :data:`IMAGE_SUFFIXES`.
+
+    Returns
+    -------
+    pairs : list of (str, dict of str to pathlib.Path)
+        ``(stem, {role: file})`` sorted by stem.
+    skipped : list of (str, str)
+        ``(name, reason)`` of what was dropped: ``("unpaired", line)`` for a file without a
+        counterpart (one per file, as ``unpaired_stems`` words it) and ``(stem, line)``
+        naming the files of an ambiguous stem. Empty without ``skip_unpaired``.
+
+    Raises
+    ------
+    DataError
+        As :func:`pair_folders`.
     ValueError
         If ``extensions`` names a suffix that is not an image suffix.
     """
@@ -218,15 +278,30 @@ def pair_folders(
                 raise DataError(
                     f"{role} file {path} is not an image ({', '.join(suffixes)} expected)"
                 )
-        return [(next(iter(paths.values())).stem, paths)]
+        return [(next(iter(paths.values())).stem, paths)], []
+    scans = {role: _scan_images(path, role, suffixes) for role, path in paths.items()}
+    skipped: list[tuple[str, str]] = []
+    dropped: set[str] = set()
+    for role, (images, ambiguous) in scans.items():
+        for stem, files in ambiguous.items():
+            problem = _describe_ambiguous(role, paths[role], stem, files)
+            if not skip_unpaired:
+                raise DataError(problem)
+            skipped.append((stem, f"{problem}; pairs are matched by file stem, so it is skipped"))
+            dropped.add(stem)
+        if not images and not ambiguous:
+            _raise_no_images(role, paths[role], extensions)
     listings = {
-        role: list_images(path, role, extensions=extensions) for role, path in paths.items()
+        role: {stem: path for stem, path in images.items() if stem not in dropped}
+        for role, (images, _) in scans.items()
     }
     problem = _describe_unpaired(listings, paths)
     if problem is not None and not skip_unpaired:
         raise DataError(problem)
+    skipped.extend(("unpaired", line) for line in unpaired_stems(listings))
     common = set.intersection(*(set(images) for images in listings.values()))
-    return [(stem, {role: listings[role][stem] for role in listings}) for stem in sorted(common)]
+    pairs = [(stem, {role: listings[role][stem] for role in listings}) for stem in sorted(common)]
+    return pairs, skipped
 
 
 #: Longest file name most file systems accept (bytes); temporary and lock names stay within it.
@@ -353,15 +428,20 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _create_following_umask(path: Path, like: Path) -> None:
+def _create_following_umask(path: Path) -> None:
     # mkstemp would create the file 0600; os.open with 0o666 lets the umask decide, as for any
-    # other file. A file being replaced keeps its permissions.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # other file. The file stays writable while it is written (writers such as Image.save open
+    # it again by name); the permissions of a file it replaces are applied just before the
+    # rename (see atomic_path).
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _permissions(path: Path) -> int | None:
+    """The permission bits of ``path``, or None if it does not exist."""
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.fchmod(descriptor, stat.S_IMODE(like.stat().st_mode))
-    finally:
-        os.close(descriptor)
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return None
 
 
 @contextlib.contextmanager
@@ -373,18 +453,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     one. The temporary file is removed whenever the block does not complete (an error, Ctrl-C,
     a signal handler that raises); temporary files of killed writers are removed by the first
     atomic write into the same folder (see :func:`remove_stale_temporaries`). The new file gets
-    the permissions of the file it replaces, or those the umask gives a new file. Missing parent
-    folders are created.
+    the permissions of the file it replaces (applied once it is written, so a read-only file
+    can be replaced), or those the umask gives a new file. Missing parent folders are created.
+    A symbolic link is followed: its target is replaced and the link kept.
 
     Parameters
     ----------
     path : str or os.PathLike
-        The destination.
+        The destination (or a symbolic link to it).
 
     Yields
     ------
     pathlib.Path
-        The temporary file to write (same folder and suffix as ``path``).
+        The temporary file to write (same folder and suffix as the destination).
 
     Example
     -------
@@ -393,19 +474,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     >>> Path("notes.txt").read_text()
     'complete or not at all'
     """
-    destination = Path(path)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    folder = destination.parent.resolve()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    destination = Path(path).resolve()  # through symbolic links: replace the target, keep links
+    destination.parent.mkdir(parents=True, exist_ok=True)  # a dangling link's target folder
+    folder = destination.parent
     if folder not in _cleaned_folders:
         remove_stale_temporaries(folder)
         _cleaned_folders.add(folder)
-    temporary = destination.parent / temporary_name(destination)
+    temporary = folder / temporary_name(destination)
     replaced = False
     try:
-        _create_following_umask(temporary, destination)
+        _create_following_umask(temporary)
         yield temporary
         with open(temporary, "rb+") as stream:  # flush to disk before the rename
             os.fsync(stream.fileno())
+        mode = _permissions(destination)
+        if mode is not None:  # keep the permissions of the file replaced (0444 too)
+            os.chmod(temporary, mode)
         os.replace(temporary, destination)
         replaced = True
     finally:

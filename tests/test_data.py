@@ -528,3 +528,61 @@ def test_mask_size_applies_after_the_transform(tmp_path):
     a, _, small = MSRSDataset(tmp_path, "train", mask_size=(20, 30), transform=flip)[0]
     assert a.shape == (1, 40, 60) and small.shape == (20, 30)
     assert (small[:, :15] == 5).all() and (small[:, 15:] == 0).all()  # flipped, then resized
+
+
+def _exif_rotated_jpeg(path, displayed: np.ndarray, orientation: int = 6) -> None:
+    """Save ``displayed`` as a phone does: pixels stored turned, with an EXIF orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6: viewers turn the stored pixels 90 degrees clockwise
+    stored = Image.fromarray(displayed).transpose(Image.Transpose.ROTATE_90)
+    stored.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_to_luma_and_chroma(tmp_path):
+    displayed = np.zeros((32, 48, 3), dtype=np.uint8)
+    displayed[:, :24] = (200, 40, 40)  # red on the left as displayed
+    displayed[:, 24:] = (30, 30, 160)  # blue on the right
+    _exif_rotated_jpeg(tmp_path / "phone.jpg", displayed)
+    with Image.open(tmp_path / "phone.jpg") as stored:
+        assert stored.size == (32, 48)  # stored turned: 32 wide, 48 high
+    image = read_image(tmp_path / "phone.jpg")
+    assert image.shape == (32, 48, 3)
+    np.testing.assert_allclose(image[:, :20].mean(axis=(0, 1)), (200, 40, 40), atol=12)
+    np.testing.assert_allclose(image[:, 28:].mean(axis=(0, 1)), (30, 30, 160), atol=12)
+    luma, chroma = read_luma(tmp_path / "phone.jpg")
+    assert luma.shape == (32, 48) and chroma.shape == (32, 48, 2)
+    assert chroma[:, :20, 0].mean() > 150 > chroma[:, 28:, 0].mean()  # Cr high where red
+
+
+def test_size_mismatch_reports_the_displayed_sizes(tmp_path):
+    from tdfusion.data.io import read_luma_pair
+
+    _exif_rotated_jpeg(tmp_path / "phone.jpg", np.full((32, 48, 3), 90, dtype=np.uint8))
+    Image.fromarray(np.zeros((32, 48), dtype=np.uint8)).save(tmp_path / "ir.png")
+    assert read_luma_pair(tmp_path / "ir.png", tmp_path / "phone.jpg")[0].shape == (32, 48)
+    Image.fromarray(np.zeros((48, 32), dtype=np.uint8)).save(tmp_path / "tall.png")
+    with pytest.raises(DataError, match=r"tall\.png is 32x48 but .*phone\.jpg is 48x32"):
+        read_luma_pair(tmp_path / "tall.png", tmp_path / "phone.jpg")
+
+
+def test_exif_orientation_of_an_infrared_image_is_applied(tmp_path):
+    displayed = np.zeros((20, 30), dtype=np.uint8)
+    displayed[:, :10] = 220
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(displayed).transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "ir.jpg", exif=exif, quality=100)
+    image = read_image(tmp_path / "ir.jpg")
+    assert image.shape == (20, 30)
+    assert image[:, :8].mean() > 200 > 20 > image[:, 12:].mean()
+
+
+def test_32_bit_integer_images_are_clipped_not_scaled_and_16_bit_scaled(tmp_path):
+    values = np.array([[-7, 0, 100, 255, 70000]], dtype=np.int32)
+    Image.fromarray(values).save(tmp_path / "int32.tif")
+    with Image.open(tmp_path / "int32.tif") as image:
+        assert image.mode == "I"
+    assert read_image(tmp_path / "int32.tif").tolist() == [[0.0, 0.0, 100.0, 255.0, 255.0]]
+    deep = np.array([[0, 65535]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.tif")
+    assert read_image(tmp_path / "deep.tif", np.float64).tolist() == [[0.0, 255.0]]

@@ -199,3 +199,49 @@ def test_two_image_files_are_one_pair_named_after_the_first(tmp_path):
     text.write_text("x")
     with pytest.raises(DataError, match="notes.txt is not an image"):
         pair_folders({"infrared": first, "visible": text})
+
+
+@posix_only
+def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path, monkeypatch):
+    import tdfusion.files as files
+    from tdfusion.data.io import write_image
+
+    path = tmp_path / "fused.png"
+    write_image(path, torch.zeros(3, 4).numpy())
+    path.chmod(0o444)
+    modes_at_replace = []
+    replace = os.replace
+
+    def recording_replace(source, destination):
+        modes_at_replace.append(stat.S_IMODE(os.stat(source).st_mode))
+        replace(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", recording_replace)
+    with atomic_path(path) as temporary:
+        # writable while written (as root the permission check would pass anyway): the old
+        # file's mode is applied only once it is written
+        assert stat.S_IMODE(temporary.stat().st_mode) & stat.S_IWUSR
+        temporary.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and modes_at_replace == [0o444]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    write_image(path, torch.full((3, 4), 9.0).numpy())  # a re-run over a read-only output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444 and hidden_files(tmp_path) == []
+
+
+@posix_only
+def test_writing_through_a_symbolic_link_updates_the_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "store" / "checkpoint.pt"
+    atomic_save({"step": 1}, target)
+    target.chmod(0o640)
+    link = tmp_path / "runs" / "latest.pt"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    assert atomic_save({"step": 2}, link) == link
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert torch.load(target)["step"] == 2 and torch.load(link)["step"] == 2
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert hidden_files(link.parent) == [] and hidden_files(target.parent) == []
+    dangling = tmp_path / "runs" / "next.pt"
+    dangling.symlink_to(tmp_path / "store" / "new" / "next.pt")  # target not there yet
+    atomic_save({"step": 3}, dangling)
+    assert dangling.is_symlink() and torch.load(tmp_path / "store" / "new" / "next.pt")["step"] == 3

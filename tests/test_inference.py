@@ -27,6 +27,7 @@ from tdfusion.inference import (
     min_max_stretch,
     tile_starts,
 )
+from tdfusion.inference.tiling import balanced_tile
 from tdfusion.nets import LossGenerator, ReFusionNet
 
 
@@ -117,6 +118,55 @@ def test_large_images_are_tiled_automatically():
     a = torch.rand(1, 1, 140, 150)
     fuse_tensors(record, a, a, max_pixels=100 * 100)
     assert len(calls) > 1 and all(shape[-2] * shape[-1] <= 100 * 100 for shape in calls)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "max_side", "overlap"),
+    [(257, 257, 256, 32), (300, 130, 128, 16), (129, 1000, 128, 32), (65, 65, 64, 63)],
+)
+def test_automatic_tiles_compute_little_more_than_the_image(height, width, max_side, overlap):
+    computed = []
+
+    def record(x, y):
+        computed.append(x.shape[-2] * x.shape[-1])
+        return 0.25 * x + 0.75 * y
+
+    a, b = torch.rand(1, 1, height, width), torch.rand(1, 1, height, width)
+    fused = fuse_tensors(record, a, b, overlap=overlap, max_pixels=max_side * max_side)
+    torch.testing.assert_close(fused, 0.25 * a + 0.75 * b)
+    assert len(computed) > 1 and max(computed) <= max_side * max_side
+    # only the overlaps are computed twice: no longer up to 4x the image (two 256-tiles for 257)
+    rows = -(-(height - overlap) // (max_side - overlap))
+    cols = -(-(width - overlap) // (max_side - overlap))
+    needed = (height + (rows - 1) * overlap + rows) * (width + (cols - 1) * overlap + cols)
+    assert sum(computed) <= needed
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"),
+    [(2049, 2048, 32), (5000, 512, 32), (100, 40, 8), (41, 40, 39), (7, 40, 8)],
+)
+def test_balanced_tiles_cover_with_as_few_tiles_and_the_overlap(length, tile, overlap):
+    size = balanced_tile(length, tile, overlap)
+    assert size <= tile
+    starts = tile_starts(length, size, overlap)
+    assert len(starts) == len(tile_starts(length, tile, overlap))  # no more tiles than before
+    assert starts[-1] + size == length and starts[0] == 0
+    for first, second in itertools.pairwise(starts):
+        assert first + size - second >= overlap
+    if len(starts) > 1 and size - 1 > overlap:  # the smallest: one less needs another tile
+        assert len(tile_starts(length, size - 1, overlap)) > len(starts)
+    assert balanced_tile(2049, 2048, 32) == 1041
+
+
+def test_an_image_in_one_automatic_tile_fuses_as_the_whole_image():
+    torch.manual_seed(0)
+    net = ReFusionNet(dim=8, num_heads=4, num_blocks=1).eval()
+    a, b = torch.rand(1, 1, 60, 44), torch.rand(1, 1, 60, 44)
+    with torch.inference_mode():
+        whole = net(a, b)
+    # over the budget of 10 pixels, but within the smallest tile (64): one tile, the image
+    torch.testing.assert_close(fuse_tensors(net, a, b, max_pixels=10), whole)
 
 
 def test_blend_chroma_prefers_the_saturated_source():

@@ -8,7 +8,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tdfusion.errors import DataError
 from tdfusion.files import atomic_path
@@ -22,7 +22,10 @@ __all__ = [
     "ycrcb_to_rgb",
 ]
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Formats whose mode "I" images hold 16-bit samples (they store no 32-bit integers); a mode "I"
+# image of another format (a 32-bit integer TIFF) holds 32-bit integers.
+_SIXTEEN_BIT_FORMATS = ("PNG", "PPM")
 # What Pillow's decoders raise for damaged files (truncated data, broken chunks and headers).
 _DECODE_ERRORS = (
     OSError,
@@ -41,8 +44,9 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
 
     8-bit images keep their values; 16-bit images are scaled by ``255 / 65535``; an alpha
     channel is dropped; palette images are expanded; a colour image whose three planes are
-    equal is returned as grey. Values outside [0, 255] (32-bit integer or float files) are
-    clipped.
+    equal is returned as grey. 32-bit integer and float files are not scaled: their values are
+    taken on the 0..255 scale and those outside [0, 255] are clipped. An EXIF orientation (as
+    phones and cameras write) is applied, so the array is the image as viewers display it.
 
     Parameters
     ----------
@@ -96,10 +100,26 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
     return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=dtype)
 
 
+def _holds_sixteen_bit(image: Image.Image) -> bool:
+    """Whether ``image`` holds 16-bit integer samples (to be scaled to 0..255)."""
+    return image.mode in _SIXTEEN_BIT_MODES or (
+        image.mode == "I" and image.format in _SIXTEEN_BIT_FORMATS
+    )
+
+
+def _displayed(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (as viewers show it); itself if none."""
+    transposed = ImageOps.exif_transpose(image)
+    return image if transposed is None else transposed
+
+
 def _to_array(image: Image.Image) -> np.ndarray:
-    if image.mode in _SIXTEEN_BIT_MODES:
+    """The pixels of a loaded image as displayed (EXIF orientation applied), float64 0..255."""
+    sixteen_bit = _holds_sixteen_bit(image)  # before turning it: a turned copy has no format
+    image = _displayed(image)
+    if sixteen_bit:
         return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-    if image.mode == "F":
+    if image.mode in ("F", "I"):  # 32-bit float or integer: on the 0..255 scale, clipped later
         return np.asarray(image, dtype=np.float64)
     if image.mode in ("L", "1", "LA", "La"):
         return np.asarray(image.convert("L"), dtype=np.float64)
@@ -217,14 +237,16 @@ def read_luma_pair(
     Raises
     ------
     DataError
-        If a file cannot be read, or the sizes differ (both files and sizes are named).
+        If a file cannot be read, or the sizes differ (both files and their displayed sizes,
+        after any EXIF orientation, are named).
     """
     luma_a, chroma_a = read_luma(path_a)
     luma_b, chroma_b = read_luma(path_b)
     if luma_a.shape != luma_b.shape:
         raise DataError(
             f"size mismatch within a pair: {path_a} is {luma_a.shape[1]}x{luma_a.shape[0]} but "
-            f"{path_b} is {luma_b.shape[1]}x{luma_b.shape[0]} (width x height)"
+            f"{path_b} is {luma_b.shape[1]}x{luma_b.shape[0]} (width x height, as displayed: "
+            "EXIF orientation applied)"
         )
     return luma_a, luma_b, chroma_a, chroma_b
 

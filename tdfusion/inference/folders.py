@@ -25,12 +25,10 @@ from tdfusion.errors import DataError
 from tdfusion.files import (
     LOCK_NAME,
     NAME_MAX,
-    list_images,
     missing_folders,
     output_lock,
-    pair_folders,
+    pair_folders_reporting,
     remove_unused_folders,
-    unpaired_stems,
 )
 from tdfusion.inference.acceleration import Precision
 from tdfusion.inference.colour import merge_chroma
@@ -113,15 +111,18 @@ def fuse_folders(
     model : torch.nn.Module
         The fusion network (or an :class:`~tdfusion.inference.AcceleratedFusion`).
     ir_dir, vis_dir : str or os.PathLike
-        Folders of the first and second sources.
+        Folders of the first and second sources, or two image files (one pair, named by the
+        first file's stem).
     out_dir : str or os.PathLike
-        Output folder (created); it must not be one of the input folders.
+        Output folder (created); it must not be one of the input folders, nor the folder of an
+        input file.
     tile, overlap, stretch
         See :func:`~tdfusion.inference.fuse_files`.
     skip_bad : bool
-        Skip unpaired names, unreadable or non-finite images, size mismatches and pairs whose
-        output is not finite (listed in the report). Without it every pair is read before
-        anything is written and a bad one stops the run with nothing written.
+        Skip unpaired names, names held by two images of one folder, unreadable or non-finite
+        images, size mismatches and pairs whose output is not finite (listed in the report).
+        Without it every pair is read before anything is written and a bad one stops the run
+        with nothing written.
     batch : int
         Pairs per forward pass (pairs of one size are stacked; on a GPU a larger batch is
         faster, on the CPU 1 is as fast).
@@ -145,7 +146,9 @@ def fuse_folders(
     ------
     DataError
         If a pair is bad (unless ``skip_bad``; the message names it and, should a pair fail
-        after others were written, how many were), or if ``out_dir`` is an input folder.
+        after others were written, how many were), or if ``out_dir`` is an input folder or
+        holds an input file (or a file an output would overwrite is an input); these are
+        refused before anything is read or written.
     OutputInUseError
         If another process is writing into ``out_dir`` (an :func:`~tdfusion.files.output_lock`
         is held while writing).
@@ -159,18 +162,22 @@ def fuse_folders(
     start = time.perf_counter()
     model = _with_options(model, precision, channels_last, compile)
     out = Path(out_dir).resolve()
-    for folder in (ir_dir, vis_dir):
-        if Path(folder).resolve() == out:
+    for source in (ir_dir, vis_dir):
+        source = Path(source).resolve()
+        if source.is_file() and source.parent == out:
+            raise DataError(
+                f"the output folder {out_dir} holds the input file {source}; choose another "
+                "output folder, so that no input is overwritten"
+            )
+        if source == out:
             raise DataError(f"the output folder {out_dir} is an input folder; choose another")
     report = FolderReport()
-    pairs = pair_folders({"infrared": ir_dir, "visible": vis_dir}, skip_unpaired=skip_bad)
-    if skip_bad:
-        listings = {
-            "infrared": list_images(ir_dir, "infrared"),
-            "visible": list_images(vis_dir, "visible"),
-        }
-        report.skipped.extend(("unpaired", line) for line in unpaired_stems(listings))
-    elif prefetch == 0:
+    pairs, skipped = pair_folders_reporting(
+        {"infrared": ir_dir, "visible": vis_dir}, skip_unpaired=skip_bad
+    )
+    _refuse_overwriting_inputs(pairs, out, out_dir)
+    report.skipped.extend(skipped)
+    if not skip_bad and prefetch == 0:
         _check_pairs(pairs, out_dir)
     chunks = [pairs[first : first + max(1, batch)] for first in range(0, len(pairs), max(1, batch))]
 
@@ -238,6 +245,23 @@ def _run(
 
 def _output_name(stem: str) -> str:
     return f"{stem}.png"
+
+
+def _refuse_overwriting_inputs(
+    pairs: list[_Pair], out: Path, out_dir: str | os.PathLike[str]
+) -> None:
+    """Raise a :class:`DataError` (before any work) if a pair's output would replace one of
+    its inputs (the same file, or a link to it, already in the output folder)."""
+    for stem, files in pairs:
+        destination = out / _output_name(stem)
+        for role, source in files.items():
+            if destination.resolve() == source.resolve() or (
+                destination.exists() and os.path.samefile(destination, source)
+            ):
+                raise DataError(
+                    f"the output of {stem!r} in {out_dir} would overwrite the {role} input "
+                    f"{source}; choose another output folder"
+                )
 
 
 def _read_pair(stem: str, files: dict[str, Path]) -> _Lumas:

@@ -15,7 +15,7 @@ from tdfusion.data.io import read_luma_pair
 from tdfusion.devices import images_for, resolve_device
 from tdfusion.inference.acceleration import Precision, accelerate
 from tdfusion.inference.colour import merge_chroma
-from tdfusion.inference.tiling import fuse_in_tiles
+from tdfusion.inference.tiling import balanced_tile, fuse_in_tiles
 
 __all__ = [
     "fuse_files",
@@ -109,8 +109,10 @@ def fuse_tensors(
         Sources (N, 1, H, W) in [0, 1] on the model's device.
     tile : int, optional
         Tile size; ``None`` fuses the whole image, unless it has more than ``max_pixels``
-        pixels (then the largest square tiles within that budget are used) or memory runs out
-        (then tiles of 512).
+        pixels (then as few tiles as the largest square tiles within that budget need, each
+        made just large enough to cover the image; see
+        :func:`~tdfusion.inference.tiling.balanced_tile`) or memory runs out (then tiles of
+        512).
     overlap : int
         Overlap of neighbouring tiles (blended with a raised-cosine ramp).
     max_pixels : int, optional
@@ -124,7 +126,11 @@ def fuse_tensors(
     with torch.inference_mode():
         too_large = max_pixels is not None and a.shape[-2] * a.shape[-1] > max_pixels
         if tile is None and too_large:
-            tile = max(64, math.isqrt(max_pixels))  # the largest square tile within budget
+            side = max(64, math.isqrt(max_pixels))  # the largest square tile within budget
+            # as few tiles as squares of that side need, each just large enough to cover the
+            # image (keeping the overlap): not four 2048^2 tiles for a 2049x2049 image
+            sizes = tuple(balanced_tile(length, side, overlap) for length in a.shape[-2:])
+            return fuse_in_tiles(model, a, b, sizes, overlap)
         if tile is None:
             try:
                 return model(a, b)

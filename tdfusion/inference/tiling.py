@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["blend_window", "fuse_in_tiles", "tile_starts"]
+__all__ = ["balanced_tile", "blend_window", "fuse_in_tiles", "tile_starts"]
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -41,6 +42,43 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     starts = list(range(0, length - tile, stride))
     starts.append(length - tile)
     return sorted(set(starts))
+
+
+def balanced_tile(length: int, tile: int, overlap: int) -> int:
+    """The smallest tile size that covers ``length`` with as few tiles as tiles of ``tile`` do.
+
+    Tiles of ``tile`` pixels overlapping by ``overlap`` need
+    ``n = ceil((length - overlap) / (tile - overlap))`` tiles to cover ``length``; the result
+    is the smallest size with which ``n`` tiles (keeping the overlap) still cover it, so that
+    little more than the image is computed: a side of 2049 with tiles of at most 2048 takes
+    two tiles of 1041, not two of 2048.
+
+    Parameters
+    ----------
+    length : int
+        Image size along one axis.
+    tile : int
+        Largest tile size allowed along that axis.
+    overlap : int
+        Overlap of neighbouring tiles (taken as at most ``tile - 1``).
+
+    Returns
+    -------
+    int
+        A tile size, at most ``tile`` (``length`` itself when one tile is enough).
+
+    Example
+    -------
+    >>> balanced_tile(2049, 2048, 32), balanced_tile(1000, 2048, 32)
+    (1041, 1000)
+    """
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
+    if length <= tile:
+        return length
+    overlap = max(0, min(overlap, tile - 1))
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return math.ceil((length - overlap) / count) + overlap
 
 
 def blend_window(
@@ -84,7 +122,7 @@ def fuse_in_tiles(
     fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     a: torch.Tensor,
     b: torch.Tensor,
-    tile: int,
+    tile: int | tuple[int, int],
     overlap: int = 32,
 ) -> torch.Tensor:
     """Apply ``fuse`` to overlapping ``tile x tile`` windows and blend the results.
@@ -95,8 +133,8 @@ def fuse_in_tiles(
         ``fuse(a_tile, b_tile) -> fused_tile`` with the tile's shape (N, 1, h, w).
     a, b : torch.Tensor
         Sources, (N, 1, H, W).
-    tile : int
-        Tile size (a side larger than the image uses the whole side).
+    tile : int or (int, int)
+        Tile size, or (height, width) (a side larger than the image uses the whole side).
     overlap : int
         Overlap of neighbouring tiles; the blend ramps over it.
 
@@ -110,10 +148,11 @@ def fuse_in_tiles(
     - a, b: (N, 1, H, W)
     - Output: (N, 1, H, W)
     """
-    if tile <= 0:
+    tile_rows, tile_cols = (tile, tile) if isinstance(tile, int) else tile
+    if tile_rows <= 0 or tile_cols <= 0:
         raise ValueError(f"tile must be positive, got {tile}")
     height, width = a.shape[-2:]
-    tile_h, tile_w = min(tile, height), min(tile, width)
+    tile_h, tile_w = min(tile_rows, height), min(tile_cols, width)
     overlap = max(0, min(overlap, tile_h - 1, tile_w - 1))
     window = blend_window(tile_h, tile_w, overlap, dtype=a.dtype, device=a.device)
     output = torch.zeros_like(a)
