@@ -27,7 +27,7 @@ import copy
 import os
 import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -302,7 +302,7 @@ def trainer_state(
         },
         "model_configs": {
             "fusion_model": model_description(trainer.fusion_model),
-            "loss_generator": model_description(trainer.loss_generator),
+            "loss_generator": _generator_description(trainer.loss_generator),
         },
         "optimizers": {name: opt.state_dict() for name, opt in trainer.optimizers.items()},
         "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
@@ -317,20 +317,74 @@ def trainer_state(
     }
 
 
-def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> None:
+def _generator_description(generator: nn.Module) -> dict[str, Any] | None:
+    """:func:`model_description` of the loss generator; a :class:`~tdfusion.nets.FixedLossWeights`
+    (which has no ``config``) is described by its rule, so that ``load`` can rebuild it."""
+    from tdfusion.nets.fixed_weights import FixedLossWeights
+
+    if isinstance(generator, FixedLossWeights):
+        return {
+            "arch": _FIXED_WEIGHTS_ARCH,
+            "class": f"{type(generator).__module__}.{type(generator).__qualname__}",
+            "config": {"rule": generator.rule},
+        }
+    return model_description(generator)
+
+
+#: ``model_configs["loss_generator"]["arch"]`` of a trainer with fixed loss weights.
+_FIXED_WEIGHTS_ARCH = "FixedLossWeights"
+
+#: Learning-rate settings of the saved config, and the optimiser each one sets (if any).
+_LEARNING_RATES = {
+    "fusion_lr": "fusion",
+    "task_lr": "task",
+    "generator_lr": "generator",
+    "inner_lr": None,
+    "task_inner_lr": None,
+}
+
+#: Settings that decide what the optimisers' saved states hold: they cannot change on resume.
+_OPTIMIZER_SETTINGS = ("optimizer", "generator_update")
+
+
+def load_trainer_state(
+    trainer: MetaFusionTrainer,
+    state: Mapping[str, Any],
+    *,
+    source: str | os.PathLike[str] | None = None,
+    new_rates: Collection[str] = (),
+) -> None:
     """Restore what ``state_dict`` returned (the RNG state is applied by ``fit``).
 
     In a distributed run, load the same state on every rank.
+
+    The trainer must have been built with the checkpoint's optimiser settings (``optimizer``,
+    ``generator_update``) and learning rates (``fusion_lr``, ``task_lr``, ``generator_lr``,
+    ``inner_lr``, ``task_inner_lr``), or the saved optimiser states and the trainer would
+    disagree about the step size. :meth:`MetaFusionTrainer.load` changes learning rates on
+    purpose (``new_rates``): the loaded optimisers then take the new rate, at the same point of
+    their schedule.
+
+    A saved learning-rate schedule is restored into the trainer's ``lr_scheduler``; a trainer
+    built without one warns that the saved schedule is dropped (training goes on at the saved,
+    current learning rates), and a trainer with one resuming a checkpoint without a schedule
+    warns that its schedule starts from the beginning.
 
     Parameters
     ----------
     state : dict
         A trainer checkpoint.
+    source : str or os.PathLike, optional
+        The file it was read from, named in messages.
+    new_rates : collection of str
+        Learning-rate settings (``"fusion_lr"``, ...) whose value in this trainer replaces the
+        saved one.
 
     Raises
     ------
     CheckpointError
-        If the checkpoint does not fit these models (missing/unexpected keys, shapes).
+        If the checkpoint does not fit these models (missing/unexpected keys, shapes), or was
+        trained with other optimiser settings or learning rates.
     """
     # Imported here: the networks import this module to read trainer checkpoints.
     from tdfusion.nets.pretrained import load_checked_state_dict
@@ -349,15 +403,20 @@ def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> 
         raise CheckpointError(
             "the checkpoint has no task network state, but task_loss is a trainable module"
         )
+    where = "the checkpoint" if source is None else f"checkpoint {os.fspath(source)}"
+    config = state.get("config", {})
+    _check_optimizer_settings(trainer, config, where, new_rates)
     saved_optimizers = state["optimizers"]
     for name, optimizer in trainer.optimizers.items():
         if name not in saved_optimizers:
-            raise CheckpointError(f"the checkpoint has no state for the {name} optimizer")
+            raise CheckpointError(f"{where} has no state for the {name} optimizer")
         optimizer.load_state_dict(saved_optimizers[name])
-    for name, scheduler in trainer.schedulers.items():
-        if name in state.get("schedulers", {}):
-            scheduler.load_state_dict(state["schedulers"][name])
-    _check_speed_options(trainer, state.get("config", {}))
+        _check_param_groups(optimizer, name, where)
+    _load_schedulers(trainer, state.get("schedulers") or {}, where)
+    for key in new_rates:
+        if _LEARNING_RATES.get(key) in trainer.optimizers and key in config:
+            _set_learning_rate(trainer, _LEARNING_RATES[key], float(getattr(trainer, key)))
+    _check_speed_options(trainer, config)
     trainer.loss_scaler.load_state_dict(state.get("grad_scaler") or {})
     trainer.epoch = int(state["epoch"])
     trainer.global_step = int(state["global_step"])
@@ -373,6 +432,104 @@ def load_trainer_state(trainer: MetaFusionTrainer, state: Mapping[str, Any]) -> 
             "optimisers, with a different global batch and data order",
             stacklevel=2,
         )
+
+
+def _check_optimizer_settings(
+    trainer: MetaFusionTrainer, config: Mapping[str, Any], where: str, new_rates: Collection[str]
+) -> None:
+    """Refuse a checkpoint whose optimiser kind, generator update or learning rates differ
+    from the trainer's (those in ``new_rates`` may differ: they are applied after loading)."""
+    kinds = [
+        f"{key}={config[key]!r} (this trainer: {getattr(trainer, key)!r})"
+        for key in _OPTIMIZER_SETTINGS
+        if key in config
+        and getattr(trainer, key) is not None  # an optimizer factory is not saved
+        and config[key] != getattr(trainer, key)
+        and (key != "generator_update" or "generator" in trainer.optimizers)
+    ]
+    if kinds:
+        raise CheckpointError(
+            f"{where} was trained with {', '.join(kinds)}: its optimiser states do not fit "
+            "this trainer's optimisers. Build the trainer with the saved values, or use "
+            "MetaFusionTrainer.load(path, ...) which does"
+        )
+    rates = [
+        f"{key} {float(config[key]):g} -> {float(getattr(trainer, key)):g}"
+        for key in _LEARNING_RATES
+        if key not in new_rates
+        and config.get(key) is not None
+        and float(config[key]) != float(getattr(trainer, key))
+    ]
+    if rates:
+        raise CheckpointError(
+            f"{where} was trained with other learning rates than this trainer's "
+            f"({', '.join(rates)}; saved -> this trainer's): the saved optimiser states keep "
+            "the saved rates. Build the trainer with the saved learning rates to resume, or "
+            "change them with MetaFusionTrainer.load(path, ..., fusion_lr=...) and fit that "
+            "trainer without resume="
+        )
+
+
+def _check_param_groups(optimizer: torch.optim.Optimizer, name: str, where: str) -> None:
+    """Refuse a loaded optimiser state of another kind, which PyTorch loads and then fails on
+    at the first step: every setting of the optimiser's defaults must be in its param groups
+    (settings that newer PyTorch versions added are filled in by the loading itself)."""
+    for group in optimizer.param_groups:
+        missing = sorted(set(optimizer.defaults) - set(group))
+        if missing:
+            raise CheckpointError(
+                f"{where} holds a {name} optimiser state of another kind than this trainer's "
+                f"{type(optimizer).__name__} (it lacks {missing}): build the trainer with the "
+                "checkpoint's optimizer"
+            )
+
+
+def _load_schedulers(trainer: MetaFusionTrainer, saved: Mapping[str, Any], where: str) -> None:
+    """Restore the saved schedules into the trainer's; warn when either side has none."""
+    for name, scheduler in trainer.schedulers.items():
+        if name in saved:
+            scheduler.load_state_dict(saved[name])
+        else:
+            # The loaded param groups lack the schedule's starting rate: it starts here.
+            for group in scheduler.optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+    dropped = sorted(set(saved) - set(trainer.schedulers))
+    restarted = sorted(set(trainer.schedulers) - set(saved))
+    if dropped and trainer.is_main_process:
+        warnings.warn(
+            f"{where} holds learning-rate schedules of the {', '.join(dropped)} optimiser(s), "
+            "but this trainer has no lr_scheduler for them: they are dropped and training "
+            "continues at the saved learning rates, unscheduled. Pass lr_scheduler= (the same "
+            "factory as the saved run) to continue the schedule",
+            UserWarning,
+            stacklevel=4,
+        )
+    if restarted and trainer.is_main_process:
+        warnings.warn(
+            f"{where} holds no learning-rate schedule of the {', '.join(restarted)} "
+            "optimiser(s): this trainer's lr_scheduler starts from its beginning at the saved "
+            "learning rates",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _set_learning_rate(trainer: MetaFusionTrainer, name: str, rate: float) -> None:
+    """Give a loaded optimiser (and its schedule) a new initial learning rate, at the point of
+    the schedule it had reached: ``lr`` keeps its ratio to ``initial_lr``."""
+    optimizer = trainer.optimizers[name]
+    for group in optimizer.param_groups:
+        start = group.get("initial_lr", group["lr"])
+        progress = group["lr"] / start if start else 1.0
+        group["lr"] = rate * progress
+        if "initial_lr" in group:
+            group["initial_lr"] = rate
+    scheduler = trainer.schedulers.get(name)
+    if scheduler is not None:
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [rate for _ in optimizer.param_groups]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 #: The options that change how training computes, not what: a resumed run may change them.
@@ -443,15 +600,14 @@ def save_trainer(
     Raises
     ------
     NonFiniteLossError
-        If a network or optimiser state holds NaN or infinite values: nothing is written and
+        If a network parameter or optimiser state holds NaN or infinite values, or a buffer
+        NaN (a buffer may hold infinities, e.g. an attention mask): nothing is written and
         the file already at ``path`` (the last good checkpoint) is kept. Every rank raises.
     """
     strategy = trainer.strategy
     state = trainer_state(trainer, loader_generators)
     # Every rank holds the same models, so every rank refuses alike (no rank waits alone).
-    poisoned = first_nonfinite(state["models"], "models") or first_nonfinite(
-        state["optimizers"], "optimizers"
-    )
+    poisoned = _first_poisoned(trainer) or first_nonfinite(state["optimizers"], "optimizers")
     if poisoned is not None:
         raise NonFiniteLossError(
             f"refusing to write checkpoint {os.fspath(path)}: {poisoned} holds NaN or infinite "
@@ -464,6 +620,29 @@ def save_trainer(
         written = atomic_save(state, path)
     strategy.barrier()
     return written
+
+
+def _first_poisoned(trainer: MetaFusionTrainer) -> str | None:
+    """The first parameter holding NaN or infinity, or buffer holding NaN, of the networks.
+
+    Buffers may hold infinities on purpose (an attention mask of ``-inf``), never NaN."""
+    task = trainer.task_loss if isinstance(trainer.task_loss, nn.Module) else None
+    roles = {
+        "fusion_model": trainer.fusion_model,
+        "loss_generator": trainer.loss_generator,
+        "task": task,
+    }
+    for role, module in roles.items():
+        if module is None:
+            continue
+        where = f"models[{role!r}]"
+        found = first_nonfinite(dict(module.named_parameters()), where)
+        if found is not None:
+            return found
+        for name, buffer in module.named_buffers():
+            if buffer.is_floating_point() and bool(buffer.isnan().any()):
+                return f"{where}[{name!r}]"
+    return None
 
 
 def first_nonfinite(state: Any, where: str = "") -> str | None:
@@ -516,9 +695,18 @@ def load_trainer(
     """Rebuild a trainer from a checkpoint.
 
     The hyper-parameters saved in the checkpoint are used unless given in ``overrides``.
-    Without ``loss_generator``, a :class:`~tdfusion.LossGenerator` is built with the saved
-    configuration. Model, optimiser and scheduler states and the loop position are
-    restored; call ``fit`` with ``resume=path`` to also continue the random streams.
+    A learning rate given there (``fusion_lr``, ``task_lr``, ``generator_lr``, ``inner_lr``,
+    ``task_inner_lr``) replaces the saved one in the loaded optimisers too, at the point of
+    their schedule where the run stopped (a rate halved once by the schedule is half the new
+    one). Without ``loss_generator``, the saved generator is rebuilt: a
+    :class:`~tdfusion.LossGenerator` with the saved configuration, or the
+    :class:`~tdfusion.nets.FixedLossWeights` of the saved rule. Model, optimiser and scheduler
+    states and the loop position are restored; call ``fit`` with ``resume=path`` to also
+    continue the random streams (that trainer must then have the same learning rates).
+
+    The schedule factory is not saved: pass ``lr_scheduler=`` again to continue a saved
+    schedule; without it a :class:`UserWarning` says that the saved schedules are dropped
+    and training continues at the saved (current) learning rates.
 
     Parameters
     ----------
@@ -539,18 +727,51 @@ def load_trainer(
     -------
     tdfusion.trainer.MetaFusionTrainer
         The restored trainer.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint does not fit the given networks, was trained with another
+        ``optimizer`` or ``generator_update`` than ``overrides`` say, or its loss generator
+        cannot be rebuilt (pass ``loss_generator``).
     """
     checkpoint = load_checkpoint(path)
     config = dict(checkpoint.get("config", {}))
     for key in ("fusion_crop", "task_size"):
         if config.get(key) is not None:
             config[key] = tuple(config[key])
+    new_rates = [
+        key
+        for key in _LEARNING_RATES
+        if key in overrides and config.get(key) is not None and overrides[key] is not None
+    ]
     config.update(overrides)
     if loss_generator is None:
-        from tdfusion.nets import LossGenerator
-
-        description = checkpoint.get("model_configs", {}).get("loss_generator") or {}
-        loss_generator = LossGenerator(**description.get("config", {}))
+        loss_generator = _saved_generator(checkpoint, path)
     trainer = cls(fusion_model, task_loss, loss_generator, fusion_loss, **config)
-    trainer.load_state_dict(checkpoint)
+    load_trainer_state(trainer, checkpoint, source=path, new_rates=new_rates)
     return trainer
+
+
+def _saved_generator(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> nn.Module:
+    """The loss generator a checkpoint describes: a LossGenerator or FixedLossWeights."""
+    from tdfusion.nets import FixedLossWeights, LossGenerator
+
+    description = (checkpoint.get("model_configs") or {}).get("loss_generator") or {}
+    arch, config = description.get("arch"), dict(description.get("config") or {})
+    if arch == _FIXED_WEIGHTS_ARCH:
+        return FixedLossWeights(**config)
+    saved_state = (checkpoint.get("models") or {}).get("loss_generator")
+    if not description and isinstance(saved_state, Mapping) and not saved_state:
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} was trained with fixed loss weights (a loss "
+            "generator without parameters) and does not say which: pass "
+            "loss_generator=FixedLossWeights(...) with the run's rule to MetaFusionTrainer.load"
+        )
+    if arch not in (None, LossGenerator.arch):
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} was trained with a loss generator of class "
+            f"{description.get('class')!r}, which load does not rebuild: pass "
+            "loss_generator= (a module of that architecture) to MetaFusionTrainer.load"
+        )
+    return LossGenerator(**config)

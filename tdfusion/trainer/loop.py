@@ -11,6 +11,7 @@ checkpoints find it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tdfusion.distributed import shuffles_plainly
-from tdfusion.errors import DataError, DistributedError, OutputInUseError
+from tdfusion.errors import CheckpointError, DataError, DistributedError, OutputInUseError
 from tdfusion.files import output_lock
 from tdfusion.trainer.batches import Batch
 from tdfusion.trainer.callbacks import Callback
@@ -97,12 +98,23 @@ def fit(
     Returns
     -------
     list of dict
-        ``history``: one summary per epoch (mean losses of each phase).
+        ``history``: one summary per epoch: the mean losses of each phase over the steps
+        that updated (steps skipped by ``on_nonfinite="skip"`` are left out of the means,
+        NaN when every step was skipped), ``meta_steps`` and ``fusion_steps`` (steps run) and
+        ``meta_skipped`` and ``skipped`` (how many of them were skipped).
 
     Raises
     ------
+    ValueError
+        If ``epochs``, ``meta_steps`` or ``fusion_steps`` is negative.
+    TypeError
+        If ``train_loader`` is a one-shot iterator (a generator, ``iter(loader)``).
     DataError
         If ``train_loader`` yields no batches.
+    CheckpointError
+        If ``checkpoint`` names a directory, or ``resume`` names a checkpoint trained with
+        other optimiser settings or learning rates than this trainer's (to change learning
+        rates, rebuild the trainer with :meth:`MetaFusionTrainer.load`).
     OutputInUseError
         If another process (or another ``fit`` of this one) is writing ``checkpoint``.
     NonFiniteLossError
@@ -134,9 +146,26 @@ def fit(
     """
     if epochs < 0 or meta_steps < 0:
         raise ValueError(f"epochs and meta_steps must be >= 0, got {epochs} and {meta_steps}")
+    if fusion_steps is not None and fusion_steps < 0:
+        raise ValueError(
+            f"fusion_steps must be >= 0 (or None for one full pass), got {fusion_steps}"
+        )
+    if isinstance(train_loader, Iterator):
+        raise TypeError(
+            f"train_loader is a one-shot iterator ({type(train_loader).__name__}): every epoch "
+            "and every meta phase starts a new pass over the data, so a re-iterable loader is "
+            "needed, e.g. a torch.utils.data.DataLoader or a list of batches"
+        )
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise CheckpointError(
+            f"checkpoint={os.fspath(checkpoint)!r} is a directory; checkpoint names the file "
+            f"rewritten after every epoch: pass a file path such as "
+            f"{os.fspath(Path(checkpoint) / 'checkpoint.pt')!r}"
+        )
     with contextlib.ExitStack() as stack:
         if checkpoint is not None:
-            _lock_checkpoint(trainer, Path(checkpoint), stack)
+            # The lock is the file's, not a link's: two links to one file share one lock.
+            _lock_checkpoint(trainer, Path(os.path.realpath(checkpoint)), stack)
         stack.enter_context(_sigterm_exits())
         return _train(
             trainer,
@@ -212,7 +241,7 @@ def _train(
         # Read on the CPU: the modules and optimisers copy what they hold to their device, and
         # the saved random states (CPU tensors by nature) must stay there.
         state = load_checkpoint(resume, map_location="cpu")
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, source=resume)
         resume_rng = saved_rng_state(state, trainer.world_size, trainer.rank)
     if trainer.epoch >= epochs and trainer.is_main_process:
         source = "the trainer" if resume is None else f"checkpoint {os.fspath(resume)}"
@@ -429,7 +458,7 @@ class _Phases:
         """Take the steps, report each to the callbacks and the bar; the phase's means."""
         trainer = self.trainer
         sums: dict[str, float] = {}
-        count = 0
+        count = taken = 0
         label = "learn G" if phase == "meta" else "learn F+T"
         shown = ("task_loss", "fusion_loss") if phase == "meta" else ("fusion_loss", "task_loss")
         bar = tqdm(
@@ -443,8 +472,13 @@ class _Phases:
             for step_index, step in enumerate(steps):
                 stats = step()
                 count += 1
+                # A skipped step changed nothing and its losses are NaN: the means are over
+                # the steps taken, and the skipped ones are counted.
+                if not stats.get("skipped"):
+                    taken += 1
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    if key != "skipped":
+                        sums[key] = sums.get(key, 0.0) + (0.0 if stats.get("skipped") else value)
                 record: dict[str, Any] = {
                     "phase": phase,
                     "epoch": trainer.epoch,
@@ -456,10 +490,13 @@ class _Phases:
                 for callback in self.callbacks:
                     callback.on_step_end(trainer, record)
                 bar.update(1)
-                bar.set_postfix(
-                    {k: f"{sums[k] / count:.4g}" for k in shown if k in sums}, refresh=False
-                )
+                if taken:
+                    bar.set_postfix(
+                        {k: f"{sums[k] / taken:.4g}" for k in shown if k in sums}, refresh=False
+                    )
         prefix = "meta_" if phase == "meta" else ""
-        summary = {f"{prefix}{k}": v / count for k, v in sums.items()} if count else {}
+        summary = {f"{prefix}{k}": v / taken if taken else math.nan for k, v in sums.items()}
         summary[f"{phase}_steps"] = count
+        if count:
+            summary[f"{prefix}skipped"] = count - taken
         return summary

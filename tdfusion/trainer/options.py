@@ -19,6 +19,7 @@ __all__ = [
     "TASK_INNER_OPTIMIZERS",
     "check_arguments",
     "make_optimizers",
+    "make_schedulers",
     "optimizer_factory",
     "trainer_config",
     "trainer_from_preset",
@@ -234,6 +235,45 @@ def make_optimizers(
         make_generator_optimizer = GENERATOR_OPTIMIZERS[generator_update]
         optimizers["generator"] = make_generator_optimizer(trainable(loss_generator), generator_lr)
     return optimizers
+
+
+def make_schedulers(
+    factory: SchedulerFactory | None, optimizers: Mapping[str, torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """The learning-rate schedules of ``lr_scheduler=``, one per optimiser, stepped per epoch.
+
+    Parameters
+    ----------
+    factory : callable, optional
+        ``factory(optimizer) -> scheduler``; ``None``: no schedule.
+    optimizers : mapping of str to torch.optim.Optimizer
+        The trainer's optimisers by name.
+
+    Returns
+    -------
+    dict of str to scheduler
+        By optimiser name (empty without a factory).
+
+    Raises
+    ------
+    TypeError
+        If a schedule needs a metric to step (``ReduceLROnPlateau``): the loop steps every
+        schedule with ``step()`` after an epoch, and the fusion, task and generator
+        optimisers have no common metric.
+    """
+    if factory is None:
+        return {}
+    schedulers = {name: factory(optimizer) for name, optimizer in optimizers.items()}
+    for scheduler in schedulers.values():
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise TypeError(
+                "lr_scheduler: ReduceLROnPlateau needs a metric at every step, and the trainer "
+                "steps its schedules after each epoch without one (the fusion, task and "
+                "generator optimisers share no metric); use a schedule by epoch count "
+                "(StepLR, CosineAnnealingLR, ...), or step a plateau schedule yourself from a "
+                "Callback's on_epoch_end"
+            )
+    return schedulers
 
 
 def trainer_config(trainer: Any) -> dict[str, Any]:

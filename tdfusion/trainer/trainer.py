@@ -54,6 +54,7 @@ from tdfusion.trainer.options import (
     check_arguments,
     join_replicas,
     make_optimizers,
+    make_schedulers,
     trainer_config,
     trainer_from_preset,
 )
@@ -126,6 +127,8 @@ class MetaFusionTrainer:
         ``factory(optimizer) -> scheduler``, applied to the fusion, task and generator
         optimisers and stepped after every epoch (e.g.
         ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)`` as in the research code).
+        A schedule that needs a metric (``ReduceLROnPlateau``) is refused with a
+        ``TypeError``: the three optimisers have no common metric to step it with.
         The inner step sizes follow the fusion schedule: they are scaled by the ratio of the
         fusion optimiser's current to initial learning rate.
     grad_clip : float, optional
@@ -352,9 +355,7 @@ class MetaFusionTrainer:
             self.task_inner_step = TaskOptimizerStep(
                 self.task_optimizer, persistent=task_inner_optimizer == "task_optimizer_persistent"
             )
-        self.schedulers: dict[str, Any] = (
-            {} if lr_scheduler is None else {k: lr_scheduler(o) for k, o in optimizers.items()}
-        )
+        self.schedulers: dict[str, Any] = make_schedulers(lr_scheduler, optimizers)
 
         # The loop position (see tdfusion.trainer.loop), kept in checkpoints.
         self.epoch = 0
@@ -383,8 +384,13 @@ class MetaFusionTrainer:
 
     @property
     def lr_scale(self) -> float:
-        """Current fusion learning rate divided by the initial one (1 without a schedule)."""
-        return self.fusion_optimizer.param_groups[0]["lr"] / self.fusion_lr
+        """Current fusion learning rate divided by the initial one (1 without a schedule).
+
+        The initial rate is the optimiser's own ``initial_lr`` (set by a schedule, and kept in
+        checkpoints), else ``fusion_lr``.
+        """
+        group = self.fusion_optimizer.param_groups[0]
+        return group["lr"] / group.get("initial_lr", self.fusion_lr)
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
