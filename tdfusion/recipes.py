@@ -519,8 +519,18 @@ def build_task(recipe: Recipe) -> Any:
     return _known(TASKS, recipe.task, "task", recipe)(recipe)
 
 
-def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
+def build_trainer(
+    recipe: Recipe,
+    device: str | torch.device | None = None,
+    *,
+    resume_from: str | os.PathLike[str] | None = None,
+):
     """ReFusionNet F, LossGenerator G and the task network T, in a trainer set up as recipe says.
+
+    ``F`` starts from ``recipe.init_weights`` when the recipe names them, except for a run
+    that will be resumed (``resume_from``): the checkpoint replaces every weight, so ``F``
+    is then built with the checkpoint's architecture and ``init_weights`` is not read (a
+    resumed run does not need that file any more).
 
     Parameters
     ----------
@@ -528,11 +538,20 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
         The recipe.
     device : str or torch.device, optional
         Training device.
+    resume_from : str or os.PathLike, optional
+        The trainer checkpoint the run will be resumed from (the caller passes it to
+        ``fit(resume=...)``); ``None``: a fresh start.
 
     Returns
     -------
     tdfusion.MetaFusionTrainer
         The trainer.
+
+    Raises
+    ------
+    DataError
+        If ``recipe.init_weights`` is not found on a fresh start, or the recipe's settings do
+        not go together.
     """
     from tdfusion import LearnableFusionLoss, LossGenerator, MetaFusionTrainer
     from tdfusion.nets import FixedLossWeights, ReFusionNet
@@ -553,11 +572,19 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
             f"{recipe.meta_steps} meta steps per epoch need precision 'bf16' (or 'fp32'), or "
             "set meta_steps to 0"
         )
-    fusion = (
-        ReFusionNet()
-        if recipe.init_weights is None
-        else ReFusionNet.from_pretrained(recipe.init_weights)
-    )
+    if resume_from is not None:
+        # Only the architecture matters: resuming overwrites the weights.
+        fusion = ReFusionNet.from_pretrained(resume_from)
+    elif recipe.init_weights is None:
+        fusion = ReFusionNet()
+    else:
+        try:
+            fusion = ReFusionNet.from_pretrained(recipe.init_weights)
+        except FileNotFoundError as error:
+            raise DataError(
+                f"recipe {recipe.name}: init_weights: {error}; give an existing weights file or "
+                "bundled name (--init-weights), or train the stage that writes it first"
+            ) from None
     if recipe.grad_checkpointing:
         for network in (fusion, generator):
             if hasattr(network, "set_grad_checkpointing"):
@@ -587,6 +614,23 @@ def build_trainer(recipe: Recipe, device: str | torch.device | None = None):
     )
 
 
+#: Recipe settings a resumed run may change: how long it trains and how it computes, not what
+#: it computes (precision, compile and channels_last are the trainer's speed options, which a
+#: resumed ``fit`` accepts with a warning; gradient checkpointing leaves outputs and gradients
+#: unchanged). Every other setting of ``out/recipe.json`` must match the recipe resuming it.
+RESUMABLE_CHANGES = (
+    "epochs",
+    "num_workers",
+    "precision",
+    "compile",
+    "channels_last",
+    "grad_checkpointing",
+)
+
+#: Files of an earlier run that ``train(resume=False)`` deletes before it trains.
+_EARLIER_RUN_FILES = ("checkpoint.pt", "fusion_model.pt", "loss_generator.pt")
+
+
 def train(
     recipe: Recipe,
     data_root: str | os.PathLike[str],
@@ -603,6 +647,16 @@ def train(
     ``out/loss_generator.pt`` (``save_pretrained`` files for ``tdfusion fuse`` and
     ``tdfusion weights``).
 
+    A run resumed from ``out/checkpoint.pt`` must have the recipe of ``out/recipe.json``,
+    except for the settings of ``RESUMABLE_CHANGES``: ``epochs`` (train further),
+    ``num_workers`` and the execution settings ``precision``, ``compile``, ``channels_last``
+    and ``grad_checkpointing``. ``out/recipe.json`` is rewritten only once that check passes.
+    A resumed run does not read ``recipe.init_weights`` (the checkpoint replaces them).
+
+    With ``resume=False`` the earlier run's ``out/checkpoint.pt``, ``out/fusion_model.pt``
+    and ``out/loss_generator.pt`` are deleted (and its rows of ``out/training_log.csv``
+    dropped) when training starts, so that an interrupted new run is never mixed with them.
+
     Under ``torchrun`` with several processes this joins their process group and trains
     data-parallel (see :doc:`/howto/distributed`): ``batch_size`` is per process, and rank 0
     alone writes the files. ``out`` must be on a file system every rank sees for resuming.
@@ -618,7 +672,8 @@ def train(
     device : str or torch.device, optional
         Training device.
     resume : bool
-        Continue from ``out/checkpoint.pt`` when it exists.
+        Continue from ``out/checkpoint.pt`` when it exists; False: start over, deleting the
+        earlier run's checkpoint and weights in ``out``.
     progress : bool
         Show progress bars.
 
@@ -633,20 +688,24 @@ def train(
         If another process trains into ``out`` (rank 0 holds an
         :func:`~tdfusion.files.output_lock` on it while training).
     DataError
-        If the data root does not hold the dataset. A run that fails before training leaves
-        no output folder it created.
+        If the data root does not hold the dataset, or the run would resume
+        ``out/checkpoint.pt`` with a recipe that differs from ``out/recipe.json`` in a
+        setting outside ``RESUMABLE_CHANGES`` (the message lists them; ``out`` is left
+        as it was). A run that fails before training leaves no output folder it created.
     """
+    out = Path(out)
+    checkpoint = out / "checkpoint.pt"
     # Building the trainer joins the process group under torchrun (this function starts none);
     # its strategy says whether this process writes the files.
-    trainer = build_trainer(recipe, device)
+    resume_from = checkpoint if resume and checkpoint.is_file() else None
+    trainer = build_trainer(recipe, device, resume_from=resume_from)
     strategy = trainer.strategy
-    out = Path(out)
     created = missing_folders(out)
     with contextlib.ExitStack() as stack:
         if strategy.is_main:
             stack.enter_context(output_lock(out, purpose="training"))
         try:
-            _train_into(recipe, trainer, data_root, out, resume, progress)
+            _train_into(recipe, trainer, data_root, out, resume, progress, resume_from is not None)
         except BaseException:
             stack.close()
             if strategy.is_main:
@@ -656,7 +715,57 @@ def train(
     return trainer
 
 
-def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, progress: bool):
+def _recipe_changes(saved: Path, recipe: Recipe, checkpoint: Path) -> str | None:
+    """Why ``recipe`` may not resume ``checkpoint``, whose run ``saved`` describes; ``None``
+    when it may (or when there is no ``saved`` file to compare with)."""
+    if not saved.is_file():
+        return None
+    advice = "pass --no-resume (resume=False) to start over in that folder or choose a new --out"
+    try:
+        old = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{saved} cannot be read ({error}), so resuming {checkpoint} is unsafe; {advice}"
+    if not isinstance(old, Mapping):
+        return f"{saved} holds no recipe, so resuming {checkpoint} is unsafe; {advice}"
+    new = json.loads(json.dumps(recipe.to_dict()))  # tuples as the saved file has them: lists
+    changes = []
+    for field in dataclasses.fields(Recipe):
+        if field.name in RESUMABLE_CHANGES:
+            continue
+        if field.name in old:
+            before = old[field.name]
+        elif field.default is not dataclasses.MISSING:  # a file of an older tdfusion
+            before = json.loads(json.dumps(field.default))
+        else:
+            changes.append(f"{field.name} (not set) -> {new[field.name]!r}")
+            continue
+        if before != new[field.name]:
+            changes.append(f"{field.name} {before!r} -> {new[field.name]!r}")
+    if not changes:
+        return None
+    return (
+        f"{checkpoint} was trained with the recipe of {saved}, and this run's differs: "
+        f"{', '.join(changes)}. A resumed run may change only epochs, num_workers and the "
+        "execution settings precision, compile, channels_last and grad_checkpointing; rerun "
+        f"with the saved settings to resume, or {advice}"
+    )
+
+
+def _remove_earlier_run(out: Path) -> None:
+    """Delete an earlier run's checkpoint and weights in ``out`` (a run that starts over)."""
+    for name in _EARLIER_RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _train_into(
+    recipe: Recipe,
+    trainer,
+    data_root,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    built_for_resume: bool,
+):
     from torch.utils.data import DataLoader, default_collate
 
     from tdfusion.data import DetectionPairDataset, SwapSources, detection_collate
@@ -666,6 +775,25 @@ def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, pro
     main_process = strategy.is_main
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    # Rank 0 decides whether to resume, so that all ranks agree even if only it sees the file.
+    resume_from = strategy.broadcast_object(resume and checkpoint.is_file())
+    if resume_from and not checkpoint.is_file():
+        raise DataError(
+            f"rank {strategy.rank} cannot read {checkpoint}, from which rank 0 resumes; "
+            "put --out on a file system that every node sees"
+        )
+    if resume_from != built_for_resume:  # the checkpoint came or went since the trainer was built
+        raise DataError(
+            f"{checkpoint} was {'removed' if built_for_resume else 'written'} by another "
+            "process while this run started; run again"
+        )
+    if resume_from:
+        refusal = strategy.broadcast_object(
+            _recipe_changes(out / "recipe.json", recipe, checkpoint) if main_process else None
+        )
+        if refusal is not None:
+            raise DataError(refusal)
     dataset = build_dataset(recipe, data_root, "train")
     if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
         raise DataError(
@@ -684,15 +812,9 @@ def _train_into(recipe: Recipe, trainer, data_root, out: Path, resume: bool, pro
         generator=torch.Generator().manual_seed(recipe.seed),
     )
     if main_process:
+        if not resume:
+            _remove_earlier_run(out)
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    checkpoint = out / "checkpoint.pt"
-    # Rank 0 decides whether to resume, so that all ranks agree even if only it sees the file.
-    resume_from = strategy.broadcast_object(resume and checkpoint.is_file())
-    if resume_from and not checkpoint.is_file():
-        raise DataError(
-            f"rank {strategy.rank} cannot read {checkpoint}, from which rank 0 resumes; "
-            "put --out on a file system that every node sees"
-        )
     trainer.fit(
         loader,
         epochs=recipe.epochs,

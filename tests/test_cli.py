@@ -126,3 +126,27 @@ def test_a_text_file_as_weights_gets_one_line(places, capsys, command, flag):
     assert len(error.strip().splitlines()) == 1
     assert "file.txt as a weights-only torch file: it is not a file of weights" in error
     assert "weights_only" not in error
+
+
+def test_train_help_says_what_resuming_keeps_and_no_resume_deletes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "checkpoint.pt, fusion_model.pt and loss_generator.pt in OUT are deleted" in text
+    assert "must keep the settings of OUT/recipe.json except --epochs" in text
+
+
+def test_a_train_rerun_with_other_settings_gets_one_line_and_keeps_recipe_json(tmp_path, capsys):
+    out = tmp_path / "run"
+    arguments = ["train", "--recipe", "roadscene-pretrain", "--smoke", "--device", "cpu"]
+    arguments += ["--out", str(out)]
+    assert main(arguments) == 0
+    saved = (out / "recipe.json").read_bytes()
+    capsys.readouterr()
+    assert main([*arguments, "--epochs", "2", "--lr", "5e-4"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert "lr 0.001 -> 0.0005" in error and "--no-resume" in error
+    assert (out / "recipe.json").read_bytes() == saved
+    assert main([*arguments, "--epochs", "2"]) == 0  # training further resumes
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2

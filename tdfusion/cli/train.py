@@ -58,7 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "layout, or, with --recipe roadscene-pretrain, ReFusionNet alone under a fixed "
             "fusion loss on a folder holding ir/ and vi/ (the bundled tdfusion-ivif weights). "
             "OUT receives recipe.json, checkpoint.pt (every epoch; a rerun resumes from "
-            "it), training_log.csv, fusion_model.pt and loss_generator.pt. Settings given on "
+            "it), training_log.csv, fusion_model.pt and loss_generator.pt. A rerun that "
+            "resumes must keep the settings of OUT/recipe.json except --epochs, --num-workers, "
+            "--precision, --compile, --channels-last and --grad-checkpointing (it is refused "
+            "otherwise), and does not read --init-weights again. Settings given on "
             "the command line override the recipe and the --config file. Under torchrun "
             "(torchrun --nproc_per_node=N -m tdfusion train ...) it trains data-parallel over the "
             "N processes with no extra flag; --batch-size is then per process."
@@ -137,7 +140,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--num-workers", type=non_negative_int, help="data-loading processes")
     parser.add_argument(
-        "--no-resume", action="store_true", help="start over even if OUT has a checkpoint"
+        "--no-resume",
+        action="store_true",
+        help=(
+            "start over even if OUT has a checkpoint: the earlier run's checkpoint.pt, "
+            "fusion_model.pt and loss_generator.pt in OUT are deleted (and its rows of "
+            "training_log.csv dropped) when training starts"
+        ),
     )
     parser.add_argument(
         "--smoke",
