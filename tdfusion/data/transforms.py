@@ -5,6 +5,12 @@ either a segmentation mask (int64 (H, W)), detection boxes (float (M, 5)
 ``[class, x_center, y_center, width, height]``, normalised), or anything else (a file stem),
 which geometric transforms pass through. Every geometric transform moves the images, the mask
 and the boxes together.
+
+A transform given a ``generator`` draws from it in the main process. In a
+:class:`~torch.utils.data.DataLoader` worker, which holds a copy of the generator, the copy is
+first reseeded from the generator's seed and the worker's seed (different for every worker and,
+unless the workers persist, every epoch; reproducible for a seeded loader): otherwise every
+worker would draw the same crops and flips, and every epoch would repeat them.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 
 __all__ = [
     "Compose",
@@ -46,6 +53,20 @@ def _is_boxes(target: Any) -> bool:
         and target.dim() == 2
         and target.shape[1] == 5
     )
+
+
+# id(generator) -> the worker seed it was reseeded with, in a DataLoader worker process.
+_WORKER_SEEDS: dict[int, int] = {}
+
+
+def _seed_for_worker(generator: torch.Generator | None) -> None:
+    """Reseed ``generator`` once per DataLoader worker (see the module docstring)."""
+    info = get_worker_info()
+    if generator is None or info is None or _WORKER_SEEDS.get(id(generator)) == info.seed:
+        return
+    entropy = [generator.initial_seed(), info.seed]
+    generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+    _WORKER_SEEDS[id(generator)] = info.seed
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -110,6 +131,7 @@ class RandomCrop:
 
     def __call__(self, sample: Sample) -> Sample:
         a, b, target = sample
+        _seed_for_worker(self.generator)
         height, width = a.shape[-2:]
         crop_h, crop_w = self.size
         if crop_h > height or crop_w > width:
@@ -209,6 +231,7 @@ class RandomFlip:
         self.generator = generator
 
     def __call__(self, sample: Sample) -> Sample:
+        _seed_for_worker(self.generator)
         if float(torch.rand((), generator=self.generator)) >= self.p:
             return sample
         a, b, target = sample
@@ -307,6 +330,7 @@ class RandomExposure:
 
     def __call__(self, sample: Sample) -> Sample:
         a, b, target = sample
+        _seed_for_worker(self.generator)
         return self._darken(a), self._darken(b), target
 
 
@@ -328,6 +352,7 @@ class _OneSourceTransform:
         raise NotImplementedError
 
     def __call__(self, sample: Sample) -> Sample:
+        _seed_for_worker(self.generator)
         coin, draw = torch.rand(2, generator=self.generator).tolist()
         if coin >= self.p:
             return sample
