@@ -146,6 +146,16 @@ def test_mutual_information_of_independent_or_constant_images_is_zero() -> None:
     assert mutual_information(rows, np.zeros((2, 4)), np.full((2, 4), 9)) == 0.0
 
 
+def test_mutual_information_with_a_constant_image_of_real_size_is_exactly_zero() -> None:
+    # Probabilities summed over 256 bins are not exactly 1 for a 480 x 640 image; counts are.
+    varied = np.random.default_rng(0).integers(0, 256, (480, 640)).astype(np.float64)
+    constant = np.full_like(varied, 7.0)
+    assert mutual_information_pair(varied, constant) == 0.0
+    assert mutual_information_pair(constant, varied) == 0.0
+    assert mutual_information(varied, constant, np.full_like(varied, 9.0)) == 0.0
+    assert evaluate(varied, constant, constant)["MI"] == 0.0
+
+
 def test_mutual_information_uses_integer_levels() -> None:
     image = np.array([[0.0, 0.0, 9.0, 9.0]])
     assert mutual_information(image + 0.3, image, image) == mutual_information(image, image, image)

@@ -67,15 +67,20 @@ def mutual_information_pair(x: ArrayLike, y: ArrayLike) -> float:
 
 
 def _mutual_information(x_levels: np.ndarray, y_levels: np.ndarray) -> float:
+    """MI in nats of two flat ``uint8`` level arrays, from the counts of their joint histogram.
+
+    ``sum (n_xy / N) log(n_xy N / (n_x n_y))``: working with counts rather than probabilities
+    keeps the marginals exact, so a constant image gives exactly 0 (each ratio is exactly 1).
+    """
     codes = x_levels.astype(np.intp) * _LEVELS + y_levels
     joint = np.bincount(codes, minlength=_LEVELS * _LEVELS).reshape(_LEVELS, _LEVELS)
-    joint = joint / codes.size
-    x_marginal = joint.sum(axis=1)
-    y_marginal = joint.sum(axis=0)
+    x_counts = joint.sum(axis=1).astype(np.float64)
+    y_counts = joint.sum(axis=0).astype(np.float64)
     rows, columns = np.nonzero(joint)
-    joint_nonzero = joint[rows, columns]
-    information = np.sum(
-        joint_nonzero * np.log(joint_nonzero / (x_marginal[rows] * y_marginal[columns]))
+    counts = joint[rows, columns].astype(np.float64)
+    total = float(codes.size)
+    information = (
+        np.sum(counts * np.log((counts * total) / (x_counts[rows] * y_counts[columns]))) / total
     )
     # Rounding can leave a tiny negative value for independent images; MI is never negative.
     return max(float(information), 0.0)
