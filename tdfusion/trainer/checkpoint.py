@@ -37,6 +37,7 @@ from torch import nn
 
 from tdfusion.errors import CheckpointError, NonFiniteLossError, describe_load_error
 from tdfusion.files import atomic_save
+from tdfusion.trainer.batches import map_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from tdfusion.trainer.trainer import MetaFusionTrainer
@@ -223,17 +224,6 @@ def capture_rng_state(*generators: torch.Generator | None) -> dict[str, Any]:
     }
 
 
-def _tensors_on_cpu(value: Any) -> Any:
-    """``value`` with every tensor in its dicts, lists and tuples moved to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: _tensors_on_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tensors_on_cpu(item) for item in value)
-    return value
-
-
 def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None) -> None:
     """Restore what :func:`capture_rng_state` captured.
 
@@ -244,7 +234,7 @@ def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None
     *generators : torch.Generator or None
         The generators to restore, in the order they were captured.
     """
-    state = _tensors_on_cpu(state)  # a checkpoint read onto a GPU holds them there
+    state = map_tensors(torch.Tensor.cpu, state)  # a checkpoint read onto a GPU holds them there
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
