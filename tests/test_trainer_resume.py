@@ -32,6 +32,17 @@ def trained_checkpoint(path, **kwargs) -> MetaFusionTrainer:
     return trainer
 
 
+def load_tiny(path, **overrides) -> MetaFusionTrainer:
+    """``MetaFusionTrainer.load`` of a ``trained_checkpoint`` with fresh tiny networks."""
+    return MetaFusionTrainer.load(
+        path,
+        TinyFusion().double(),
+        TinySegmentation().double(),
+        loss_generator=make_trainer("module").loss_generator,
+        **overrides,
+    )
+
+
 def test_resuming_with_other_learning_rates_names_each_setting(tmp_path):
     trained_checkpoint(tmp_path / "c.pt", fusion_lr=1e-4)
     resumed = make_trainer("module", fusion_lr=1e-3, generator_lr=5e-3)
@@ -45,14 +56,7 @@ def test_resuming_with_other_learning_rates_names_each_setting(tmp_path):
 
 def test_load_with_a_new_learning_rate_applies_it_at_the_schedule_position(tmp_path):
     trained_checkpoint(tmp_path / "c.pt", fusion_lr=1e-4, lr_scheduler=step_lr)
-    loaded = MetaFusionTrainer.load(
-        tmp_path / "c.pt",
-        TinyFusion().double(),
-        TinySegmentation().double(),
-        loss_generator=make_trainer("module").loss_generator,
-        fusion_lr=1e-3,
-        lr_scheduler=step_lr,
-    )
+    loaded = load_tiny(tmp_path / "c.pt", fusion_lr=1e-3, lr_scheduler=step_lr)
     group = loaded.fusion_optimizer.param_groups[0]
     # One epoch of StepLR(1, 0.5): half of the new rate, and the inner step at half size.
     assert group["initial_lr"] == pytest.approx(1e-3)
@@ -66,14 +70,7 @@ def test_load_with_a_new_learning_rate_applies_it_at_the_schedule_position(tmp_p
 
 def test_load_with_a_new_learning_rate_without_a_schedule(tmp_path):
     trained_checkpoint(tmp_path / "c.pt", fusion_lr=1e-4, task_lr=1e-4)
-    loaded = MetaFusionTrainer.load(
-        tmp_path / "c.pt",
-        TinyFusion().double(),
-        TinySegmentation().double(),
-        loss_generator=make_trainer("module").loss_generator,
-        fusion_lr=1e-3,
-        task_lr=2e-3,
-    )
+    loaded = load_tiny(tmp_path / "c.pt", fusion_lr=1e-3, task_lr=2e-3)
     assert loaded.fusion_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert loaded.task_optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)
     assert loaded.lr_scale == pytest.approx(1.0)
