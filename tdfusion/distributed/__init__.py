@@ -38,7 +38,7 @@ from tdfusion.distributed.process import (
     launched_distributed,
     rank_device,
 )
-from tdfusion.distributed.sharding import shard_loader, shuffles_plainly
+from tdfusion.distributed.sharding import loader_with_sampler, shard_loader, shuffles_plainly
 from tdfusion.distributed.strategy import (
     DataParallel,
     SingleProcess,
@@ -69,6 +69,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "launched_distributed",
+    "loader_with_sampler",
     "rank_device",
     "replicate",
     "select_strategy",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from tdfusion.errors import DistributedError
 
-__all__ = ["shard_loader", "shuffles_plainly"]
+__all__ = ["loader_with_sampler", "shard_loader", "shuffles_plainly"]
 
 
 def shard_loader(loader: Any, num_replicas: int, rank: int, seed: int | None = None) -> Any:
@@ -63,22 +65,54 @@ def shard_loader(loader: Any, num_replicas: int, rank: int, seed: int | None = N
         )
     if shuffles and seed is None:
         raise ValueError("a shuffling loader needs a seed shared by all ranks")
+    sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=num_replicas,
+        rank=rank,
+        shuffle=shuffles,
+        seed=seed if shuffles else 0,
+    )
+    return loader_with_sampler(loader, sampler, loader.generator)
+
+
+def loader_with_sampler(loader: Any, sampler: Any, generator: torch.Generator | None) -> Any:
+    """A :class:`~torch.utils.data.DataLoader` like ``loader`` with another sampler and generator.
+
+    Parameters
+    ----------
+    loader : torch.utils.data.DataLoader
+        A plain ``DataLoader`` with a batch size; its dataset, batch size, workers, collate
+        function and other settings are kept.
+    sampler : torch.utils.data.Sampler
+        The new sampler.
+    generator : torch.Generator or None
+        The new loader's generator (it seeds the workers).
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        The new loader.
+
+    Example
+    -------
+    >>> from torch.utils.data import DataLoader, SequentialSampler
+    >>> loader = DataLoader(list(range(4)), batch_size=2, shuffle=True)
+    >>> twin = loader_with_sampler(loader, SequentialSampler(range(4)), None)
+    >>> [batch.tolist() for batch in twin]
+    [[0, 1], [2, 3]]
+    """
+    from torch.utils.data import DataLoader
+
     options: dict[str, Any] = {
         "batch_size": loader.batch_size,
-        "sampler": DistributedSampler(
-            loader.dataset,
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=shuffles,
-            seed=seed if shuffles else 0,
-        ),
+        "sampler": sampler,
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
         "drop_last": loader.drop_last,
         "timeout": loader.timeout,
         "worker_init_fn": loader.worker_init_fn,
-        "generator": loader.generator,
+        "generator": generator,
         "persistent_workers": loader.persistent_workers,
     }
     if loader.num_workers > 0:

@@ -21,6 +21,7 @@ __all__ = [
     "BatchPreparer",
     "check_batch",
     "crop_size",
+    "independent_generator",
     "map_tensors",
     "module_dtype",
     "move_target",
@@ -258,6 +259,35 @@ def random_crop(
     )
 
 
+def independent_generator(generator: torch.Generator) -> torch.Generator:
+    """A new CPU generator seeded by a draw from (a copy of) ``generator``.
+
+    ``generator`` itself does not advance, so the two streams are reproducible from one seed
+    and independent of each other.
+
+    Parameters
+    ----------
+    generator : torch.Generator
+        A CPU generator.
+
+    Returns
+    -------
+    torch.Generator
+        The new generator.
+
+    Example
+    -------
+    >>> source = torch.Generator().manual_seed(0)
+    >>> first, second = independent_generator(source), independent_generator(source)
+    >>> torch.equal(torch.rand(3, generator=first), torch.rand(3, generator=second))
+    True
+    """
+    copy = torch.Generator()
+    copy.set_state(generator.get_state())
+    seed = int(torch.randint(2**62, (1,), generator=copy))
+    return torch.Generator().manual_seed(seed)
+
+
 def resize_for_task(
     a: torch.Tensor, b: torch.Tensor, size: tuple[int, int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,9 +397,9 @@ def prepare_meta_batches(trainer: Any, meta_train: Batch, meta_test: Batch) -> t
     fusion loss is computed is drawn here, once, before anything is differentiated.
 
     This is the method ``MetaFusionTrainer._prepare_meta``: the batches are checked and moved
-    by the trainer's :class:`BatchPreparer`, the crop drawn from its generator.
+    by the trainer's :class:`BatchPreparer`, the crop drawn from its ``meta_generator``.
     """
     a, b, target = trainer._prepare(meta_train, "meta_train")
     test = trainer._prepare(meta_test, "meta_test")
-    crop = random_crop(a, b, trainer.fusion_crop, trainer.generator, "meta_train")
+    crop = random_crop(a, b, trainer.fusion_crop, trainer.meta_generator, "meta_train")
     return (a, b, target, *crop), test

@@ -6,7 +6,7 @@ A trainer checkpoint is a dict that loads with ``torch.load(weights_only=True)``
      "models": {"fusion_model", "loss_generator", "task"},        # state dicts
      "model_configs": {"fusion_model", "loss_generator"},         # {"arch", "class", "config"}
      "optimizers", "schedulers", "history", "grad_scaler",
-     "data": {"passes", "seed", "world_size"}, "rng", ["rng_per_rank"]}
+     "data": {"passes", "meta_passes", "seed", "world_size"}, "rng", ["rng_per_rank"]}
 
 ``config`` holds the constructor's options, ``precision``, ``compile`` and ``channels_last``
 among them (:meth:`MetaFusionTrainer.load` builds the trainer with them; a trainer resumed by
@@ -54,6 +54,7 @@ __all__ = [
     "model_description",
     "model_entry",
     "read_weights_only",
+    "restore_generators",
     "restore_rng_state",
     "save_trainer",
     "saved_rng_state",
@@ -253,9 +254,25 @@ def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None
         # set_rng_state_all would fail on the first device it lacks).
         for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
             torch.cuda.set_rng_state(state["cuda"][index], index)
-    for generator, generator_state in zip(generators, state["generators"]):
+    restore_generators(state["generators"], *generators)
+
+
+def restore_generators(
+    states: Sequence[torch.Tensor | None], *generators: torch.Generator | None
+) -> None:
+    """Set each generator to its saved state; ``None`` on either side is skipped.
+
+    Parameters
+    ----------
+    states : sequence of torch.Tensor or None
+        Saved states (``Generator.get_state()``), in the order of ``generators``; a shorter
+        list (a checkpoint written before a generator existed) leaves the rest as they are.
+    *generators : torch.Generator or None
+        The generators.
+    """
+    for generator, generator_state in zip(generators, states):
         if generator is not None and generator_state is not None:
-            generator.set_state(generator_state)
+            generator.set_state(generator_state.cpu())
 
 
 # The functions below are also the methods ``state_dict``, ``load_state_dict``, ``save`` and
@@ -263,7 +280,9 @@ def restore_rng_state(state: dict[str, Any], *generators: torch.Generator | None
 
 
 def trainer_state(
-    trainer: MetaFusionTrainer, loader_generators: Sequence[torch.Generator | None] = ()
+    trainer: MetaFusionTrainer,
+    loader_generators: Sequence[torch.Generator | None] = (),
+    meta_generators: Sequence[torch.Generator | None] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to resume: models, optimisers, schedulers, loop position, RNG.
 
@@ -271,6 +290,9 @@ def trainer_state(
     ----------
     loader_generators : sequence of torch.Generator or None
         A data loader's own generators, whose states are saved with the others.
+    meta_generators : sequence of torch.Generator or None, optional
+        The meta phase's generators (its crops', then its loader's); default: the trainer's
+        ``meta_generator``.
 
     Returns
     -------
@@ -279,6 +301,10 @@ def trainer_state(
         in :mod:`tdfusion.trainer.checkpoint`).
     """
     task = trainer.task_loss if isinstance(trainer.task_loss, nn.Module) else None
+    if meta_generators is None:
+        meta_generators = [trainer.meta_generator]
+    rng = capture_rng_state(trainer.generator, *loader_generators)
+    rng["meta_generators"] = [None if g is None else g.get_state() for g in meta_generators]
     return {
         "format": TRAINER_CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -300,10 +326,11 @@ def trainer_state(
         "history": copy.deepcopy(trainer.history),
         "data": {
             "passes": trainer.data_passes,
+            "meta_passes": trainer.meta_passes,
             "seed": trainer.data_seed,
             "world_size": trainer.world_size,
         },
-        "rng": capture_rng_state(trainer.generator, *loader_generators),
+        "rng": rng,
     }
 
 
@@ -413,6 +440,7 @@ def load_trainer_state(
     trainer.history = list(copy.deepcopy(state.get("history", [])))
     data = state.get("data", {})
     trainer.data_passes = int(data.get("passes", 0))
+    trainer.meta_passes = int(data.get("meta_passes", 0))
     trainer.data_seed = data.get("seed")
     saved_world_size = int(data.get("world_size", 1))
     if saved_world_size != trainer.world_size and trainer.is_main_process:
@@ -569,6 +597,7 @@ def save_trainer(
     path: str | os.PathLike[str],
     *,
     loader_generators: Sequence[torch.Generator | None] = (),
+    meta_generators: Sequence[torch.Generator | None] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file + rename).
 
@@ -581,6 +610,8 @@ def save_trainer(
         Destination file; parent folders are created.
     loader_generators : sequence of torch.Generator or None
         A data loader's own generators, whose states are saved with the others.
+    meta_generators : sequence of torch.Generator or None, optional
+        The meta phase's generators (see :func:`trainer_state`).
 
     Returns
     -------
@@ -595,7 +626,7 @@ def save_trainer(
         the file already at ``path`` (the last good checkpoint) is kept. Every rank raises.
     """
     strategy = trainer.strategy
-    state = trainer_state(trainer, loader_generators)
+    state = trainer_state(trainer, loader_generators, meta_generators)
     # Every rank holds the same models, so every rank refuses alike (no rank waits alone).
     poisoned = _first_poisoned(trainer) or first_nonfinite(state["optimizers"], "optimizers")
     if poisoned is not None:

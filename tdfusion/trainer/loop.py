@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from tdfusion.distributed import shuffles_plainly
+from tdfusion.distributed import loader_with_sampler, shuffles_plainly
 from tdfusion.errors import CheckpointError, DataError, DistributedError, OutputInUseError
 from tdfusion.files import output_lock
 from tdfusion.trainer.batches import Batch
 from tdfusion.trainer.callbacks import Callback
 from tdfusion.trainer.checkpoint import (
     load_checkpoint,
+    restore_generators,
     restore_rng_state,
     save_trainer,
     saved_rng_state,
@@ -126,6 +127,13 @@ def fit(
 
     Notes
     -----
+    The meta phase has random streams of its own: its crops come from the trainer's
+    ``meta_generator``, and a shuffling ``DataLoader`` is read by the meta phase through a twin
+    with its own shuffling seed and generator. So the fusion
+    phase's batches, their order and their crops are the same whatever ``meta_steps`` is, and
+    ``meta_steps=0`` is a controlled ablation. A loader that cannot be rebuilt is shared by
+    both phases.
+
     In a distributed run every rank calls ``fit`` with the same arguments. A plain
     :class:`~torch.utils.data.DataLoader` is rebuilt around a
     :class:`~torch.utils.data.distributed.DistributedSampler` (shuffled when the loader
@@ -253,10 +261,15 @@ def _train(
     train_loader = shard_for_training(trainer, train_loader, meta_steps)
     if _is_empty(train_loader):
         raise DataError(_NO_BATCHES)
+    meta_loader = meta_phase_loader(trainer, train_loader)
     loader_generators = _loader_generators(train_loader)
+    meta_generators = [trainer.meta_generator]
+    if meta_loader is not train_loader:
+        meta_generators += _loader_generators(meta_loader)
     if resume_rng is not None:
         restore_rng_state(resume_rng, trainer.generator, *loader_generators)
-    run = _Phases(trainer, train_loader, epochs, callbacks, progress)
+        restore_generators(resume_rng.get("meta_generators") or [], *meta_generators)
+    run = _Phases(trainer, train_loader, meta_loader, epochs, callbacks, progress)
     for callback in callbacks:
         callback.on_fit_start(trainer)
     while trainer.epoch < epochs:
@@ -274,7 +287,12 @@ def _train(
         if progress:
             tqdm.write(_epoch_line(trainer.epoch, summary, epochs))
         if checkpoint is not None:
-            save_trainer(trainer, checkpoint, loader_generators=loader_generators)
+            save_trainer(
+                trainer,
+                checkpoint,
+                loader_generators=loader_generators,
+                meta_generators=meta_generators,
+            )
         for callback in callbacks:
             callback.on_epoch_end(trainer, summary)
     for callback in callbacks:
@@ -352,6 +370,52 @@ def shard_for_training(
     return loader
 
 
+def meta_phase_loader(trainer: MetaFusionTrainer, loader: Iterable[Batch]) -> Iterable[Batch]:
+    """The loader the meta phase draws its batches from: a twin of ``loader`` when possible.
+
+    A plain :class:`~torch.utils.data.DataLoader` around a ``DistributedSampler`` (what
+    :func:`shard_for_training` makes of a shuffling loader) gets a twin with the same data
+    and settings, its own shuffling seed and its own generator (the worker seeds), so the
+    fusion phase's batches and their order do not depend on ``meta_steps``: a run with meta
+    steps and one without (the fixed-loss ablation) train ``F`` and ``T`` on the same
+    batches in the same order. Any other loader is shared by the two phases.
+
+    Parameters
+    ----------
+    trainer : tdfusion.trainer.MetaFusionTrainer
+        Its ``data_seed`` seeds the twin.
+    loader : iterable
+        The fusion phase's loader (after :func:`shard_for_training`).
+
+    Returns
+    -------
+    iterable
+        The twin, or ``loader`` itself.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if type(loader) is not DataLoader or type(sampler) is not DistributedSampler:
+        return loader
+    assert isinstance(loader, DataLoader) and isinstance(sampler, DistributedSampler)
+    # DistributedSampler shuffles pass k by seed + k: an offset far beyond any pass count
+    # keeps the meta passes' shuffles apart from the fusion passes'.
+    seed = (sampler.seed + _META_SEED_OFFSET) % 2**62
+    twin_sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=sampler.num_replicas,
+        rank=sampler.rank,
+        shuffle=sampler.shuffle,
+        seed=seed,
+        drop_last=sampler.drop_last,
+    )
+    return loader_with_sampler(loader, twin_sampler, torch.Generator().manual_seed(seed))
+
+
+#: Added to the data seed for the meta phase's twin loader (see :func:`meta_phase_loader`).
+_META_SEED_OFFSET = 2**32
+
+
 def _data_seed(trainer: MetaFusionTrainer, loader: Any) -> int:
     """The shuffling seed of the DistributedSampler, the same on all ranks and kept in
     checkpoints: the loader generator's seed, else a draw from (a copy of) the trainer's."""
@@ -383,25 +447,35 @@ class _Phases:
         self,
         trainer: MetaFusionTrainer,
         loader: Iterable[Batch],
+        meta_loader: Iterable[Batch],
         epochs: int,
         callbacks: Sequence[Callback],
         progress: bool,
     ) -> None:
         self.trainer = trainer
         self.loader = loader
+        self.meta_loader = meta_loader
         self.epochs = epochs
         self.callbacks = callbacks
         self.progress = progress
 
-    def start_pass(self) -> Iterator[Batch]:
-        """A new pass over the data; a DistributedSampler is told which pass, to reshuffle."""
+    def start_pass(self, phase: str = "fusion") -> Iterator[Batch]:
+        """A new pass over the phase's data; a DistributedSampler is told which pass, to
+        reshuffle (the meta phase counts its own passes when it has its own loader)."""
         from torch.utils.data import DistributedSampler
 
-        sampler = getattr(self.loader, "sampler", None)
+        trainer = self.trainer
+        own_loader = phase == "meta" and self.meta_loader is not self.loader
+        loader = self.meta_loader if own_loader else self.loader
+        passes = trainer.meta_passes if own_loader else trainer.data_passes
+        sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(self.trainer.data_passes)
-        self.trainer.data_passes += 1
-        return iter(self.loader)
+            sampler.set_epoch(passes)
+        if own_loader:
+            trainer.meta_passes += 1
+        else:
+            trainer.data_passes += 1
+        return iter(loader)
 
     def meta_phase(self, meta_steps: int) -> dict[str, float]:
         """``meta_steps`` generator updates on pairs of consecutive batches of fresh passes."""
@@ -409,7 +483,7 @@ class _Phases:
             return {"meta_steps": 0}
 
         def batch_pairs() -> Iterator[Callable[[], dict[str, float]]]:
-            iterator = self.start_pass()
+            iterator = self.start_pass("meta")
             in_this_pass = 0
             for _ in range(meta_steps):
                 pair: list[Batch] = []
@@ -423,7 +497,7 @@ class _Phases:
                                 "train_loader must yield at least two batches for a meta step "
                                 "(meta-train and meta-test)"
                             ) from None
-                        iterator, in_this_pass = self.start_pass(), 0
+                        iterator, in_this_pass = self.start_pass("meta"), 0
                         pair.clear()  # a pair never straddles two passes
                 meta_train, meta_test = pair
                 yield lambda meta_train=meta_train, meta_test=meta_test: self.trainer.meta_step(
@@ -442,7 +516,7 @@ class _Phases:
             total = fusion_steps if total is None else min(total, fusion_steps)
 
         def steps() -> Iterator[Callable[[], dict[str, float]]]:
-            for index, batch in enumerate(self.start_pass()):
+            for index, batch in enumerate(self.start_pass("fusion")):
                 if fusion_steps is not None and index >= fusion_steps:
                     break
                 yield lambda batch=batch: self.trainer.fusion_step(batch)

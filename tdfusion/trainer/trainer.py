@@ -24,6 +24,7 @@ from tdfusion.trainer.batches import (
     Batch,
     BatchPreparer,
     crop_size,
+    independent_generator,
     module_dtype,
     prepare_meta_batches,
 )
@@ -139,6 +140,9 @@ class MetaFusionTrainer:
         that update with a warning. Either way the update changes nothing.
     seed : int or torch.Generator, optional
         Seed (or CPU generator) for the crop offsets; saved and restored with checkpoints.
+        The fusion steps draw theirs from it (the ``generator`` attribute) and the meta steps
+        from a second stream seeded from it (``meta_generator``), so a run with meta steps
+        and one without crop their fusion steps alike.
     optimizer : {"adam", "sgd"} or callable
         Optimiser of ``F`` and ``T`` in the fusion phase: Adam (the paper's), plain SGD, or a
         factory ``optimizer(parameters, lr) -> torch.optim.Optimizer``.
@@ -361,12 +365,18 @@ class MetaFusionTrainer:
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
-        #: Passes started over the training data: a DistributedSampler's epoch.
+        #: Passes started over the training data by the fusion phase: a DistributedSampler's
+        #: epoch (and by the meta phase too when fit cannot give it a loader of its own).
         self.data_passes = 0
+        #: Passes started by the meta phase over its own loader (see :meth:`fit`).
+        self.meta_passes = 0
         #: Shuffling seed of the DistributedSampler that fit() reads the data through.
         self.data_seed: int | None = None
 
         join_replicas(self, ddp_options)
+        #: Draws the meta steps' crop offsets: a stream of its own, so that the fusion steps'
+        #: crops do not depend on how many meta steps were taken (seeded from ``generator``).
+        self.meta_generator = independent_generator(self.generator)
         self._calls = compiled_calls(self, self.compile)  # the fusion phase's forwards
 
     @property
@@ -486,7 +496,7 @@ class MetaFusionTrainer:
         is ``T`` after one step under the task loss on ``meta_train`` (when the task is
         trainable), by the method of ``hypergradient_method`` (see
         :mod:`tdfusion.trainer.hypergradient`). Changes nothing: parameters, buffers, ``.grad``
-        fields, optimiser states and the trainer's random generator are as before.
+        fields, optimiser states and the trainer's random generators are as before.
 
         In a distributed run every rank calls it with its own batches and gets the
         hypergradient of the global batches (the concatenation of all ranks' batches).
@@ -501,11 +511,11 @@ class MetaFusionTrainer:
         dict of str to torch.Tensor
             Generator parameter name -> hypergradient (detached, same shape).
         """
-        generator_state = self.generator.get_state()
+        generator_state = self.meta_generator.get_state()
         try:
             batches = self._prepare_meta(meta_train, meta_test)
         finally:
-            self.generator.set_state(generator_state)  # the crop offsets were drawn from it
+            self.meta_generator.set_state(generator_state)  # the crop offsets were drawn from it
         hypergradient, _ = self._hypergradient(*batches)
         return {name: g.detach() for name, g in hypergradient.items()}
 

@@ -1,0 +1,101 @@
+"""fit: the meta phase draws from random streams of its own, so the fusion phase's batches,
+their order and their crops do not depend on how many meta steps were taken."""
+
+from __future__ import annotations
+
+import torch
+from test_trainer import make_trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from tdfusion.trainer.checkpoint import load_checkpoint
+
+
+def numbered_loader(seed: int = 5, pairs: int = 6) -> DataLoader:
+    """Pairs whose first pixel is their index, so a batch says which pairs it holds."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(pairs, 1, 12, 12, generator=generator, dtype=torch.float64)
+    a[:, 0, 0, 0] = torch.arange(pairs, dtype=torch.float64) / 10
+    b = torch.rand(pairs, 1, 12, 12, generator=generator, dtype=torch.float64)
+    masks = torch.randint(0, 3, (pairs, 12, 12), generator=generator)
+    return DataLoader(
+        TensorDataset(a, b, masks),
+        batch_size=2,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def record_fusion_steps(trainer) -> list[tuple[list[int], bytes]]:
+    """Each fusion step's pairs and the state of the generator its crop is drawn from."""
+    seen: list[tuple[list[int], bytes]] = []
+    fusion_step = trainer.fusion_step
+
+    def recording(batch):
+        pairs = (batch[0][:, 0, 0, 0] * 10).round().long().tolist()
+        seen.append((pairs, bytes(trainer.generator.get_state().numpy())))
+        return fusion_step(batch)
+
+    trainer.fusion_step = recording
+    return seen
+
+
+def test_fusion_phase_sees_the_same_batches_and_crops_with_and_without_meta_steps():
+    with_meta = make_trainer("module", fusion_crop=8, seed=3)
+    without_meta = make_trainer("module", fusion_crop=8, seed=3)
+    seen_with, seen_without = record_fusion_steps(with_meta), record_fusion_steps(without_meta)
+    with_meta.fit(numbered_loader(), epochs=2, meta_steps=4, progress=False)
+    without_meta.fit(numbered_loader(), epochs=2, meta_steps=0, progress=False)
+    assert len(seen_with) == len(seen_without) == 6
+    assert seen_with == seen_without
+    # the data passes are still shuffled anew: the two epochs' orders differ
+    assert [p for p, _ in seen_with[:3]] != [p for p, _ in seen_with[3:]]
+    assert with_meta.meta_passes == 8 and without_meta.meta_passes == 0  # a meta step a pass
+    assert with_meta.data_passes == without_meta.data_passes == 2
+
+
+def test_meta_steps_draw_crops_from_their_own_generator():
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    batch = next(iter(numbered_loader()))
+    fusion_state = trainer.generator.get_state()
+    meta_state = trainer.meta_generator.get_state()
+    trainer.meta_step(batch, batch)
+    assert torch.equal(trainer.generator.get_state(), fusion_state)
+    assert not torch.equal(trainer.meta_generator.get_state(), meta_state)
+    # both streams come from the seed: another trainer with it starts the same
+    again = make_trainer("module", fusion_crop=8, seed=3)
+    assert torch.equal(again.meta_generator.get_state(), meta_state)
+    assert not torch.equal(again.meta_generator.get_state(), again.generator.get_state())
+
+
+def test_hypergradient_leaves_the_meta_generator_as_it_was():
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    batch = next(iter(numbered_loader()))
+    state = trainer.meta_generator.get_state()
+    trainer.hypergradient(batch, batch)
+    assert torch.equal(trainer.meta_generator.get_state(), state)
+
+
+def test_a_checkpoint_without_the_meta_streams_still_resumes(tmp_path):
+    """Checkpoints written before the meta phase had streams of its own resume, with the
+    meta streams as seeded."""
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    trainer.fit(
+        numbered_loader(), epochs=1, meta_steps=2, checkpoint=tmp_path / "new.pt", progress=False
+    )
+    state = load_checkpoint(tmp_path / "new.pt")
+    assert state["data"]["meta_passes"] == 2 and len(state["rng"]["meta_generators"]) == 4
+    del state["rng"]["meta_generators"], state["data"]["meta_passes"]
+    torch.save(state, tmp_path / "old.pt")
+    resumed = make_trainer("module", fusion_crop=8, seed=3)
+    resumed.fit(
+        numbered_loader(), epochs=2, meta_steps=2, resume=tmp_path / "old.pt", progress=False
+    )
+    assert resumed.epoch == 2 and resumed.meta_passes == 2  # counted from 0 again
+
+
+def test_a_loader_that_cannot_be_rebuilt_is_shared_by_both_phases():
+    batches = list(numbered_loader())
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    trainer.fit(batches, epochs=1, meta_steps=2, progress=False)
+    # two meta passes (three batches make one pair each) and one fusion pass, one counter
+    assert trainer.meta_passes == 0 and trainer.data_passes == 3
