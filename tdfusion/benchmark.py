@@ -299,7 +299,7 @@ def fuse_dataset(
             fused = fuse(a, b)
         resized = F.interpolate(fused.float(), size=size, mode="bilinear", align_corners=False)
         images.append(torch.clamp(torch.round(resized * 255.0), 0, 255).to(torch.uint8).cpu())
-        targets.append(dataset.target(index, tuple(a.shape[-2:])))
+        targets.append(dataset.task_target(index, tuple(a.shape[-2:])))
     return FusedSet(torch.cat(images), targets, list(dataset.names))
 
 

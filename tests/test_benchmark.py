@@ -132,3 +132,14 @@ def test_benchmark_command_prints_the_table_and_writes_json(small_msrs, tmp_path
 def test_benchmark_refuses_duplicate_labels(small_msrs):
     with pytest.raises(ValueError, match="labels must differ"):
         run_benchmark(["max", "max"], small_msrs, SETTINGS, device="cpu", progress=False)
+
+
+def test_masks_are_scored_at_the_task_size_when_the_images_are_larger(small_msrs):
+    """The labels are 64x80 like the images; the task runs at 32x40."""
+    dataset = MSRSDataset(small_msrs, "train", mask_size=(32, 40))
+    fused = fuse_dataset(load_fusion("max"), dataset, (32, 40))
+    assert all(tuple(mask.shape) == (32, 40) for mask in fused.targets)
+    assert torch.equal(fused.targets[0], dataset[0][2])  # what training reads
+    settings = BenchmarkSettings("msrs", epochs=1, batch_size=3, task_size=(32, 40))
+    result = run_benchmark(["max"], small_msrs, settings, device="cpu", progress=False)
+    assert result["rows"]["max"]["mean"]["mIoU"] >= 0

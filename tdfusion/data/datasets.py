@@ -99,6 +99,26 @@ class PairedImageDataset(Dataset):
         """The target of item ``index`` for images of ``size`` (here: the file stem)."""
         return self.names[index]
 
+    def task_target(self, index: int, size: tuple[int, int]) -> Any:
+        """The target of item ``index`` as ``dataset[index]`` delivers it without a transform.
+
+        :meth:`target` reads it for images of ``size``; a dataset that resizes its targets for
+        the task (a segmentation mask to ``mask_size``) does that here too.
+
+        Parameters
+        ----------
+        index : int
+            Item.
+        size : (int, int)
+            (H, W) of the item's images.
+
+        Returns
+        -------
+        Any
+            The target.
+        """
+        return self.target(index, size)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         a, b = self.read_pair(index)
         sample = (a, b, self.target(index, tuple(a.shape[-2:])))
@@ -218,16 +238,22 @@ class SegmentationPairDataset(PairedImageDataset):
             )
         return mask
 
+    def task_target(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        return self._to_mask_size(self.target(index, size))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         a, b = self.read_pair(index)
         sample = (a, b, self.target(index, tuple(a.shape[-2:])))
         if self.transform is not None:
             sample = self.transform(sample)
         a, b, mask = sample
-        if self.mask_size is not None and tuple(mask.shape) != self.mask_size:
-            mask = F.interpolate(mask[None, None].float(), size=self.mask_size, mode="nearest")
-            mask = mask[0, 0].long()
-        return a, b, mask
+        return a, b, self._to_mask_size(mask)
+
+    def _to_mask_size(self, mask: torch.Tensor) -> torch.Tensor:
+        if self.mask_size is None or tuple(mask.shape) == self.mask_size:
+            return mask
+        resized = F.interpolate(mask[None, None].float(), size=self.mask_size, mode="nearest")
+        return resized[0, 0].long()
 
 
 def keep_every(dataset: PairedImageDataset, stride: int) -> PairedImageDataset:
