@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdfusion.errors import DataError
+from tdfusion.errors import CheckpointError, DataError
 
 __all__ = [
     "DATASETS",
@@ -45,6 +45,7 @@ __all__ = [
     "format_table",
     "fuse_dataset",
     "load_fusion",
+    "model_label",
     "run_benchmark",
     "train_and_score",
 ]
@@ -190,6 +191,27 @@ def load_fusion(spec: str, device: str | torch.device = "cpu") -> Callable[..., 
     return ReFusionNet.from_pretrained(spec).to(device).eval()
 
 
+def model_label(entry: str) -> str:
+    """The table label of a ``--models`` entry: ``LABEL`` of ``LABEL=SPEC``, else from SPEC.
+
+    Parameters
+    ----------
+    entry : str
+        ``LABEL=SPEC`` or ``SPEC``.
+
+    Returns
+    -------
+    str
+        The label (a bare file's stem, or its folder's name for a run's ``checkpoint.pt``).
+
+    Example
+    -------
+    >>> model_label("runs/msrs/checkpoint.pt"), model_label("ours=w.pt"), model_label("max")
+    ('msrs', 'ours', 'max')
+    """
+    return _parse_model(entry)[0]
+
+
 def _parse_model(entry: str) -> tuple[str, str]:
     """``"label=spec"`` -> ``(label, spec)``; a bare spec is labelled by its file stem."""
     if "=" in entry:
@@ -200,6 +222,13 @@ def _parse_model(entry: str) -> tuple[str, str]:
     path = Path(entry)
     label = path.parent.name if path.stem in ("checkpoint", "fusion_model") else path.stem
     return label or entry, entry
+
+
+def _load_model(label: str, spec: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    try:
+        return load_fusion(spec, device)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"model {label!r}: {error}") from None
 
 
 # ---------------------------------------------------------------------------- data
@@ -431,12 +460,15 @@ def run_benchmark(
     labels = [label for label, _ in labelled]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must differ, got {labels}; name them with label=spec")
+    if len(set(settings.seeds)) != len(settings.seeds):
+        raise ValueError(f"seeds must differ, got {list(settings.seeds)}")
     train_data = _build_dataset(settings, data_root, settings.train_split)
     test_data = _build_dataset(settings, data_root, settings.test_split)
+    # Every model is read before any is trained on: a wrong path fails at once, not hours in.
+    fusions = [_load_model(label, spec, device) for label, spec in labelled]
     columns = _columns(settings)
     rows: dict[str, Any] = {}
-    for label, spec in labelled:
-        fuse = load_fusion(spec, device)
+    for (label, spec), fuse in zip(labelled, fusions):
         fused_train = fuse_dataset(
             fuse,
             train_data,

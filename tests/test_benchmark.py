@@ -143,3 +143,40 @@ def test_masks_are_scored_at_the_task_size_when_the_images_are_larger(small_msrs
     settings = BenchmarkSettings("msrs", epochs=1, batch_size=3, task_size=(32, 40))
     result = run_benchmark(["max"], small_msrs, settings, device="cpu", progress=False)
     assert result["rows"]["max"]["mean"]["mIoU"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--models", "max", "max"], "--models gives the label max to several models"),
+        (["--models", "a=max", "a=mean"], "--models gives the label a to several models"),
+        (["--models", "max", "--seeds", "1", "1"], "--seeds repeats 1"),
+    ],
+)
+def test_benchmark_command_refuses_repeats_in_one_line(small_msrs, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["benchmark", "--dataset", "msrs", "--data-root", str(small_msrs), *arguments])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
+def test_a_missing_model_file_fails_before_any_model_is_trained(
+    small_msrs, tmp_path, monkeypatch, capsys
+):
+    import tdfusion.benchmark as benchmark
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained before every model was read")
+
+    monkeypatch.setattr(benchmark, "train_and_score", never)
+    missing = tmp_path / "missing.pt"
+    status = main(
+        [
+            "benchmark", "--dataset", "msrs", "--data-root", str(small_msrs),
+            "--models", "max", f"ours={missing}", "--device", "cpu",
+        ]
+    )  # fmt: skip
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "model 'ours'" in error[0] and "missing.pt" in error[0]

@@ -143,6 +143,21 @@ def test_compare_arms_says_no_measurable_difference_for_noise():
     assert "std" in result["verdict"] and "3 runs" in result["verdict"]
 
 
+def test_verdict_reports_a_measurable_map_difference_when_the_loss_shows_none():
+    # learned - fixed task loss -0.01, +0.01, +0.01, -0.01 (noise); mAP50 +0.2 every run
+    runs = []
+    for fold, wobble in enumerate((-0.01, 0.01, 0.01, -0.01)):
+        pairs = {f"p{fold}": 1.0}
+        runs.append(_run("learned", fold, {p: v + wobble for p, v in pairs.items()}, 0.3))
+        runs.append(_run("fixed", fold, pairs, 0.1))
+    result = compare_arms(runs)
+    assert not result["task_loss_difference"]["measurable"]
+    assert result["map50_difference"]["measurable"]
+    verdict = result["verdict"]
+    assert verdict.startswith("No measurable difference in held-out task loss")
+    assert "higher mAP50" in verdict and "mAP50 +0.200 (standard error 0.000)" in verdict
+
+
 def test_compare_arms_claims_nothing_from_too_few_runs():
     # a consistent difference over the pairs of two runs is still two runs
     runs = _runs([{"a": 1.0, "b": 2.0}, {"c": 3.0, "d": 4.0}], [{"a": 2, "b": 3}, {"c": 4, "d": 5}])
@@ -212,8 +227,44 @@ def test_demo_starts_from_the_bundled_weights_and_says_what_to_do_without_them(m
     monkeypatch.setattr(ReFusionNet, "from_pretrained", missing)
     with pytest.raises(CheckpointError, match="--init-weights"):
         protocol._initial_fusion_model(PRETRAINED)
-    with pytest.raises(FileNotFoundError):  # a path the user gave is reported as it is
+    with pytest.raises(CheckpointError, match="initial fusion weights.*my_weights.pt"):
         protocol._initial_fusion_model("my_weights.pt")
+
+
+def test_demo_refuses_missing_initial_weights_before_writing_anything(tmp_path):
+    from tdfusion.errors import CheckpointError
+
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        run_demo(out, TINY.replace(init_weights=str(tmp_path / "missing.pt")), progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"), [({"folds": 3}, "train_names"), ({"meta_steps": 2}, "meta_steps")]
+)
+def test_demo_resume_refuses_runs_trained_on_other_pairs_or_settings(
+    tiny_demo, tmp_path, changes, named
+):
+    """A run trained on fold 0 of two folds must not be scored as fold 0 of three: it trained
+    on a pair that split holds out."""
+    import shutil
+
+    from tdfusion.errors import CheckpointError
+
+    out, _ = tiny_demo
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with pytest.raises(CheckpointError, match=f"other {named}"):
+        run_demo(copy, TINY.replace(**changes), progress=False, resume=True, workers=1)
+    record = json.loads((copy / "runs" / "seed0-fold0-learned" / "run.json").read_text())
+    assert (record["arm"], record["seed"], record["fold"]) == ("learned", 0, 0)
+    assert len(record["train_names"]) == 2 and "epochs" not in record["settings"]
+
+
+def test_demo_settings_refuse_repeated_seeds():
+    with pytest.raises(ValueError, match="seeds must differ"):
+        DemoSettings().replace(seeds=[0, 0])
 
 
 def test_demo_command_line_maps_onto_the_settings(monkeypatch, tmp_path):
@@ -234,3 +285,34 @@ def test_demo_command_line_maps_onto_the_settings(monkeypatch, tmp_path):
     assert (settings.seeds, settings.folds, settings.init_weights) == ((3,), 4, "w.pt")
     assert settings.generator_lr == 0.01 and seen["resume"] is True and seen["workers"] is None
     assert settings.epochs == DemoSettings().epochs
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--folds", "5"], "--folds must be between 2 and 4"),
+        (["--folds", "1"], "--folds must be between 2 and 4"),
+        (["--seeds", "0", "1", "0"], "--seeds repeats 0"),
+    ],
+)
+def test_demo_command_line_refuses_bad_values_in_one_line(tmp_path, capsys, arguments, message):
+    from tdfusion.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--out", str(out), *arguments])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert not out.exists()
+
+
+def test_demo_command_line_reports_missing_initial_weights_in_one_line(tmp_path, capsys):
+    from tdfusion.cli import main
+
+    out = tmp_path / "out"
+    status = main(["demo", "--out", str(out), "--init-weights", str(tmp_path / "none.pt")])
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "none.pt" in error[0]
+    assert not out.exists()

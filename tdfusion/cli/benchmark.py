@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from tdfusion.cli.options import (
+    add_argument_check,
     add_device_option,
     non_negative_int,
     positive_float,
     positive_int,
+    repeated_values,
 )
 
 __all__ = ["add_parser", "run"]
@@ -82,8 +85,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--test-split", default="test", help="split to score (default test)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    add_argument_check(parser, _repeated_labels)
+    add_argument_check(parser, lambda args: repeated_values("--seeds", args.seeds))
     parser.set_defaults(handler=run)
     return parser
+
+
+def _repeated_labels(args: argparse.Namespace) -> str | None:
+    from tdfusion.benchmark import model_label
+
+    labels = Counter(model_label(entry) for entry in args.models)
+    repeated = [label for label, count in labels.items() if count > 1]
+    if not repeated:
+        return None
+    return (
+        f"--models gives the label {', '.join(repeated)} to several models; labels must "
+        "differ: name them with LABEL=SPEC"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tdfusion.cli.options import (
+    add_argument_check,
     add_device_option,
     add_malloc_option,
     apply_malloc_option,
@@ -13,6 +14,7 @@ from tdfusion.cli.options import (
     output_folder,
     positive_float,
     positive_int,
+    repeated_values,
 )
 
 __all__ = ["add_parser", "run"]
@@ -106,8 +108,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="continue every run from its checkpoint in OUT/runs (finished runs are kept)",
     )
+    add_argument_check(parser, lambda args: repeated_values("--seeds", args.seeds))
+    add_argument_check(parser, _folds_problem)
     parser.set_defaults(handler=run)
     return parser
+
+
+def _folds_problem(args: argparse.Namespace) -> str | None:
+    from tdfusion.data import sample_dataset
+
+    pairs = len(sample_dataset().names)
+    if not 2 <= args.folds <= pairs:
+        return f"--folds must be between 2 and {pairs} (the sample's pairs), got {args.folds}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:

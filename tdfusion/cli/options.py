@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "output_folder",
     "positive_float",
     "positive_int",
+    "repeated_values",
     "weights_file",
 ]
 
@@ -205,6 +207,33 @@ def add_argument_check(
     """
     checks = [*(parser.get_default("argument_checks") or ()), check]
     parser.set_defaults(argument_checks=checks, argument_parser=parser)
+
+
+def repeated_values(option: str, values: Sequence[Any] | None) -> str | None:
+    """A one-line problem when ``values`` (of ``option``) holds a value twice, else ``None``.
+
+    Parameters
+    ----------
+    option : str
+        The option's name, e.g. ``"--seeds"``.
+    values : sequence, optional
+        Its values.
+
+    Returns
+    -------
+    str or None
+        The problem, naming the repeated values.
+
+    Example
+    -------
+    >>> repeated_values("--seeds", [0, 1, 0])
+    '--seeds repeats 0: each value counts once'
+    """
+    counts = Counter(values or ())
+    repeats = [str(value) for value, count in counts.items() if count > 1]
+    if not repeats:
+        return None
+    return f"{option} repeats {', '.join(repeats)}: each value counts once"
 
 
 def check_arguments(args: argparse.Namespace) -> None:

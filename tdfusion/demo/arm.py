@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdfusion.demo.settings import ARMS, PRETRAINED, DemoSettings
+from tdfusion.errors import CheckpointError, DataError
 from tdfusion.files import atomic_path
 from tdfusion.trainer.callbacks import Callback
 
@@ -86,6 +87,11 @@ def fold_split(names: Sequence[str], folds: int) -> list[tuple[list[str], list[s
     list of (list of str, list of str)
         ``(train_names, test_names)`` per fold; every name is tested exactly once.
 
+    Raises
+    ------
+    DataError
+        If ``folds`` is out of range, or a fold would leave fewer than two pairs to train on.
+
     Example
     -------
     >>> fold_split(["a", "b", "c", "d"], 2)
@@ -93,13 +99,13 @@ def fold_split(names: Sequence[str], folds: int) -> list[tuple[list[str], list[s
     """
     names = list(names)
     if not 2 <= folds <= len(names):
-        raise ValueError(f"folds must be between 2 and {len(names)} (the pairs), got {folds}")
+        raise DataError(f"folds must be between 2 and {len(names)} (the pairs), got {folds}")
     splits = []
     for fold in range(folds):
         test = names[fold::folds]
         train = [name for name in names if name not in test]
         if len(train) < 2:
-            raise ValueError(
+            raise DataError(
                 f"with {folds} folds over {len(names)} pairs fold {fold} trains on "
                 f"{len(train)} pair(s); a meta step needs two"
             )
@@ -231,9 +237,7 @@ def _initial_fusion_model(init_weights: str | None) -> nn.Module:
         return ReFusionNet.from_pretrained(init_weights).train()
     except FileNotFoundError as error:
         if init_weights != PRETRAINED:
-            raise
-        from tdfusion.errors import CheckpointError
-
+            raise CheckpointError(f"initial fusion weights: {error}") from None
         raise CheckpointError(
             f"the bundled fusion weights {PRETRAINED!r} are not installed ({error}); pass "
             "--init-weights PATH (a checkpoint or the authors' ReFusion_IVIF.pth)"
@@ -328,8 +332,9 @@ def run_arm(
 ) -> ArmRun:
     """Train one arm on one fold and score it on the fold's held-out pairs.
 
-    Writes ``checkpoint.pt`` (every epoch), ``training_log.csv``, ``fusion_model.pt`` and,
-    for the learned arm, ``loss_generator.pt`` and ``weight_curve.json`` to ``folder``.
+    Writes ``run.json`` (the arm, seed, fold, training pairs and settings),
+    ``checkpoint.pt`` (every epoch), ``training_log.csv``, ``fusion_model.pt`` and, for the
+    learned arm, ``loss_generator.pt`` and ``weight_curve.json`` to ``folder``.
 
     Parameters
     ----------
@@ -346,6 +351,12 @@ def run_arm(
     resume : bool
         Continue from ``folder/checkpoint.pt`` when it exists (a finished run is not
         retrained, only scored again).
+
+    Raises
+    ------
+    CheckpointError
+        When resuming a run that ``run.json`` says was trained with other settings (all but
+        ``epochs``, ``seeds`` and ``folds``) or on other pairs.
     progress : bool
         Show progress bars.
     sample : tuple, optional
@@ -378,6 +389,7 @@ def run_arm(
     checkpoint = folder / "checkpoint.pt"
     log = folder / "training_log.csv"
     resuming = resume and checkpoint.is_file()
+    _check_or_record_run(folder / "run.json", settings, arm, seed, fold, train_names, resuming)
     if not resuming:
         log.unlink(missing_ok=True)
     callbacks: list[Callback] = [CSVLogger(log)]
@@ -412,6 +424,55 @@ def run_arm(
     _score_held_out(trainer, [by_name[name] for name in test_names], settings, run)
     run.seconds = time.perf_counter() - started
     return run
+
+
+#: Settings a resumed run may change: more epochs continue it, and the seeds and folds listed
+#: pick runs (a run's own seed and training pairs are checked apart).
+_RESUMABLE_SETTINGS = ("epochs", "seeds", "folds")
+
+
+def _check_or_record_run(
+    record: Path,
+    settings: DemoSettings,
+    arm: str,
+    seed: int,
+    fold: int,
+    train_names: list[str],
+    resuming: bool,
+) -> None:
+    """Write what a run is trained with to ``record``; when resuming, refuse a run trained
+    with anything else (its models would be scored as if trained on this split)."""
+    described = {
+        "arm": arm,
+        "seed": seed,
+        "fold": fold,
+        "train_names": list(train_names),
+        "settings": {k: v for k, v in settings.to_dict().items() if k not in _RESUMABLE_SETTINGS},
+    }
+    if resuming and record.is_file():
+        saved = json.loads(record.read_text())
+        changed = [
+            key
+            for key in ("arm", "seed", "fold", "train_names")
+            if saved.get(key) != described[key]
+        ]
+        changed += [
+            name
+            for name in sorted(set(saved.get("settings", {})) | set(described["settings"]))
+            if saved.get("settings", {}).get(name) != described["settings"].get(name)
+        ]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {record.parent}: it was trained with other "
+                f"{', '.join(changed)} (its record {record.name} says "
+                + "; ".join(
+                    f"{k}={saved.get(k, saved.get('settings', {}).get(k))!r}" for k in changed
+                )
+                + "); use another --out, or run without --resume to train it again"
+            )
+        return
+    with atomic_path(record) as temporary:
+        temporary.write_text(json.dumps(described, indent=1) + "\n")
 
 
 def _score_held_out(trainer: Any, pairs: list[_Pair], settings: DemoSettings, run: ArmRun) -> None:

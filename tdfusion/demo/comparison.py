@@ -108,7 +108,9 @@ def compare_arms(runs: Sequence[ArmRun], min_runs: int = 3) -> dict[str, Any]:
 
 
 def _verdict(loss: dict[str, Any], map50: dict[str, Any], min_runs: int) -> str:
-    """One honest sentence about the held-out task loss difference (learned - fixed)."""
+    """One honest sentence about the held-out differences (learned - fixed): the task loss
+    first, and the mAP50 whenever its difference is, or is not, measurable where the loss's
+    is not, or is."""
     spread = (
         f"learned - fixed held-out task loss {loss['mean']:+.3f} (std {loss['pair_std']:.3f} "
         f"over {loss['pairs']} held-out pairs"
@@ -116,19 +118,31 @@ def _verdict(loss: dict[str, Any], map50: dict[str, Any], min_runs: int) -> str:
     if loss["runs"] > 1:
         spread += f", standard error {loss['stderr']:.3f} over {loss['runs']} runs"
     spread += f"), mAP50 {map50['mean']:+.3f}"
+    if map50["runs"] > 1:
+        spread += f" (standard error {map50['stderr']:.3f})"
     if loss["runs"] < min_runs:
         return (
             f"No measurable difference at this budget: {spread}; {loss['runs']} training "
             f"run(s) per arm cannot separate the arms from training noise (a difference needs "
             f"at least {min_runs}: add seeds with --seeds)."
         )
+    map_direction = "higher" if map50["mean"] > 0 else "lower"
     if not loss["measurable"]:
+        if map50["measurable"]:
+            return (
+                f"No measurable difference in held-out task loss at this budget, but the "
+                f"learned loss gave a {map_direction} mAP50 than the fixed loss, beyond twice "
+                f"its standard error: {spread}."
+            )
         return f"No measurable difference at this budget: {spread}."
     better = "lower" if loss["mean"] < 0 else "higher"
-    return (
+    sentence = (
         f"The learned loss gave the detector a {better} held-out loss than the fixed loss, "
-        f"beyond twice its standard error: {spread}."
+        f"beyond twice its standard error: {spread}"
     )
+    if map50["measurable"]:
+        return f"{sentence}; its mAP50 was {map_direction}, also beyond twice its standard error."
+    return f"{sentence}; the mAP50 difference is within twice its standard error."
 
 
 # ---------------------------------------------------------------------------- the whole demo

@@ -56,7 +56,7 @@ def run_demo(
     """Run both arms on every fold and seed, compare them and draw the pictures into ``out``.
 
     Writes ``summary.json`` and ``summary.txt`` (the comparison), ``runs/seed<S>-fold<K>-<arm>/``
-    (checkpoint, log and weights of every run), ``fused/<arm>/<pair>.png`` (the held-out fused
+    (what every run was trained with, its checkpoint, log and weights), ``fused/<arm>/<pair>.png`` (the held-out fused
     colour images), ``compare_<pair>.png`` (infrared | visible | fixed-loss fusion |
     learned-loss fusion | ``w_a``), ``weight_maps/<pair>.png`` and ``training_curve.png``.
 
@@ -69,7 +69,9 @@ def run_demo(
     device : str, optional
         Training device; CUDA when available by default.
     resume : bool
-        Continue every run from its checkpoint (finished runs are only scored again).
+        Continue every run from its checkpoint (finished runs are only scored again); a run
+        trained with other settings or on other pairs (another ``folds``) is refused with a
+        :class:`~tdfusion.errors.CheckpointError`.
     progress : bool
         Show progress bars (one line per run with several workers).
     workers : int, optional
@@ -93,10 +95,12 @@ def run_demo(
     started = time.perf_counter()
     settings = settings or DemoSettings()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sample = _load_sample(settings.image_size)
     pairs, classes = sample
+    # Settings that cannot work fail here, before anything is written or trained.
     splits = fold_split([pair.name for pair in pairs], settings.folds)
+    _initial_fusion_model(settings.init_weights)
+    out.mkdir(parents=True, exist_ok=True)
     # The learned arm's runs take longest: start them first so that parallel workers finish
     # together.
     jobs = [

@@ -102,7 +102,7 @@ class DemoSettings:
     alpha: float = 2.0
 
     def replace(self, **changes: Any) -> DemoSettings:
-        """A copy with some settings changed (unknown names are an error).
+        """A copy with some settings changed (unknown names and repeated seeds are errors).
 
         Parameters
         ----------
@@ -122,6 +122,8 @@ class DemoSettings:
                 changes[name] = tuple(int(v) for v in changes[name])
         if "seeds" in changes:
             changes["seeds"] = tuple(int(s) for s in changes["seeds"])
+            if len(set(changes["seeds"])) != len(changes["seeds"]):
+                raise ValueError(f"seeds must differ, got {list(changes['seeds'])}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
