@@ -222,15 +222,14 @@ def _msrs_trainer(mode: str, setting: Setting = GPU) -> tuple[Any, str]:
 def _bf16_cosine(trainer: Any, meta_train: Any, meta_test: Any, setting: Setting = GPU) -> float:
     """Cosine of the bf16 trainer's hypergradient with a float32 copy's, same batches and crop."""
     reference, _ = _msrs_trainer("fp32", setting)
-    reference.generator.set_state(trainer.generator.get_state())  # the same crop offsets
     reference.fusion_model.load_state_dict(trainer.fusion_model.state_dict())
     reference.loss_generator.load_state_dict(trainer.loss_generator.state_dict())
     if isinstance(trainer.task_loss, torch.nn.Module):
         reference.task_loss.load_state_dict(trainer.task_loss.state_dict())
-    state = trainer.generator.get_state()
+    state = trainer.meta_generator.get_state()  # the meta step's crop offsets are drawn from it
     flat = []
     for t in (trainer, reference):
-        t.generator.set_state(state)
+        t.meta_generator.set_state(state)
         gradient = t.hypergradient(meta_train, meta_test)
         flat.append(torch.cat([g.flatten().double() for g in gradient.values()]))
     return float(torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0))

@@ -130,6 +130,7 @@ def test_the_hypergradient_and_the_fusion_step_are_unchanged(method):
         a, b = sources(4)
         c, d = sources(5)
         trainer.generator.manual_seed(7)
+        trainer.meta_generator.manual_seed(7)
         hypergradient = trainer.hypergradient((a, b, a), (c, d, c))
         stats = trainer.fusion_step((a, b, a))
         return hypergradient, stats, dict(fusion.named_parameters())

@@ -156,9 +156,9 @@ def test_hypergradient_equals_backprop_through_the_whole_graph(inner_optimizer, 
     meta_train = (*meta_train[:2], meta_train[2][:, :8, :11])
     meta_test = (*meta_test[:2], meta_test[2][:, :8, :11])
     params = dict(trainer.loss_generator.named_parameters())
-    trainer.generator.manual_seed(3)  # the same crop offsets for both computations
+    trainer.meta_generator.manual_seed(3)  # the same crop offsets for both computations
     hypergradient = trainer.hypergradient(meta_train, meta_test)
-    trainer.generator.manual_seed(3)
+    trainer.meta_generator.manual_seed(3)
     full = torch.autograd.grad(trainer.meta_loss(meta_train, meta_test), list(params.values()))
     for (name, _), expected in zip(params.items(), full):
         torch.testing.assert_close(hypergradient[name], expected, rtol=1e-10, atol=1e-14)
@@ -279,6 +279,7 @@ def test_hypergradient_changes_nothing():
     meta_train, meta_test = task_batches("module")
     before = snapshot(trainer)
     rng_before = trainer.generator.get_state()
+    meta_rng_before = trainer.meta_generator.get_state()
     optimizer_before = copy.deepcopy(trainer.fusion_optimizer.state_dict())
     trainer.hypergradient(meta_train, meta_test)
     after = snapshot(trainer)
@@ -289,6 +290,7 @@ def test_hypergradient_changes_nothing():
             assert torch.equal(tensor, before[key]["values"][name]), f"{key}.{name} changed"
         assert all(g is None for g in after[key]["grads"])
     assert torch.equal(trainer.generator.get_state(), rng_before)
+    assert torch.equal(trainer.meta_generator.get_state(), meta_rng_before)
     assert trainer.fusion_optimizer.state_dict() == optimizer_before
     # The batch-norm statistics of T were used in training mode but are restored.
     assert trainer.task_loss.norm.num_batches_tracked.item() == 0
