@@ -79,6 +79,8 @@ class DetectionTask(nn.Module):
         plain data and nothing in it runs: layer modules must be ultralytics' or ``torch.nn``
         layers, arguments plain values, and ``activation`` a ``torch.nn`` activation such as
         ``nn.SiLU()`` or ``nn.LeakyReLU(0.1)`` (else :class:`~tdfusion.errors.DataError`).
+        Its detect head must be a one-to-many head trained with NMS (YOLOv8, YOLO11): the
+        end-to-end heads of YOLOv10 and YOLO26 raise ``ValueError``.
     in_channels : int
         Channels of the fused image (1 for the Y channel).
     box_gain, cls_gain, dfl_gain : float
@@ -88,11 +90,15 @@ class DetectionTask(nn.Module):
     -----
     - fused: ``(N, in_channels, H, W)``, floating point (values in [0, 1]).
     - targets: ``(M, 6)`` rows ``[batch_index, class, x_center, y_center, width, height]`` with
-      the box normalised to [0, 1] by the image width/height; ``M`` may be 0.
+      the box normalised to [0, 1] by the image width/height (values outside [0, 1], such as
+      boxes in pixels, raise :class:`~tdfusion.errors.DataError`); ``M`` may be 0.
     - output of ``forward``: scalar; of ``predict``: a list of ``N`` :class:`Detections`.
 
     Notes
     -----
+    - In training mode the batch normalisation needs more than one value per channel at the
+      coarsest scale (the model's largest stride, 32 for YOLOv8): a batch of one image no larger
+      than 32 x 32 raises ``ValueError``; use two images or more, or evaluation mode.
     - The loss works in training mode (the detect head returns its raw outputs) and in evaluation
       mode (the raw outputs are taken from the second element the head returns); batch
       normalisation follows the module's mode as usual.
@@ -140,6 +146,15 @@ class DetectionTask(nn.Module):
             self.model = ultralytics.DetectionModel(
                 buildable, ch=in_channels, nc=num_classes, verbose=False
             )
+        if getattr(self.model.model[-1], "one2one_cv2", None) is not None:
+            # ultralytics trains such heads with its E2ELoss, whose outputs v8DetectionLoss
+            # cannot read (it fails with a bare KeyError 'boxes').
+            name = Path(config["yaml_file"]).name if "yaml_file" in config else "the given dict"
+            raise ValueError(
+                f"model {name} has an end-to-end (NMS-free, one-to-one) detect head, as YOLOv10 "
+                "and YOLO26 do, which DetectionTask cannot train; use a YOLOv8 or YOLO11 yaml "
+                "such as 'yolov8n.yaml' or 'yolo11n.yaml'"
+            )
         # v8DetectionLoss reads its gains from ``model.args`` (ultralytics' hyper-parameters).
         self.model.args = types.SimpleNamespace(box=box_gain, cls=cls_gain, dfl=dfl_gain)
         self.num_classes = int(num_classes)
@@ -168,6 +183,7 @@ class DetectionTask(nn.Module):
         """
         check_fused_image(fused, self.in_channels)
         targets = self._check_targets(fused, targets)
+        self._check_batch_norm_input(fused)
         batch_size, _, height, width = fused.shape
         padded = pad_to_multiple(fused, self.stride, mode="constant", value=PAD_VALUE)
         padded_height, padded_width = padded.shape[-2:]
@@ -244,6 +260,24 @@ class DetectionTask(nn.Module):
             detections.append(Detections(boxes, rows[:, 4].clone(), rows[:, 5].long()))
         return detections
 
+    def _check_batch_norm_input(self, fused: torch.Tensor) -> None:
+        # The coarsest feature map is the padded input divided by the largest stride (the detect
+        # head's; SPPF runs there in YOLOv8/YOLO11). A batch normalisation in training mode needs
+        # more than one value per channel, i.e. more than one image or a map larger than 1 x 1.
+        batch_size, _, height, width = fused.shape
+        cells = math.ceil(height / self.stride) * math.ceil(width / self.stride)
+        if batch_size * cells > 1 or not any(
+            isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+            for module in self.model.modules()
+        ):
+            return
+        raise ValueError(
+            f"fused of shape {tuple(fused.shape)} leaves a single value per channel at stride "
+            f"{self.stride}, which batch normalisation cannot train on; in training mode use at "
+            f"least 2 images or images larger than {self.stride} pixels on one side "
+            "(or evaluation mode)"
+        )
+
     def _check_targets(self, fused: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(targets, torch.Tensor) or targets.ndim != 2 or targets.shape[1] != 6:
             shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets)
@@ -271,4 +305,44 @@ class DetectionTask(nn.Module):
                     f"index in 0..{fused.shape[0] - 1}, a class in 0..{self.num_classes - 1} and "
                     "a finite box with non-negative width and height"
                 )
+            check_normalised_boxes(targets)
         return targets
+
+
+#: How far outside [0, 1] a normalised box value may lie (rounding of converted labels).
+BOX_TOLERANCE = 1e-3
+
+
+def check_normalised_boxes(targets: torch.Tensor, tolerance: float = BOX_TOLERANCE) -> None:
+    """Check that the boxes of detection targets are normalised ``xywh`` in [0, 1].
+
+    Boxes in pixels would otherwise pass unnoticed: ultralytics and the scores treat them as
+    boxes far outside the image, so the images look empty (the loss is that of an image without
+    objects, the mAP 0).
+
+    Parameters
+    ----------
+    targets : torch.Tensor
+        ``(M, 6)`` rows ``[batch_index, class, x_center, y_center, width, height]``.
+    tolerance : float
+        How far below 0 or above 1 a value may lie.
+
+    Raises
+    ------
+    DataError
+        Naming the first row with a centre or size outside ``[-tolerance, 1 + tolerance]`` or
+        not finite.
+
+    Example
+    -------
+    >>> check_normalised_boxes(torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.3]]))
+    """
+    boxes = targets[:, 2:6]
+    bad_rows = (~torch.isfinite(boxes) | (boxes < -tolerance) | (boxes > 1 + tolerance)).any(dim=1)
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        raise DataError(
+            f"detection target row {row} is {targets[row].tolist()}; boxes must be normalised "
+            "[x_center, y_center, width, height] in [0, 1] (divided by the image width and "
+            "height), not in pixels"
+        )

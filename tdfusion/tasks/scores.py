@@ -12,6 +12,7 @@ import torch
 
 from tdfusion.errors import DataError
 from tdfusion.tasks._ultralytics import load_ultralytics
+from tdfusion.tasks.detection import check_normalised_boxes
 
 __all__ = ["DetectionScore", "SegmentationScore"]
 
@@ -187,7 +188,8 @@ class DetectionScore:
             One per image of the batch, boxes in pixels of an image of ``image_size``.
         targets : torch.Tensor
             ``(M, 6)`` normalised ground truth of the batch; row ``[i, ...]`` belongs to
-            ``detections[i]``.
+            ``detections[i]``. A box value outside [0, 1] (e.g. a box in pixels) raises
+            :class:`~tdfusion.errors.DataError`.
         image_size : tuple of int
             ``(height, width)`` of the images the detections were made on.
         """
@@ -205,6 +207,7 @@ class DetectionScore:
                 f"targets name images {sorted(set(targets[:, 0].long().tolist()))} but "
                 f"{len(detections)} detection lists were given"
             )
+        check_normalised_boxes(targets)
         height, width = image_size
         scale = targets.new_tensor([width, height, width, height])
         for index, found in enumerate(detections):

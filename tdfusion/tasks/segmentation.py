@@ -39,14 +39,66 @@ def _build_segformer(
         ) from error
 
 
+def _conv_output_side(side: int, conv: nn.Conv2d, dim: int) -> int:
+    """Output length along ``dim`` (0 height, 1 width) of ``conv`` for an input ``side`` long."""
+    if isinstance(conv.padding, str):  # "same" keeps the length, "valid" pads nothing
+        if conv.padding == "same":
+            return side
+        padding = 0
+    else:
+        padding = conv.padding[dim]
+    kernel = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
+    return (side + 2 * padding - kernel) // conv.stride[dim] + 1
+
+
+def _minimum_input_size(encoder: nn.Module) -> tuple[int, int]:
+    """Smallest ``(H, W)`` an unpadded input may have for ``encoder`` to run.
+
+    Worked out from the MiT (SegFormer) encoder's own layers: each stage ``i`` is an overlapping
+    patch embedding ``patch_embed{i}.proj`` (a strided convolution) followed by blocks whose
+    attention shrinks the keys with a spatial-reduction convolution ``attn.sr`` (kernel = stride
+    = the stage's reduction ratio). A convolution needs its padded input at least as large as its
+    kernel; for ``mit_b0`` .. ``mit_b5`` the binding one is the first stage's kernel-8 reduction
+    at 1/4 scale, which gives 29 pixels per side. Encoders without these layers (not MiT) are not
+    analysed and get ``(1, 1)``.
+    """
+    depth = int(getattr(encoder, "_depth", 5))
+    stages: list[tuple[nn.Conv2d, list[nn.Conv2d]]] = []
+    for stage in range(1, min(depth - 1, 4) + 1):  # smp runs stage i when depth >= i + 1
+        embed = getattr(encoder, f"patch_embed{stage}", None)
+        blocks = getattr(encoder, f"block{stage}", None)
+        if not isinstance(getattr(embed, "proj", None), nn.Conv2d) or blocks is None:
+            break
+        reductions = [
+            block.attn.sr
+            for block in blocks
+            if isinstance(getattr(getattr(block, "attn", None), "sr", None), nn.Conv2d)
+        ]
+        stages.append((embed.proj, reductions))
+
+    def runs(side: int, dim: int) -> bool:
+        for projection, reductions in stages:
+            side = _conv_output_side(side, projection, dim)
+            if side < 1 or any(_conv_output_side(side, sr, dim) < 1 for sr in reductions):
+                return False
+        return True
+
+    # The output length of a convolution never decreases with its input's, so the first side that
+    # runs is the minimum; MiT's is a few tens of pixels.
+    return tuple(  # type: ignore[return-value]
+        next(side for side in range(1, 1 << 16) if runs(side, dim)) for dim in (0, 1)
+    )
+
+
 class SegmentationTask(nn.Module):
     """SegFormer trained from scratch with pixel-wise cross-entropy (the paper's segmentation T).
 
     The network is ``segmentation_models_pytorch.Segformer`` with random initialisation
-    (``encoder_weights=None``: nothing is downloaded). Images of any size are accepted: by
-    default the input is padded at the bottom/right to a multiple of 32 by edge replication and
-    the logits are cropped back, then bilinearly resized to the mask size when it differs (the
-    paper upsamples the logits to the label size).
+    (``encoder_weights=None``: nothing is downloaded). Images of any size are accepted (with
+    ``pad=False``, of at least ``min_input_size``): by default the input is padded at the
+    bottom/right to a multiple of 32 by edge replication and the logits are cropped back, then
+    bilinearly resized to the mask size when it differs (the paper upsamples the logits to the
+    label size).
 
     The research code's loss is ``pad=False, align_corners=True`` with masks at the dataset's
     full label resolution (e.g. 480 x 640 for MSRS while the task input is 240 x 320): the
@@ -67,8 +119,10 @@ class SegmentationTask(nn.Module):
         Width of the all-MLP decoder (256 for SegFormer-B0).
     pad : bool
         Pad the input to a multiple of the encoder's stride (32). ``False`` feeds it as it is
-        (the research code; MiT's overlapping patch embeddings accept any size), and the
-        logits, whose size may then differ from the input's by a few pixels, are resized.
+        (the research code) and the logits, whose size may then differ from the input's by a
+        few pixels, are resized. Unpadded, the MiT encoders need at least 29 pixels per side
+        (their first stage's kernel-8 spatial-reduction convolution runs at 1/4 scale; see
+        ``min_input_size``): smaller images raise ``ValueError``.
     align_corners : bool
         ``align_corners`` of the bilinear resizing of the logits to the mask size (the research
         code: ``True``).
@@ -133,6 +187,9 @@ class SegmentationTask(nn.Module):
         self.stride = int(self.network.encoder.output_stride)
         if not self.pad:  # smp refuses sizes that are not multiples of the stride
             self.network.requires_divisible_input_shape = False
+        #: Smallest ``(H, W)`` the network accepts unpadded (only checked with ``pad=False``:
+        #: padding makes every side a multiple of the stride, large enough for MiT).
+        self.min_input_size = _minimum_input_size(self.network.encoder)
 
     def logits(self, fused: torch.Tensor) -> torch.Tensor:
         """Class scores at the input resolution.
@@ -153,6 +210,14 @@ class SegmentationTask(nn.Module):
     def _network_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """The network's logits: at the input size when padded, about it otherwise."""
         if not self.pad:
+            height, width = fused.shape[-2:]
+            min_height, min_width = self.min_input_size
+            if height < min_height or width < min_width:
+                raise ValueError(
+                    f"SegFormer with pad=False needs images of at least {min_height} x "
+                    f"{min_width} pixels (H x W), got {height} x {width}; use larger images "
+                    "or pad=True"
+                )
             return self.network(fused)
         height, width = fused.shape[-2:]
         padded = pad_to_multiple(fused, self.stride, mode="replicate")
@@ -176,13 +241,19 @@ class SegmentationTask(nn.Module):
         Returns
         -------
         torch.Tensor
-            Scalar loss, averaged over the pixels that are not ignored.
+            Scalar loss, averaged over the pixels that are not ignored; ``0`` (with zero
+            gradients) when every pixel of the batch is ``ignore_index``, where a plain mean
+            would be ``0 / 0 = nan``.
         """
         check_fused_image(fused, self.in_channels)
         masks = self._check_masks(fused, masks)
         logits = self._resize(self._network_logits(fused), masks.shape[-2:])
         ignore_index = -100 if self.ignore_index is None else self.ignore_index
-        return F.cross_entropy(logits, masks, ignore_index=ignore_index)
+        total = F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum")
+        # The count stays on the device (no synchronisation); clamped at 1 it leaves the mean
+        # unchanged when some pixel is labelled and gives 0 when none is.
+        labelled = (masks != ignore_index).sum().clamp(min=1)
+        return total / labelled.to(total.dtype)
 
     def predict(self, fused: torch.Tensor) -> torch.Tensor:
         """Label maps, computed in evaluation mode without gradients.
