@@ -45,6 +45,7 @@ __all__ = ["DEFAULT_BAND_PIXELS", "band_rows", "banded_forward"]
 #: float32) at 2 MiB, the size of this reference machine's L2 caches together.
 DEFAULT_BAND_PIXELS = 8192
 _NORMALIZE_EPS = 1e-12
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _Result = TypeVar("_Result")
 _Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -122,7 +123,9 @@ class _AttentionStatistics:
     """The whole-image sums one channel attention needs: ``q^T k`` and the squared norms.
 
     Each band's sums are computed apart (:meth:`of_band`) and added in band order, so the
-    result does not depend on which thread computed which band.
+    result does not depend on which thread computed which band. Half-precision queries and
+    keys are summed in float32: sums over a whole image leave float16's range (65504) and
+    lose bfloat16's few digits; :meth:`mixing` hands back the network's dtype.
     """
 
     def __init__(self, partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
@@ -138,6 +141,8 @@ class _AttentionStatistics:
         """``(q^T k, sum q^2, sum k^2)`` of one band's (N, rows, W, C) queries and keys."""
         query = query.flatten(1, 2)  # (N, pixels, C)
         key = key.flatten(1, 2)
+        if query.dtype in _HALF_DTYPES:
+            query, key = query.float(), key.float()
         return (
             torch.bmm(query.transpose(1, 2), key),
             query.square().sum(dim=1),
@@ -145,7 +150,11 @@ class _AttentionStatistics:
         )
 
     def mixing(self, temperature: torch.Tensor, project_out: nn.Conv2d) -> torch.Tensor:
-        """``(W_out A)^T`` per sample: attention then output projection, for row vectors."""
+        """``(W_out A)^T`` per sample: attention then output projection, for row vectors.
+
+        Computed in the statistics' dtype (float32 for a half-precision network) and returned
+        in the dtype of ``project_out``'s weight.
+        """
         channels = self.product.shape[-1]
         num_heads = temperature.shape[0]
         head = torch.arange(channels, device=self.product.device) // (channels // num_heads)
@@ -155,7 +164,9 @@ class _AttentionStatistics:
         logits = self.product * (row_temperature / (query_norm[:, :, None] * key_norm[:, None, :]))
         logits = logits.masked_fill(head[:, None] != head[None, :], float("-inf"))
         attention = torch.softmax(logits, dim=-1)
-        return (project_out.weight[:, :, 0, 0] @ attention).transpose(1, 2)
+        weight = project_out.weight[:, :, 0, 0]
+        mixing = (weight.to(attention.dtype) @ attention).transpose(1, 2)
+        return mixing.to(weight.dtype)
 
 
 def _attend(
@@ -399,7 +410,7 @@ def banded_forward(
     >>> bool((fused - plain).abs().max() < 1e-5)
     True
     """
-    check_source_pair(a, b, type(net).__name__)
+    check_source_pair(a, b, type(net).__name__, net.embed_a.weight.dtype)
     height, width = a.shape[-2:]
     rows = band_rows(height, width, band_pixels)
     threads = torch.get_num_threads() if threads is None else threads

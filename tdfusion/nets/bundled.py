@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_FUSION_WEIGHTS", "BundledWeights", "bundled_path", "list_pretrained"]
+__all__ = [
+    "DEFAULT_FUSION_WEIGHTS",
+    "BundledWeights",
+    "bundled_path",
+    "default_pretrained",
+    "list_pretrained",
+]
 
 #: Folder of the bundled weight files and their model cards.
 WEIGHTS_FOLDER = Path(__file__).resolve().parent / "weights"
@@ -78,6 +84,32 @@ def list_pretrained() -> dict[str, str]:
 def bundled_weights(name: str) -> BundledWeights | None:
     """The bundled weights called ``name``, or ``None`` when no bundled weights have it."""
     return _BUNDLED.get(str(name))
+
+
+def default_pretrained(arch: str) -> str | None:
+    """The name of the bundled weights ``create_model(arch, pretrained=True)`` loads.
+
+    Parameters
+    ----------
+    arch : str
+        Registry name of an architecture (``"refusion"``, ...).
+
+    Returns
+    -------
+    str or None
+        :data:`DEFAULT_FUSION_WEIGHTS` when they are for ``arch``, else the first (by name)
+        bundled weights for ``arch``; ``None`` when no bundled weights are for it.
+
+    Example
+    -------
+    >>> default_pretrained("refusion")
+    'tdfusion-ivif'
+    >>> default_pretrained("loss_generator") is None
+    True
+    """
+    if _BUNDLED[DEFAULT_FUSION_WEIGHTS].arch == arch:
+        return DEFAULT_FUSION_WEIGHTS
+    return next((name for name in sorted(_BUNDLED) if _BUNDLED[name].arch == arch), None)
 
 
 def bundled_path(name: str) -> Path | None:

@@ -33,11 +33,19 @@ def checkpointing_applies() -> bool:
     Returns
     -------
     bool
-        ``True`` when gradients are enabled and inference mode is off. Under
-        :func:`torch.no_grad` (where forward-mode AD still computes tangents) or
-        :func:`torch.inference_mode` no activations are kept, so blocks run plainly.
+        ``True`` when gradients are enabled, inference mode is off and no :mod:`torch.func`
+        transform is running. Under :func:`torch.no_grad` (where forward-mode AD still
+        computes tangents) or :func:`torch.inference_mode` no activations are kept, so blocks
+        run plainly; ``torch.func.grad``, ``vjp``, ``vmap`` and the others do not support the
+        hooks a checkpoint relies on, so blocks run plainly there too (the output and its
+        derivatives are the same). :func:`torch.func.functional_call` is no transform: it
+        checkpoints.
     """
-    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    return (
+        torch.is_grad_enabled()
+        and not torch.is_inference_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
 
 
 def checkpointed_call(module: nn.Module, *inputs: torch.Tensor) -> Any:

@@ -20,6 +20,7 @@ __all__ = [
     "LayerNorm2d",
     "RestormerBlock",
     "check_source_pair",
+    "is_functorch_wrapped",
     "restormer_stage",
     "to_channels_last",
     "transposed_attention",
@@ -31,7 +32,9 @@ _NORMALIZE_EPS = 1e-12
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def check_source_pair(a: torch.Tensor, b: torch.Tensor, owner: str) -> None:
+def check_source_pair(
+    a: torch.Tensor, b: torch.Tensor, owner: str, dtype: torch.dtype | None = None
+) -> None:
     """Check that two source images form a valid network input.
 
     Parameters
@@ -40,12 +43,16 @@ def check_source_pair(a: torch.Tensor, b: torch.Tensor, owner: str) -> None:
         The two sources.
     owner : str
         Name of the network, used in the error message.
+    dtype : torch.dtype, optional
+        The dtype of the network's parameters, which the sources must have unless autocast
+        is on for their device (it then picks each operation's dtype).
 
     Raises
     ------
     ValueError
-        When ``a`` or ``b`` is not 4-D, has more than one channel, the shapes differ, or the
-        dtype is not floating point (the message names the shapes and dtypes).
+        When ``a`` or ``b`` is not 4-D, has more than one channel, the shapes differ, the
+        dtype is not floating point or not ``dtype`` (the message names the shapes and
+        dtypes).
 
     Shapes
     ------
@@ -70,8 +77,41 @@ def check_source_pair(a: torch.Tensor, b: torch.Tensor, owner: str) -> None:
             f"{owner} expects a and b of one floating dtype (images in [0, 1]); got a {a.dtype} "
             f"and b {b.dtype}"
         )
+    if dtype is not None and a.dtype != dtype and not _autocasts(a.device.type):
+        raise ValueError(
+            f"{owner} has {dtype} parameters but got a and b of {a.dtype}; convert the images "
+            f"or the network (.to(dtype)) so that they match, or run under torch.autocast"
+        )
     if a.shape[2] == 0 or a.shape[3] == 0:
         raise ValueError(f"{owner} expects non-empty images; got shape {tuple(a.shape)}")
+
+
+def _autocasts(device_type: str) -> bool:
+    # Whether autocast is on for this device type (it mixes dtypes legitimately).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def is_functorch_wrapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor of a running :mod:`torch.func` transform (``vmap``, ``grad``).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Any tensor.
+
+    Returns
+    -------
+    bool
+        True for the wrappers the transforms hand to the function they transform.
+
+    Example
+    -------
+    >>> is_functorch_wrapped(torch.zeros(2))
+    False
+    >>> torch.func.vmap(lambda x: x * is_functorch_wrapped(x))(torch.ones(2))
+    tensor([1., 1.])
+    """
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +120,9 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     The blocks run fastest on channels-last tensors: oneDNN convolutions then skip their
     layout reorders, the layer norm reads each pixel's channels contiguously, and the
     attention reads queries, keys and values as (pixels x channels) matrices without
-    copies. Values and shape are unchanged.
+    copies. Values and shape are unchanged. Inside a :mod:`torch.func` transform
+    (``vmap``, ``grad``, ...) ``x`` is returned as it is: a batched tensor has more dimensions
+    than it shows, which the memory format cannot describe, and the blocks work on any layout.
 
     Parameters
     ----------
@@ -97,6 +139,8 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     >>> to_channels_last(torch.rand(1, 3, 4, 5)).is_contiguous(memory_format=torch.channels_last)
     True
     """
+    if is_functorch_wrapped(x):
+        return x
     if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.to(memory_format=torch.channels_last)
@@ -244,7 +288,8 @@ class LayerNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous(memory_format=torch.channels_last):
+        # vmap cannot tell a batched tensor's memory format: it takes the general path.
+        if not is_functorch_wrapped(x) and x.is_contiguous(memory_format=torch.channels_last):
             # Each pixel's channels lie together, as F.layer_norm wants them: no copy needed.
             pixels = x.permute(0, 2, 3, 1)
             normalised = F.layer_norm(pixels, pixels.shape[-1:], self.weight, self.bias, self.eps)

@@ -17,6 +17,7 @@ Nothing is ever downloaded: a checkpoint is a local file.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -78,6 +79,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     Works for :class:`~tdfusion.nets.ReFusionNet` and :class:`~tdfusion.nets.LossGenerator`
     (both start with ``embed_a`` and ``encoder_a`` blocks). Whatever cannot be read is left
     out, so the constructor's default applies and a strict load reports the mismatch.
+    ``ffn_expansion`` is a value that gives every block's feed-forward width (``dim`` wide in
+    the encoders, ``2 * dim`` in the decoder), not necessarily the one the network was built
+    with. A network without attention (a LossGenerator with ``num_blocks = 0``) gets
+    ``gcd(dim, 8)`` heads, which divides ``dim``; heads do not change its output.
 
     Parameters
     ----------
@@ -92,7 +97,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     Example
     -------
     >>> infer_config({"embed_a.weight": torch.zeros(8, 1, 3, 3)})
-    {'dim': 8, 'bias': False}
+    {'dim': 8, 'num_blocks': 0, 'num_heads': 8, 'bias': False}
     """
     config: dict[str, Any] = {}
     embed = state_dict.get("embed_a.weight")
@@ -100,25 +105,61 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         return config
     dim = int(embed.shape[0])
     config["dim"] = dim
-    block_indices = {
-        int(match[1])
+    # (stage, block index, name in the block, key) of every Restormer block's tensor.
+    blocks = sorted(
+        (match[1], int(match[2]), match[3], key)
         for key in state_dict
-        if (match := re.match(r"^encoder_a\.(\d+)\.", key)) is not None
+        if (match := re.match(r"^(encoder_a|encoder_b|decoder)\.(\d+)\.(.+)$", key)) is not None
+    )
+    config["num_blocks"] = max((block[1] + 1 for block in blocks), default=0)
+    temperatures = [key for _, _, name, key in blocks if name == "attn.temperature"]
+    num_heads = _heads_of(state_dict, [*temperatures, "fusion.temperature_a"])
+    if num_heads is not None:
+        config["num_heads"] = num_heads
+    elif dim > 0:  # no attention at all: any divisor of dim builds the same network
+        config["num_heads"] = math.gcd(dim, _NO_ATTENTION_MAX_HEADS)
+    hidden_widths = {
+        (dim * 2 if stage == "decoder" else dim, int(tensor.shape[0]) // 2)
+        for stage, _, name, key in blocks
+        if name == "ffn.project_in.weight"
+        and isinstance(tensor := state_dict[key], torch.Tensor)
+        and tensor.dim() == 4
     }
-    if block_indices:
-        config["num_blocks"] = max(block_indices) + 1
-    temperature = state_dict.get("encoder_a.0.attn.temperature")
-    if isinstance(temperature, torch.Tensor) and temperature.dim() == 3:
-        config["num_heads"] = int(temperature.shape[0])
-    expand = state_dict.get("encoder_a.0.ffn.project_in.weight")
-    if isinstance(expand, torch.Tensor) and expand.dim() == 4 and dim > 0:
-        hidden = int(expand.shape[0]) // 2
-        expansion = hidden / dim
-        if int(dim * expansion) != hidden:
-            expansion = (hidden + 0.5) / dim
+    expansion = _common_expansion(hidden_widths)
+    if expansion is not None:
         config["ffn_expansion"] = expansion
     config["bias"] = "embed_a.bias" in state_dict
     return config
+
+
+#: The networks' default number of heads; a network whose state dict holds no attention gets
+#: ``gcd(dim, 8)`` (the default whenever ``dim`` allows it).
+_NO_ATTENTION_MAX_HEADS = 8
+
+
+def _heads_of(state_dict: Mapping[str, torch.Tensor], names: list[str]) -> int | None:
+    # The rows of the first (heads, 1, 1) temperature among ``names``.
+    for name in names:
+        temperature = state_dict.get(name)
+        if isinstance(temperature, torch.Tensor) and temperature.dim() == 3:
+            return int(temperature.shape[0])
+    return None
+
+
+def _common_expansion(hidden_widths: Collection[tuple[int, int]]) -> float | None:
+    # A factor e with int(width * e) == hidden for every (width, hidden): one inside the
+    # intersection of the intervals [hidden / width, (hidden + 1) / width); the exact ratio
+    # when it works (2.0 stays 2.0), else the middle. None when there is none.
+    if not hidden_widths or any(width <= 0 for width, _ in hidden_widths):
+        return None
+    low = max(hidden / width for width, hidden in hidden_widths)
+    high = min((hidden + 1) / width for width, hidden in hidden_widths)
+    for candidate in (low, (low + high) / 2):
+        if low <= candidate < high and all(
+            int(width * candidate) == hidden for width, hidden in hidden_widths
+        ):
+            return candidate
+    return None
 
 
 def checkpoint_search_paths(name: str | os.PathLike[str]) -> list[Path]:

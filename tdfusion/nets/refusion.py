@@ -10,6 +10,7 @@ from torch import nn
 from tdfusion.nets.banded import banded_forward
 from tdfusion.nets.layers import (
     CrossAttentionFusion,
+    is_functorch_wrapped,
     restormer_stage,
 )
 from tdfusion.nets.registry import register_model
@@ -115,11 +116,13 @@ class ReFusionNet(TwoSourceNetwork):
 def _runs_banded(source: torch.Tensor) -> bool:
     # Inference mode rules out autograd and forward-mode tangents; under torch.compile the
     # band loop would be traced and unrolled, on a GPU whole-image kernels are faster, and
-    # autocast's per-operation dtypes are the modules' business.
+    # autocast's per-operation dtypes are the modules' business, and so are torch.func's
+    # batched tensors.
     return (
         torch.is_inference_mode_enabled()
         and source.device.type == "cpu"
         and type(source) is torch.Tensor
+        and not is_functorch_wrapped(source)
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
     )

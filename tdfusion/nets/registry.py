@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from tdfusion.nets.bundled import default_pretrained
 from tdfusion.nets.pretrained import load_pretrained
 
 __all__ = ["create_model", "list_models", "register_model"]
@@ -78,7 +79,9 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def create_model(
-    name: str, pretrained: str | os.PathLike[str] | None = None, **kwargs: Any
+    name: str,
+    pretrained: bool | str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a registered network, optionally with weights from a checkpoint.
 
@@ -86,8 +89,11 @@ def create_model(
     ----------
     name : str
         Registry name (see :func:`list_models`).
-    pretrained : str or os.PathLike, optional
-        Checkpoint to load. Without ``kwargs`` the architecture comes from the checkpoint
+    pretrained : bool, str or os.PathLike, optional
+        ``None`` or ``False``: fresh weights. ``True``: the architecture's bundled weights
+        (``"tdfusion-ivif"`` for ``"refusion"``, see :func:`~tdfusion.nets.list_pretrained`),
+        as in timm. A string or path: the checkpoint to load (a file, or the name of bundled
+        weights). Without ``kwargs`` the architecture comes from the checkpoint
         (``from_pretrained``); with ``kwargs`` the network is built from them and the
         checkpoint must fit it.
     **kwargs
@@ -96,26 +102,39 @@ def create_model(
     Returns
     -------
     nn.Module
-        The network.
+        The network: in training mode when it has fresh weights, in eval mode when weights
+        were loaded (as ``from_pretrained`` returns it), with or without ``kwargs``.
 
     Raises
     ------
     ValueError
-        When ``name`` is unknown (the message lists the known names).
+        When ``name`` is unknown (the message lists the known names), or ``pretrained`` is
+        True for an architecture without bundled weights.
 
     Example
     -------
     >>> net = create_model("refusion", dim=8)
-    >>> net.config["dim"]
-    8
+    >>> net.config["dim"], net.training
+    (8, True)
+    >>> create_model("refusion", pretrained=True).training
+    False
     """
     factory = _MODEL_FACTORIES.get(name)
     if factory is None:
         known = ", ".join(list_models()) or "none"
         raise ValueError(f"unknown model {name!r}; registered models: {known}")
-    if pretrained is None:
+    if pretrained is None or pretrained is False:
         return factory(**kwargs)
+    if pretrained is True:
+        pretrained = default_pretrained(name)
+        if pretrained is None:
+            raise ValueError(
+                f"model {name!r} has no bundled weights for pretrained=True; pass the path "
+                "of a checkpoint instead"
+            )
     from_pretrained = getattr(factory, "from_pretrained", None)
     if not kwargs and from_pretrained is not None:
-        return from_pretrained(pretrained)
-    return load_pretrained(factory(**kwargs), pretrained)
+        model = from_pretrained(pretrained)
+    else:
+        model = load_pretrained(factory(**kwargs), pretrained)
+    return model.eval()

@@ -160,9 +160,10 @@ class TwoSourceNetwork(PretrainedMixin, nn.Module):
         Raises
         ------
         ValueError
-            When the shapes or dtypes do not fit.
+            When the shapes or dtypes do not fit (outside autocast the sources must have
+            the parameters' dtype).
         """
-        check_source_pair(a, b, type(self).__name__)
+        check_source_pair(a, b, type(self).__name__, self.embed_a.weight.dtype)
         features_a = self.run_blocks(self.encoder_a, self.embed_a(to_channels_last(a)))
         features_b = self.run_blocks(self.encoder_b, self.embed_b(to_channels_last(b)))
         return features_a, features_b
