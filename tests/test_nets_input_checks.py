@@ -239,3 +239,18 @@ def test_no_checkpoint_inside_a_torch_func_transform() -> None:
 
     grad(probe)(torch.ones(3))
     assert seen == [False] and checkpointing_applies()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("net_class", NETS)
+def test_torch_compile_traces_the_networks_in_one_graph(net_class, checkpointing: bool) -> None:
+    """The torch.func and inference-mode checks must not break the compiled graph."""
+    import torch._dynamo
+
+    net = net_class(**TINY)
+    if checkpointing:
+        net.set_grad_checkpointing()
+    a, b = pair(1, 1, 16, 16)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(a, b)
+    assert explained.graph_break_count == 0, explained.break_reasons

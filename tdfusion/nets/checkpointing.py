@@ -41,11 +41,13 @@ def checkpointing_applies() -> bool:
         derivatives are the same). :func:`torch.func.functional_call` is no transform: it
         checkpoints.
     """
-    return (
-        torch.is_grad_enabled()
-        and not torch.is_inference_mode_enabled()
-        and torch._C._functorch.peek_interpreter_stack() is None
-    )
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the inference-mode and transform checks (each would break the
+        # graph); a compiled network runs under neither.
+        return torch.is_grad_enabled()
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
 
 
 def checkpointed_call(module: nn.Module, *inputs: torch.Tensor) -> Any:

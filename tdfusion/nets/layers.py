@@ -102,7 +102,9 @@ def is_functorch_wrapped(x: torch.Tensor) -> bool:
     Returns
     -------
     bool
-        True for the wrappers the transforms hand to the function they transform.
+        True for the wrappers the transforms hand to the function they transform; False
+        while :func:`torch.compile` traces (Dynamo cannot trace the check, and would break
+        the graph there).
 
     Example
     -------
@@ -111,6 +113,8 @@ def is_functorch_wrapped(x: torch.Tensor) -> bool:
     >>> torch.func.vmap(lambda x: x * is_functorch_wrapped(x))(torch.ones(2))
     tensor([1., 1.])
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
