@@ -63,6 +63,7 @@ tdfusion_api_packages = [
     "tdfusion.inference",
     "tdfusion.recipes",
     "tdfusion.recipe_tables",
+    "tdfusion.recipe_checks",
     "tdfusion.demo",
     "tdfusion.benchmark",
     "tdfusion.metrics",

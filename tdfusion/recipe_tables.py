@@ -70,28 +70,38 @@ def read_transform(recipe: Recipe) -> Any:
     )
 
 
+def _labels(recipe: Recipe) -> str:
+    """The ``task`` argument of the dataset readers: ``"fusion"`` (pairs without labels) for a
+    recipe without a task, the recipe's task otherwise."""
+    return "fusion" if recipe.task == "none" else recipe.task
+
+
 def _msrs(recipe: Recipe, root, split: str, transform):
     from tdfusion.data import MSRSDataset
 
-    return MSRSDataset(root, split, recipe.task, mask_size=_mask_size(recipe), transform=transform)
+    return MSRSDataset(
+        root, split, _labels(recipe), mask_size=_mask_size(recipe), transform=transform
+    )
 
 
 def _fmb(recipe: Recipe, root, split: str, transform):
     from tdfusion.data import FMBDataset
 
-    return FMBDataset(root, split, mask_size=_mask_size(recipe), transform=transform)
+    return FMBDataset(
+        root, split, _labels(recipe), mask_size=_mask_size(recipe), transform=transform
+    )
 
 
 def _m3fd(recipe: Recipe, root, split: str, transform):
     from tdfusion.data import M3FDDataset
 
-    return M3FDDataset(root, split, transform=transform)
+    return M3FDDataset(root, split, _labels(recipe), transform=transform)
 
 
 def _llvip(recipe: Recipe, root, split: str, transform):
     from tdfusion.data import LLVIPDataset
 
-    return LLVIPDataset(root, split, transform=transform)
+    return LLVIPDataset(root, split, _labels(recipe), transform=transform)
 
 
 def _roadscene(recipe: Recipe, root, split: str, transform):
@@ -102,7 +112,8 @@ def _roadscene(recipe: Recipe, root, split: str, transform):
 
 
 #: The dataset readers by ``Recipe.dataset``: ``(recipe, root, split, transform) ->
-#: dataset``; the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`.
+#: dataset``; the layouts they read are in :data:`tdfusion.data.layouts.LAYOUTS`. A recipe with
+#: ``task="none"`` reads the pairs alone (no label folder needed; the target is the file stem).
 DATASETS: dict[str, Callable[..., Any]] = {
     "msrs": _msrs,
     "fmb": _fmb,

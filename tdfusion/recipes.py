@@ -27,6 +27,7 @@ import torch
 
 from tdfusion.errors import DataError
 from tdfusion.files import LOCK_NAME, missing_folders, output_lock, remove_unused_folders
+from tdfusion.recipe_checks import field_types, recipe_problem, unknown_settings_message
 from tdfusion.recipe_tables import DATASETS, TASKS, no_task, read_transform
 
 __all__ = [
@@ -46,6 +47,11 @@ __all__ = [
 @dataclass(frozen=True)
 class Recipe:
     """One training protocol.
+
+    :meth:`replace`, :func:`load_recipe`, :func:`build_dataset`, :func:`build_trainer` and
+    :func:`train` check the settings with :meth:`validate`: a wrong type (``"false"`` for a
+    boolean, ``"1"`` for an integer), a value out of range or an unknown name is refused with a
+    :class:`~tdfusion.errors.DataError` naming the setting.
 
     Attributes
     ----------
@@ -189,10 +195,16 @@ class Recipe:
     grad_checkpointing: bool = False
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some settings changed (unknown names are an error).
+        """A copy with some settings changed, checked with :meth:`validate`.
 
         ``preset=NAME`` applies the settings of :data:`PRESETS` ``[NAME]`` first; the other
         changes given in the same call override them.
+
+        Raises
+        ------
+        DataError
+            For an unknown setting name, an unknown preset, or a copy that :meth:`validate`
+            refuses (the message names the setting, its value and what it may be).
 
         Example
         -------
@@ -202,18 +214,82 @@ class Recipe:
         """
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown recipe settings: {sorted(unknown)}")
+            raise DataError(unknown_settings_message(unknown, type(self)))
         if "preset" in changes:
-            if changes["preset"] not in PRESETS:
-                raise ValueError(f"unknown preset {changes['preset']!r}; one of {sorted(PRESETS)}")
-            changes = {**PRESETS[changes["preset"]], **changes}
-        if "task_size" in changes and changes["task_size"] is not None:
-            changes["task_size"] = tuple(int(v) for v in changes["task_size"])
-        return dataclasses.replace(self, **changes)
+            preset = changes["preset"]
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise DataError(
+                    f"recipe {self.name}: preset must be one of {', '.join(map(repr, PRESETS))}, "
+                    f"got {preset!r}"
+                )
+            changes = {**PRESETS[preset], **changes}
+        hints = field_types(type(self))
+        for key, value in changes.items():
+            if key == "task_size" and isinstance(value, list):
+                changes[key] = tuple(value)  # a JSON list or the command line's two values
+            elif hints[key] is float and type(value) is int:
+                changes[key] = float(value)
+        recipe = dataclasses.replace(self, **changes)
+        recipe.validate()
+        return recipe
+
+    def validate(self) -> None:
+        """Check every setting against its type, its range and the settings it goes with.
+
+        Booleans must be ``True``/``False`` (JSON ``true``/``false``), integers must be
+        integers (not booleans), floats finite numbers; ``epochs``, ``batch_size``,
+        ``stride``, ``step_size`` and, where set, ``fusion_steps``, ``fusion_crop``,
+        ``data_crop`` and the two ``task_size`` entries at least 1, ``meta_steps`` and
+        ``num_workers`` at least 0, the learning rates and ``gamma`` above 0; the names
+        (``dataset``, ``task``, ``loss_weights``, ``weighting``, ...) one of their choices; fixed
+        ``loss_weights`` need ``meta_steps=0``; the task must be one the dataset has labels for
+        (or ``"none"``); ``fusion_crop`` may not exceed ``data_crop``.
+
+        Raises
+        ------
+        DataError
+            For the first setting that fails, naming it, its value and what it may be.
+
+        Example
+        -------
+        >>> RECIPES["msrs-segmentation"].validate()
+        >>> dataclasses.replace(RECIPES["msrs-segmentation"], swap="false").validate()
+        Traceback (most recent call last):
+        ...
+        tdfusion.errors.DataError: recipe msrs-segmentation: swap must be true or false, got 'false'
+        """
+        problem = recipe_problem(self, PRESETS)
+        if problem is not None:
+            name = self.name if isinstance(self.name, str) else repr(self.name)
+            raise DataError(f"recipe {name}: {problem}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
+
+
+#: Recipe settings by preset name. ``"default"`` is tdfusion's (the paper's equations);
+#: ``"research"`` reproduces the authors' research code's meta and fusion steps: squared
+#: weights, ``T'`` by one step of ``T``'s own Adam with its state kept, the cross-entropy at the
+#: full label resolution without padding, and ``T`` fed with ``F`` after ``F``'s update in the
+#: fusion step (the inner SGD step, the normalised generator update, the crops, the task size
+#: and the swap are the same in both). See :doc:`/howto/paper_settings`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "weighting": "linear",
+        "task_inner_optimizer": "sgd",
+        "fusion_step_order": "simultaneous",
+        "label_resolution": "task",
+        "generator_update": "normalized",
+    },
+    "research": {
+        "weighting": "squared",
+        "task_inner_optimizer": "task_optimizer_persistent",
+        "fusion_step_order": "sequential",
+        "label_resolution": "full",
+        "generator_update": "normalized",
+    },
+}
 
 
 #: The paper's protocols (Sec. 4.1 and the research code: batch 2 via the source swap,
@@ -378,30 +454,6 @@ RECIPES["roadscene-dark-settle"] = _next_stage(
 )
 
 
-#: Recipe settings by preset name. ``"default"`` is tdfusion's (the paper's equations);
-#: ``"research"`` reproduces the authors' research code's meta and fusion steps: squared
-#: weights, ``T'`` by one step of ``T``'s own Adam with its state kept, the cross-entropy at the
-#: full label resolution without padding, and ``T`` fed with ``F`` after ``F``'s update in the
-#: fusion step (the inner SGD step, the normalised generator update, the crops, the task size
-#: and the swap are the same in both). See :doc:`/howto/paper_settings`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {
-        "weighting": "linear",
-        "task_inner_optimizer": "sgd",
-        "fusion_step_order": "simultaneous",
-        "label_resolution": "task",
-        "generator_update": "normalized",
-    },
-    "research": {
-        "weighting": "squared",
-        "task_inner_optimizer": "task_optimizer_persistent",
-        "fusion_step_order": "sequential",
-        "label_resolution": "full",
-        "generator_update": "normalized",
-    },
-}
-
-
 def load_recipe(
     name: str | None = None, config: str | os.PathLike[str] | None = None, **overrides: Any
 ) -> Recipe:
@@ -421,17 +473,30 @@ def load_recipe(
     -------
     Recipe
         The recipe.
+
+    Raises
+    ------
+    DataError
+        If the config file cannot be read or is not a JSON object, or names an unknown
+        recipe, preset or setting, or a setting's value has the wrong type, lies outside its
+        range or does not go with the others (see :meth:`Recipe.validate`; the message names
+        the setting, its value and what it may be).
     """
     settings: dict[str, Any] = {}
     if config is not None:
         try:
             settings = json.loads(Path(config).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"cannot read recipe config {config}: {error}") from None
         if not isinstance(settings, dict):
-            raise DataError(f"recipe config {config} must hold a JSON object")
+            raise DataError(
+                f"recipe config {config} must hold a JSON object, got {type(settings).__name__}"
+            )
+        unknown = set(settings) - {"name"} - {field.name for field in dataclasses.fields(Recipe)}
+        if unknown:
+            raise DataError(f"recipe config {config}: {unknown_settings_message(unknown, Recipe)}")
     name = name or settings.get("name")
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise DataError(
             f'unknown recipe {name!r}; give --recipe or a "name" in the config, one of '
             f"{sorted(RECIPES)}"
@@ -440,7 +505,7 @@ def load_recipe(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     preset = overrides.pop("preset", None)
     if preset is not None:  # a preset given here overrides the config file's settings
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise DataError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
         settings.update(PRESETS[preset], preset=preset)
     settings.update(overrides)
@@ -482,12 +547,13 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     ------
     DataError
         If the root does not hold the dataset (the message names what is missing and the
-        layout expected, from :data:`tdfusion.data.layouts.LAYOUTS`), or the recipe names an
-        unknown dataset.
+        layout expected, from :data:`tdfusion.data.layouts.LAYOUTS`), or the recipe's settings
+        are invalid (:meth:`Recipe.validate`).
     """
     from tdfusion.data.datasets import keep_every
     from tdfusion.data.layouts import LAYOUTS
 
+    recipe.validate()
     reader = _known(DATASETS, recipe.dataset, "dataset", recipe)
     try:
         dataset = reader(recipe, data_root, split, read_transform(recipe))
@@ -550,18 +616,19 @@ def build_trainer(
     Raises
     ------
     DataError
-        If ``recipe.init_weights`` is not found on a fresh start, or the recipe's settings do
-        not go together.
+        If ``recipe.init_weights`` is not found on a fresh start, or the recipe's settings are
+        invalid (:meth:`Recipe.validate`) or do not go together.
     """
     from tdfusion import LearnableFusionLoss, LossGenerator, MetaFusionTrainer
     from tdfusion.nets import FixedLossWeights, ReFusionNet
 
+    recipe.validate()
     torch.manual_seed(recipe.seed)
     if recipe.loss_weights == "learned":
         generator: torch.nn.Module = LossGenerator()
     else:
         if recipe.meta_steps:
-            raise ValueError(
+            raise DataError(
                 f"recipe {recipe.name}: fixed loss weights ({recipe.loss_weights!r}) cannot be "
                 f"learned; set meta_steps to 0 (got {recipe.meta_steps})"
             )
@@ -688,11 +755,13 @@ def train(
         If another process trains into ``out`` (rank 0 holds an
         :func:`~tdfusion.files.output_lock` on it while training).
     DataError
-        If the data root does not hold the dataset, or the run would resume
-        ``out/checkpoint.pt`` with a recipe that differs from ``out/recipe.json`` in a
+        If the recipe's settings are invalid (:meth:`Recipe.validate`), its ``fusion_crop`` is
+        larger than the training images, the data root does not hold the dataset, or the run
+        would resume ``out/checkpoint.pt`` with a recipe that differs from ``out/recipe.json`` in a
         setting outside ``RESUMABLE_CHANGES`` (the message lists them; ``out`` is left
         as it was). A run that fails before training leaves no output folder it created.
     """
+    recipe.validate()
     out = Path(out)
     checkpoint = out / "checkpoint.pt"
     # Building the trainer joins the process group under torchrun (this function starts none);
@@ -795,6 +864,7 @@ def _train_into(
         if refusal is not None:
             raise DataError(refusal)
     dataset = build_dataset(recipe, data_root, "train")
+    _check_fusion_crop(recipe, dataset)
     if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
         raise DataError(
             f"{data_root}: {len(dataset)} training pair(s) found; a meta step needs two batches "
@@ -830,6 +900,27 @@ def _train_into(
         if recipe.loss_weights == "learned":
             trainer.loss_generator.save_pretrained(out / "loss_generator.pt")
     return trainer
+
+
+def _check_fusion_crop(recipe: Recipe, dataset: Any) -> None:
+    """Refuse a ``fusion_crop`` larger than the training images before training starts.
+
+    The pairs are ``data_crop`` square when the recipe crops them as they are read; otherwise
+    the first pair's images are measured (read without the dataset's random transform, so that
+    the data order and the crops stay as they were).
+    """
+    if recipe.fusion_crop is None or recipe.data_crop is not None or len(dataset) == 0:
+        return
+    read_pair = getattr(dataset, "read_pair", None)
+    if read_pair is None:  # a dataset of another kind: the trainer checks every batch
+        return
+    height, width = read_pair(0)[0].shape[-2:]
+    if recipe.fusion_crop > min(height, width):
+        raise DataError(
+            f"recipe {recipe.name}: fusion_crop must be at most {min(height, width)}, the "
+            f"shorter side of the training images ({width}x{height}, width x height, e.g. "
+            f"{dataset.names[0]}), got {recipe.fusion_crop}"
+        )
 
 
 def make_smoke_dataset(recipe: Recipe, folder: str | os.PathLike[str]) -> Path:

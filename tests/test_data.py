@@ -432,9 +432,14 @@ def test_segmentation_mask_problems_name_the_file(tmp_path):
     labels = tmp_path / "train" / "Segmentation_labels"
     labels.mkdir()
     Image.fromarray(np.zeros((12, 16), dtype=np.uint8)).save(labels / "a.png")
+    # A missing mask is found when the dataset is built, not when the item is read.
+    with pytest.raises(DataError, match=r"lacks the mask of 1 of the 2 image pairs: b\.png"):
+        MSRSDataset(tmp_path, "train")
+    Image.fromarray(np.zeros((24, 32), dtype=np.uint8)).save(labels / "b.png")
     dataset = MSRSDataset(tmp_path, "train")
     with pytest.raises(DataError, match=r"a\.png is 16x12 but its images are 32x24"):
         dataset[0]
+    (labels / "b.png").unlink()  # removed after the dataset was built: named when read
     with pytest.raises(DataError, match=r"segmentation label .*b\.png does not exist"):
         dataset[1]
 

@@ -42,7 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Score every fused image against the infrared and visible images of the same file "
             "stem (PNG, JPEG, BMP, TIFF; colour images are scored on their BT.601 Y channel) "
-            "and print the mean and standard deviation of each metric. " + CONVENTIONS + "."
+            "and print the mean and standard deviation of each metric. Images are scored on "
+            "the 0..255 scale: 16-bit images are scaled to it, float TIFFs are taken on it as "
+            "they are, and a float image with no value above 1 (a [0, 1] image) is refused; "
+            "multiply it by 255 or save it as 8-bit. " + CONVENTIONS + "."
         ),
     )
     parser.add_argument("--fused", required=True, type=Path, help="folder of fused images")
@@ -73,8 +76,8 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     Raises
     ------
     DataError
-        For missing folders, unpaired names, unreadable images, size mismatches or an
-        unwritable CSV file.
+        For missing folders, unpaired names, unreadable images, float images in [0, 1],
+        size mismatches or an unwritable CSV file.
 
     Example
     -------

@@ -68,7 +68,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="paper recipe")
-    parser.add_argument("--config", type=Path, help="JSON file of recipe settings")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=(
+            'JSON object of recipe settings (the fields of tdfusion.recipes.Recipe, and "name" '
+            "for the recipe to start from); each value is checked against its type and range"
+        ),
+    )
     parser.add_argument("--data-root", type=Path, help="dataset root in its standard layout")
     parser.add_argument(
         "--out", type=output_folder, default=Path("runs/tdfusion"), help="output folder"
@@ -196,12 +203,15 @@ def run(args: argparse.Namespace) -> int:
         "grad_checkpointing": args.grad_checkpointing,
     }
     if args.smoke:
-        overrides = {**SMOKE_SETTINGS, **{k: v for k, v in overrides.items() if v is not None}}
+        # No meta step at first: fixed loss weights have no generator to update. Learned ones
+        # get the smoke run's meta steps below, once the loss weights are known.
+        smoke = {**SMOKE_SETTINGS, "meta_steps": 0}
+        overrides = {**smoke, **{k: v for k, v in overrides.items() if v is not None}}
     if args.recipe is None and args.config is None:
         raise DataError("give a --recipe or a --config file")
     recipe = load_recipe(args.recipe, args.config, **overrides)
-    if args.smoke and recipe.loss_weights != "learned":
-        recipe = recipe.replace(meta_steps=0)  # a fixed loss has no generator to update
+    if args.smoke and args.meta_steps is None and recipe.loss_weights == "learned":
+        recipe = recipe.replace(meta_steps=SMOKE_SETTINGS["meta_steps"])
     with (
         distributed_session(device=args.device),
         tempfile.TemporaryDirectory(prefix="tdfusion-smoke-") as scratch,

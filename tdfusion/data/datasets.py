@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +203,13 @@ class SegmentationPairDataset(PairedImageDataset):
     transform, names, extensions
         As in :class:`PairedImageDataset`.
 
+    Raises
+    ------
+    DataError
+        As :class:`PairedImageDataset`, or for a missing label folder or a pair without its
+        ``<stem>.png`` mask (the first few are named); a mask of the wrong size or with
+        values out of range is reported when that item is read.
+
     Example
     -------
     >>> dataset = SegmentationPairDataset(  # doctest: +SKIP
@@ -225,6 +232,16 @@ class SegmentationPairDataset(PairedImageDataset):
     ) -> None:
         super().__init__(ir_dir, vis_dir, transform=transform, names=names, extensions=extensions)
         self.mask_dir = _require_folder(Path(mask_dir), "segmentation label")
+        masks = {path.name for path in self.mask_dir.iterdir()}
+        missing = [name for name in self.names if f"{name}.png" not in masks]
+        if missing:
+            listed = ", ".join(f"{name}.png" for name in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise DataError(
+                f"segmentation label folder {self.mask_dir} lacks the mask of {len(missing)} of "
+                f"the {len(self.names)} image pairs: {listed}{more} (every pair needs "
+                "<stem>.png)"
+            )
         self.num_classes = int(num_classes)
         self.mask_size = None if mask_size is None else (int(mask_size[0]), int(mask_size[1]))
 
@@ -401,13 +418,15 @@ def MSRSDataset(
 def FMBDataset(
     root: str | os.PathLike[str],
     split: str = "train",
+    task: str = "segmentation",
     *,
     mask_size: tuple[int, int] | None = None,
     transform: Callable[[tuple], tuple] | None = None,
-) -> SegmentationPairDataset:
+) -> PairedImageDataset:
     """FMB (1220 train / 280 test pairs, 600x800, 15 classes) for segmentation.
 
-    Layout: ``root/{split}/{Infrared,Visible,Label}/NAME.png``.
+    Layout: ``root/{split}/{Infrared,Visible,Label}/NAME.png`` (``Label`` is not needed for
+    ``task="fusion"``).
 
     Parameters
     ----------
@@ -415,6 +434,8 @@ def FMBDataset(
         Dataset root.
     split : {"train", "test"}
         Split folder.
+    task : {"segmentation", "fusion"}
+        ``"fusion"``: no labels needed, the target is the file stem.
     mask_size : (int, int), optional
         Resize masks to this size (the paper's task input is 300x400).
     transform : callable, optional
@@ -422,29 +443,33 @@ def FMBDataset(
 
     Returns
     -------
-    SegmentationPairDataset
-        The dataset.
+    PairedImageDataset
+        A :class:`SegmentationPairDataset`, or a :class:`PairedImageDataset` for
+        ``task="fusion"``.
     """
-    dataset = layout_dataset(
-        LAYOUTS["fmb"], root, split, "segmentation", mask_size=mask_size, transform=transform
+    if task not in ("segmentation", "fusion"):
+        raise ValueError(f"task must be 'segmentation' or 'fusion', got {task!r}")
+    return layout_dataset(
+        LAYOUTS["fmb"], root, split, task, mask_size=mask_size, transform=transform
     )
-    return cast(SegmentationPairDataset, dataset)
 
 
 def M3FDDataset(
     root: str | os.PathLike[str],
     split: str = "train",
+    task: str = "detection",
     *,
     train_size: int = 3150,
     seed: int = 0,
     transform: Callable[[tuple], tuple] | None = None,
-) -> DetectionPairDataset:
+) -> PairedImageDataset:
     """M3FD (4200 pairs, 768x1024, 6 classes) for detection, with the paper's 3150/1050 split.
 
     Layout: ``root/{Ir,Vis}/NAME.png`` and ``root/Annotation/NAME.xml`` (VOC; People, Car,
-    Bus, Motorcycle, Lamp, Truck). The paper's split was not published; this one is
-    deterministic: the sorted names are permuted with ``torch.Generator().manual_seed(seed)``
-    and the first ``train_size`` are the training split (for smaller folders, the first 75%).
+    Bus, Motorcycle, Lamp, Truck; not needed for ``task="fusion"``). The paper's split was not
+    published; this one is deterministic: the sorted names are permuted with
+    ``torch.Generator().manual_seed(seed)`` and the first ``train_size`` are the training split
+    (for smaller folders, the first 75%).
 
     Parameters
     ----------
@@ -452,6 +477,8 @@ def M3FDDataset(
         Dataset root.
     split : {"train", "test", "all"}
         Which part.
+    task : {"detection", "fusion"}
+        ``"fusion"``: no annotations needed, the target is the file stem.
     train_size : int
         Training pairs (3150 in the paper).
     seed : int
@@ -461,13 +488,13 @@ def M3FDDataset(
 
     Returns
     -------
-    DetectionPairDataset
-        The dataset.
+    PairedImageDataset
+        A :class:`DetectionPairDataset`, or a :class:`PairedImageDataset` for
+        ``task="fusion"``.
     """
-    full = cast(
-        DetectionPairDataset,
-        layout_dataset(LAYOUTS["m3fd"], root, None, "detection", transform=transform),
-    )
+    if task not in ("detection", "fusion"):
+        raise ValueError(f"task must be 'detection' or 'fusion', got {task!r}")
+    full = layout_dataset(LAYOUTS["m3fd"], root, None, task, transform=transform)
     if split == "all":
         return full
     if split not in ("train", "test"):
