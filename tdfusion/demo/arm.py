@@ -351,12 +351,6 @@ def run_arm(
     resume : bool
         Continue from ``folder/checkpoint.pt`` when it exists (a finished run is not
         retrained, only scored again).
-
-    Raises
-    ------
-    CheckpointError
-        When resuming a run that ``run.json`` says was trained with other settings (all but
-        ``epochs``, ``seeds`` and ``folds``) or on other pairs.
     progress : bool
         Show progress bars.
     sample : tuple, optional
@@ -366,6 +360,12 @@ def run_arm(
     -------
     ArmRun
         The run and its held-out scores.
+
+    Raises
+    ------
+    CheckpointError
+        When resuming a run that ``run.json`` says was trained with other settings (all but
+        ``epochs``, ``seeds`` and ``folds``) or on other pairs.
     """
     from torch.utils.data import DataLoader
 
