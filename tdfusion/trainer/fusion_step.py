@@ -11,6 +11,8 @@ skipped (``skipped`` = 1) and the scale halved, without the ``on_nonfinite`` rul
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,13 +57,15 @@ def fusion_step(trainer: Any, batch: Batch) -> dict[str, float]:
         ``task_loss`` (when ``T`` is trainable), ``fusion_lr`` and ``skipped``.
     """
     trainer.fusion_model.train()
-    trainer.loss_generator.eval()
+    # G computes the weights in the mode the meta steps learned it in (batch statistics for
+    # a batch-norm layer; its running statistics follow the fusion steps' batches).
+    trainer.loss_generator.train()
     task = trainer.task_module
     # The forward passes run in training mode before the losses and gradients are known to
     # be finite; a skipped or failed step puts the batch-norm statistics back.
     # "sequential" (the research code): T learns from F after this step's update of F, so
-    # T's losses and gradients are checked after F's step, and a non-finite value then
-    # skips T's update only.
+    # T's losses and gradients are checked after F's step; a non-finite value there puts F's
+    # parameters and optimiser state back too, and the whole step is skipped.
     sequential = trainer.fusion_step_order == "sequential"
     restore_buffers = snapshot_buffers(trainer.fusion_model, trainer.loss_generator, task)
     try:
@@ -75,10 +79,21 @@ def fusion_step(trainer: Any, batch: Batch) -> dict[str, float]:
             restore_buffers()
             _clear_gradients(trainer, task)
             return stats
+        trains_task = task is not None and trainer.task_optimizer is not None
+        undo_fusion_update = _undo_fusion_update(trainer) if sequential and trains_task else None
         trainer.loss_scaler.step(trainer.fusion_optimizer)
-        if task is not None and trainer.task_optimizer is not None:
-            if sequential:
-                stats.update(_sequential_task_update(trainer, task, prepared))
+        if trains_task:
+            if undo_fusion_update is not None:
+                try:
+                    task_stats = _sequential_task_update(trainer, task, prepared)
+                except BaseException:
+                    undo_fusion_update()
+                    restore_buffers()
+                    raise
+                if task_stats["skipped"]:
+                    undo_fusion_update()
+                    restore_buffers()
+                stats.update(task_stats)
             else:
                 trainer.loss_scaler.step(trainer.task_optimizer)
     finally:
@@ -86,6 +101,26 @@ def fusion_step(trainer: Any, batch: Batch) -> dict[str, float]:
     # Batch-norm statistics are updated by each rank's own batch: keep them equal.
     trainer.strategy.sync_buffers_(trainer.fusion_model, task)
     return stats
+
+
+def _undo_fusion_update(trainer: Any) -> Callable[[], None]:
+    """A function that puts ``F``'s parameters and optimiser state back as they are now.
+
+    The sequential order steps ``F`` before ``T``'s loss is known; when ``T``'s update is then
+    skipped or fails, the whole step is undone. The copy is of ``F``'s parameters and its
+    optimiser's state (for Adam, three times ``F``'s size).
+    """
+    parameters = [p for p in trainer.fusion_model.parameters() if p.requires_grad]
+    values = [p.detach().clone() for p in parameters]
+    optimizer_state = copy.deepcopy(trainer.fusion_optimizer.state_dict())
+
+    def undo() -> None:
+        with torch.no_grad():
+            for parameter, value in zip(parameters, values):
+                parameter.copy_(value)
+        trainer.fusion_optimizer.load_state_dict(optimizer_state)
+
+    return undo
 
 
 def _sequential_task_update(trainer: Any, task: nn.Module, prepared: Prepared) -> dict[str, float]:

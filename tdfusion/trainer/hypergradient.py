@@ -15,8 +15,9 @@ hypergradient are float32.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "HypergradientRule",
     "InnerStep",
     "InnerStepResult",
+    "RandomState",
     "backprop_hypergradient",
     "forward_mode_hypergradient",
     "fusion_loss_terms",
@@ -92,6 +94,56 @@ def fusion_loss_terms(
     return FusionLossTerms(total, nan, nan)
 
 
+@dataclass(frozen=True)
+class RandomState:
+    """The global random state before a forward pass, to draw the same numbers again.
+
+    Random layers (dropout) of ``F`` and ``G`` draw from PyTorch's global generators; a method
+    that runs a forward of the inner step again replays them, so that it differentiates the
+    function the inner step computed.
+
+    Attributes
+    ----------
+    cpu : torch.Tensor
+        :func:`torch.get_rng_state`.
+    cuda : torch.Tensor or None
+        The CUDA device's state when the forward ran there.
+    device : torch.device
+        Where the forward ran.
+    """
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+    device: torch.device
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        """The current state, for a forward on ``device``.
+
+        Parameters
+        ----------
+        device : torch.device
+            Where the forward runs.
+
+        Returns
+        -------
+        RandomState
+            The state.
+        """
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda, device)
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run the block from this state; the global state afterwards is as before the block."""
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
 class ForwardModeUnsupported(Exception):
     """Forward-mode differentiation of the fusion model failed (``__cause__`` says why)."""
 
@@ -134,6 +186,9 @@ class InnerStepResult:
         ``outer(theta_F') -> L_t(T'(F'(x_mts)))``, a scalar.
     precision : Autocast
         How ``F`` and ``G`` were called (float32 by default).
+    random_states : (RandomState, RandomState) or None
+        The global random state before ``G(crop)`` and before ``F(crop)``, for a method that
+        runs them again (dropout draws the same masks).
     """
 
     fusion_model: nn.Module
@@ -151,6 +206,7 @@ class InnerStepResult:
     meta_train_task_loss: torch.Tensor | None
     outer: Callable[[Sequence[torch.Tensor]], torch.Tensor]
     precision: Autocast = FLOAT32
+    random_states: tuple[RandomState, RandomState] | None = None
 
     def statistics(self, outer_loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """The meta step's logged values: inner losses, outer loss, mean ``w_a`` (scalars).
@@ -241,8 +297,10 @@ def inner_step(
     # Inner step (Eq. 4): theta_F' = step(theta_F, dL_f/dtheta_F); keeps the graph to G.
     fusion_params = trainable_parameters(fusion_model)
     fusion_names, fusion_values = tuple(fusion_params), tuple(fusion_params.values())
+    random_states = (RandomState.capture(crop_a.device),)
     with torch.set_grad_enabled(differentiable):
         weights = run(call_functionally, loss_generator, (crop_a, crop_b))
+    random_states += (RandomState.capture(crop_a.device),)
     fused_crop = run(call_functionally, fusion_model, (crop_a, crop_b))
     terms = fusion_loss_terms(fusion_loss, fused_crop, crop_a, crop_b, weights)
     inner_gradients = gradients(terms.total, fusion_values, create_graph=differentiable)
@@ -284,6 +342,8 @@ def inner_step(
         if task_params:
             arguments = (task, (fused_test, target_test), task_substitutes)
             loss = precision.task(task, *arguments, call=call_functionally)
+        elif isinstance(task, nn.Module):  # a frozen network: its buffers are left alone
+            loss = precision.task(task, task, (fused_test, target_test), call=call_functionally)
         else:
             loss = precision.task(task, fused_test, target_test)
         return check_task_loss(loss, "meta step")
@@ -304,6 +364,7 @@ def inner_step(
         meta_train_task_loss=meta_train_task_loss,
         outer=outer,
         precision=precision,
+        random_states=random_states,
     )
 
 
@@ -394,10 +455,12 @@ def forward_mode_hypergradient(
         substitutes = {**buffers, **dict(zip(inner.fusion_names, values))}
         return functional_call(model, substitutes, (crop_a, crop_b), strict=False)
 
+    generator_state, fusion_state = _random_states(inner)
     try:
         # No graph is recorded: forward-mode tangents do not need one (dual tensors work
         # under no_grad), and networks that checkpoint their blocks then run them plainly.
-        with warnings.catch_warnings(), torch.no_grad():
+        # Random layers draw what they drew in the inner step.
+        with warnings.catch_warnings(), torch.no_grad(), fusion_state:
             # PyTorch's first forward-mode call scripts its decompositions with the deprecated
             # torch.jit.script; that is PyTorch's business, not the user's.
             warnings.filterwarnings(
@@ -422,8 +485,19 @@ def forward_mode_hypergradient(
 
     # Back-propagate c through G.
     generator_params = trainable_parameters(inner.loss_generator)
-    weights = inner.precision.forward(call_functionally, inner.loss_generator, (crop_a, crop_b))
+    with generator_state:
+        weights = inner.precision.forward(call_functionally, inner.loss_generator, (crop_a, crop_b))
     return vector_jacobian_product([weights], generator_params, [weights_cotangent])
+
+
+def _random_states(
+    inner: InnerStepResult,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Blocks that replay the random state of ``G(crop)`` and of ``F(crop)`` (or do nothing)."""
+    if inner.random_states is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    generator_state, fusion_state = inner.random_states
+    return generator_state.replayed(), fusion_state.replayed()
 
 
 @dataclass(frozen=True)

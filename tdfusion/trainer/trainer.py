@@ -549,12 +549,12 @@ class MetaFusionTrainer:
             )
         self.fusion_model.train()
         self.loss_generator.train()
+        if self.task_module is not None:
+            self.task_module.train()
+        # Every network runs on private copies of its buffers; a task module without trainable
+        # parameters (a frozen network) keeps the mode its owner set. Whatever the step's
+        # outcome, the buffers are as they were.
         task = self.task_loss if isinstance(self.task_loss, nn.Module) else None
-        if task is not None:
-            task.train()
-        # The trainable networks run on private copies of their buffers, but a task module
-        # without trainable parameters is called as it is, in training mode: whatever the
-        # step's outcome, its batch-norm statistics (and any other buffer) are put back.
         restore_buffers = snapshot_buffers(self.fusion_model, self.loss_generator, task)
         try:
             return self._meta_update(self.generator_optimizer, meta_train, meta_test)
