@@ -56,9 +56,10 @@ def run_demo(
     """Run both arms on every fold and seed, compare them and draw the pictures into ``out``.
 
     Writes ``summary.json`` and ``summary.txt`` (the comparison), ``runs/seed<S>-fold<K>-<arm>/``
-    (what every run was trained with, its checkpoint, log and weights), ``fused/<arm>/<pair>.png`` (the held-out fused
-    colour images), ``compare_<pair>.png`` (infrared | visible | fixed-loss fusion |
-    learned-loss fusion | ``w_a``), ``weight_maps/<pair>.png`` and ``training_curve.png``.
+    (what every run was trained with, its checkpoint, log and weights),
+    ``fused/<arm>/<pair>.png`` (the held-out fused colour images), ``compare_<pair>.png``
+    (infrared | visible | fixed-loss fusion | learned-loss fusion | ``w_a``),
+    ``weight_maps/<pair>.png`` and ``training_curve.png``.
 
     Parameters
     ----------
