@@ -3,6 +3,7 @@ their order and their crops do not depend on how many meta steps were taken."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_trainer import make_trainer
 from torch.utils.data import DataLoader, TensorDataset
@@ -99,3 +100,108 @@ def test_a_loader_that_cannot_be_rebuilt_is_shared_by_both_phases():
     trainer.fit(batches, epochs=1, meta_steps=2, progress=False)
     # two meta passes (three batches make one pair each) and one fusion pass, one counter
     assert trainer.meta_passes == 0 and trainer.data_passes == 3
+
+
+class AugmentedPairs(torch.utils.data.Dataset):
+    """Six numbered 14 x 14 pairs, cropped to 12 and flipped by seeded random transforms."""
+
+    def __init__(self) -> None:
+        from tdfusion.data import Compose, RandomCrop, RandomFlip
+
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.rand(6, 1, 14, 14, generator=generator, dtype=torch.float64)
+        self.b = torch.rand(6, 1, 14, 14, generator=generator, dtype=torch.float64)
+        self.masks = torch.randint(0, 3, (6, 14, 14), generator=generator)
+        self.transform = Compose(
+            [
+                RandomCrop(12, generator=torch.Generator().manual_seed(7)),
+                RandomFlip(generator=torch.Generator().manual_seed(8)),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, index: int):
+        return self.transform((self.a[index], self.b[index], self.masks[index]))
+
+
+def augmented_loader(num_workers: int = 0, shuffle: bool = True) -> DataLoader:
+    return DataLoader(
+        AugmentedPairs(),
+        batch_size=2,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(5),
+    )
+
+
+def fusion_batches(meta_steps: int, **loader_options) -> list[torch.Tensor]:
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    seen = []
+    fusion_step = trainer.fusion_step
+
+    def recording(batch):
+        seen.append(batch[0].clone())
+        return fusion_step(batch)
+
+    trainer.fusion_step = recording
+    torch.manual_seed(1)
+    trainer.fit(augmented_loader(**loader_options), epochs=2, meta_steps=meta_steps, progress=False)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "loader_options",
+    [{}, {"shuffle": False}, {"num_workers": 2}],
+    ids=["in-process", "in-order", "workers"],
+)
+def test_the_fusion_phase_augments_alike_with_and_without_meta_steps(loader_options):
+    """Random transforms drawn in this process (or in workers) by the meta phase must not
+    shift the fusion phase's."""
+    without, with_meta = fusion_batches(0, **loader_options), fusion_batches(3, **loader_options)
+    assert len(without) == len(with_meta) == 6
+    for expected, seen in zip(without, with_meta):
+        assert torch.equal(seen, expected)
+
+
+def parameters_after(trainer) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.clone()
+        for name in ("fusion_model", "loss_generator", "task_loss")
+        for key, value in getattr(trainer, name).state_dict().items()
+    }
+
+
+def test_resume_is_exact_with_random_transforms_read_in_this_process(tmp_path):
+    torch.manual_seed(123)
+    straight = make_trainer("module", fusion_crop=8, seed=11)
+    straight.fit(augmented_loader(), epochs=3, meta_steps=2, progress=False)
+    torch.manual_seed(123)
+    first = make_trainer("module", fusion_crop=8, seed=11)
+    first.fit(
+        augmented_loader(), epochs=1, meta_steps=2, checkpoint=tmp_path / "c.pt", progress=False
+    )
+    torch.manual_seed(999)
+    resumed = make_trainer("module", fusion_crop=8, seed=0)
+    resumed.fit(
+        augmented_loader(), epochs=3, meta_steps=2, resume=tmp_path / "c.pt", progress=False
+    )
+    expected = parameters_after(straight)
+    for key, value in parameters_after(resumed).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_two_fits_of_one_trainer_continue_like_one(tmp_path):
+    """The meta phase's twin loader keeps its generator between fit calls."""
+    torch.manual_seed(123)
+    straight = make_trainer("module", fusion_crop=8, seed=11)
+    straight.fit(augmented_loader(num_workers=2), epochs=2, meta_steps=2, progress=False)
+    torch.manual_seed(123)
+    twice = make_trainer("module", fusion_crop=8, seed=11)
+    loader = augmented_loader(num_workers=2)
+    twice.fit(loader, epochs=1, meta_steps=2, progress=False)
+    twice.fit(loader, epochs=2, meta_steps=2, progress=False)
+    expected = parameters_after(straight)
+    for key, value in parameters_after(twice).items():
+        assert torch.equal(value, expected[key]), key

@@ -118,6 +118,9 @@ def loader_with_sampler(loader: Any, sampler: Any, generator: torch.Generator | 
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
         options["multiprocessing_context"] = loader.multiprocessing_context
+    for setting in ("pin_memory_device", "in_order"):  # settings of newer PyTorch releases
+        if hasattr(loader, setting):
+            options[setting] = getattr(loader, setting)
     return DataLoader(loader.dataset, **options)
 
 

@@ -2,7 +2,8 @@
 
 Modules: ``trainer`` (the algorithm, :class:`MetaFusionTrainer`), :mod:`~tdfusion.trainer.meta`
 (functional steps), :mod:`~tdfusion.trainer.hypergradient`, :mod:`~tdfusion.trainer.batches`,
-:mod:`~tdfusion.trainer.loop`, :mod:`~tdfusion.trainer.checkpoint`,
+:mod:`~tdfusion.trainer.loop`, :mod:`~tdfusion.trainer.streams` (the two phases' random
+streams), :mod:`~tdfusion.trainer.checkpoint`,
 ``callbacks``, :mod:`~tdfusion.trainer.statistics`, :mod:`~tdfusion.trainer.options`,
 :mod:`~tdfusion.trainer.precision` (mixed precision) and
 :mod:`~tdfusion.trainer.compilation` (``torch.compile``, channels-last). The names below are

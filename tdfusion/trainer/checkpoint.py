@@ -6,7 +6,8 @@ A trainer checkpoint is a dict that loads with ``torch.load(weights_only=True)``
      "models": {"fusion_model", "loss_generator", "task"},        # state dicts
      "model_configs": {"fusion_model", "loss_generator"},         # {"arch", "class", "config"}
      "optimizers", "schedulers", "history", "grad_scaler",
-     "data": {"passes", "meta_passes", "seed", "world_size"}, "rng", ["rng_per_rank"]}
+     "data": {"passes", "meta_passes", "seed", "world_size"},
+     "rng": {..., "generators", "meta_generators", "meta_phase"}, ["rng_per_rank"]}
 
 ``config`` holds the constructor's options, ``precision``, ``compile`` and ``channels_last``
 among them (:meth:`MetaFusionTrainer.load` builds the trainer with them; a trainer resumed by
@@ -292,7 +293,7 @@ def trainer_state(
         A data loader's own generators, whose states are saved with the others.
     meta_generators : sequence of torch.Generator or None, optional
         The meta phase's generators (its crops', then its loader's); default: the trainer's
-        ``meta_generator``.
+        ``meta_generator`` and ``meta_loader_generator``.
 
     Returns
     -------
@@ -302,9 +303,10 @@ def trainer_state(
     """
     task = trainer.task_loss if isinstance(trainer.task_loss, nn.Module) else None
     if meta_generators is None:
-        meta_generators = [trainer.meta_generator]
+        meta_generators = [trainer.meta_generator, trainer.meta_loader_generator]
     rng = capture_rng_state(trainer.generator, *loader_generators)
     rng["meta_generators"] = [None if g is None else g.get_state() for g in meta_generators]
+    rng["meta_phase"] = trainer.meta_random_state
     return {
         "format": TRAINER_CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from tdfusion.distributed import loader_with_sampler, shuffles_plainly
+from tdfusion.distributed import shuffles_plainly
 from tdfusion.errors import CheckpointError, DataError, DistributedError, OutputInUseError
 from tdfusion.files import output_lock
 from tdfusion.trainer.batches import Batch
@@ -34,6 +34,12 @@ from tdfusion.trainer.checkpoint import (
     restore_rng_state,
     save_trainer,
     saved_rng_state,
+)
+from tdfusion.trainer.streams import (
+    MetaPhaseRandomness,
+    dataset_generators,
+    loader_generators,
+    meta_phase_loader,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,12 +133,13 @@ def fit(
 
     Notes
     -----
-    The meta phase has random streams of its own: its crops come from the trainer's
-    ``meta_generator``, and a shuffling ``DataLoader`` is read by the meta phase through a twin
-    with its own shuffling seed and generator. So the fusion
-    phase's batches, their order and their crops are the same whatever ``meta_steps`` is, and
-    ``meta_steps=0`` is a controlled ablation. A loader that cannot be rebuilt is shared by
-    both phases.
+    The meta phase has random streams of its own (see :mod:`tdfusion.trainer.streams`): its
+    crops come from the trainer's ``meta_generator``, a ``DataLoader`` is read by the meta
+    phase through a twin with its own shuffling seed and generator, and while it runs the
+    global generators and the dataset's transforms draw from the meta phase's own state. So
+    the fusion phase's batches, their order, crops, augmentations and dropout masks are the
+    same whatever ``meta_steps`` is, and ``meta_steps=0`` is a controlled ablation. A loader
+    that cannot be rebuilt is shared by both phases.
 
     In a distributed run every rank calls ``fit`` with the same arguments. A plain
     :class:`~torch.utils.data.DataLoader` is rebuilt around a
@@ -262,14 +269,18 @@ def _train(
     if _is_empty(train_loader):
         raise DataError(_NO_BATCHES)
     meta_loader = meta_phase_loader(trainer, train_loader)
-    loader_generators = _loader_generators(train_loader)
+    shared_generators = dataset_generators(train_loader)
+    # Saved after the loader's own three, so that older checkpoints' positions still fit.
+    generators = [*loader_generators(train_loader), *shared_generators]
     meta_generators = [trainer.meta_generator]
     if meta_loader is not train_loader:
-        meta_generators += _loader_generators(meta_loader)
+        meta_generators += loader_generators(meta_loader)
     if resume_rng is not None:
-        restore_rng_state(resume_rng, trainer.generator, *loader_generators)
+        restore_rng_state(resume_rng, trainer.generator, *generators)
         restore_generators(resume_rng.get("meta_generators") or [], *meta_generators)
-    run = _Phases(trainer, train_loader, meta_loader, epochs, callbacks, progress)
+        trainer.meta_random_state = resume_rng.get("meta_phase")
+    randomness = MetaPhaseRandomness(trainer, shared_generators)
+    run = _Phases(trainer, train_loader, meta_loader, randomness, epochs, callbacks, progress)
     for callback in callbacks:
         callback.on_fit_start(trainer)
     while trainer.epoch < epochs:
@@ -290,7 +301,7 @@ def _train(
             save_trainer(
                 trainer,
                 checkpoint,
-                loader_generators=loader_generators,
+                loader_generators=generators,
                 meta_generators=meta_generators,
             )
         for callback in callbacks:
@@ -370,52 +381,6 @@ def shard_for_training(
     return loader
 
 
-def meta_phase_loader(trainer: MetaFusionTrainer, loader: Iterable[Batch]) -> Iterable[Batch]:
-    """The loader the meta phase draws its batches from: a twin of ``loader`` when possible.
-
-    A plain :class:`~torch.utils.data.DataLoader` around a ``DistributedSampler`` (what
-    :func:`shard_for_training` makes of a shuffling loader) gets a twin with the same data
-    and settings, its own shuffling seed and its own generator (the worker seeds), so the
-    fusion phase's batches and their order do not depend on ``meta_steps``: a run with meta
-    steps and one without (the fixed-loss ablation) train ``F`` and ``T`` on the same
-    batches in the same order. Any other loader is shared by the two phases.
-
-    Parameters
-    ----------
-    trainer : tdfusion.trainer.MetaFusionTrainer
-        Its ``data_seed`` seeds the twin.
-    loader : iterable
-        The fusion phase's loader (after :func:`shard_for_training`).
-
-    Returns
-    -------
-    iterable
-        The twin, or ``loader`` itself.
-    """
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    sampler = getattr(loader, "sampler", None)
-    if type(loader) is not DataLoader or type(sampler) is not DistributedSampler:
-        return loader
-    assert isinstance(loader, DataLoader) and isinstance(sampler, DistributedSampler)
-    # DistributedSampler shuffles pass k by seed + k: an offset far beyond any pass count
-    # keeps the meta passes' shuffles apart from the fusion passes'.
-    seed = (sampler.seed + _META_SEED_OFFSET) % 2**62
-    twin_sampler = DistributedSampler(
-        loader.dataset,
-        num_replicas=sampler.num_replicas,
-        rank=sampler.rank,
-        shuffle=sampler.shuffle,
-        seed=seed,
-        drop_last=sampler.drop_last,
-    )
-    return loader_with_sampler(loader, twin_sampler, torch.Generator().manual_seed(seed))
-
-
-#: Added to the data seed for the meta phase's twin loader (see :func:`meta_phase_loader`).
-_META_SEED_OFFSET = 2**32
-
-
 def _data_seed(trainer: MetaFusionTrainer, loader: Any) -> int:
     """The shuffling seed of the DistributedSampler, the same on all ranks and kept in
     checkpoints: the loader generator's seed, else a draw from (a copy of) the trainer's."""
@@ -431,15 +396,6 @@ def _data_seed(trainer: MetaFusionTrainer, loader: Any) -> int:
     return trainer.data_seed
 
 
-def _loader_generators(loader: Any) -> list[torch.Generator | None]:
-    """A data loader's own generators, whose states a checkpoint carries to resume exactly."""
-    found: list[torch.Generator | None] = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        generator = getattr(owner, "generator", None)
-        found.append(generator if isinstance(generator, torch.Generator) else None)
-    return found
-
-
 class _Phases:
     """The two phases of an epoch over one loader, with progress bars and callbacks."""
 
@@ -448,6 +404,7 @@ class _Phases:
         trainer: MetaFusionTrainer,
         loader: Iterable[Batch],
         meta_loader: Iterable[Batch],
+        randomness: MetaPhaseRandomness,
         epochs: int,
         callbacks: Sequence[Callback],
         progress: bool,
@@ -455,6 +412,7 @@ class _Phases:
         self.trainer = trainer
         self.loader = loader
         self.meta_loader = meta_loader
+        self.randomness = randomness
         self.epochs = epochs
         self.callbacks = callbacks
         self.progress = progress
@@ -504,7 +462,8 @@ class _Phases:
                     meta_train, meta_test
                 )
 
-        return self.run("meta", batch_pairs(), meta_steps)
+        with self.randomness:  # the meta phase's own random state
+            return self.run("meta", batch_pairs(), meta_steps)
 
     def fusion_phase(self, fusion_steps: int | None) -> dict[str, float]:
         """One pass of fusion steps (at most ``fusion_steps``)."""

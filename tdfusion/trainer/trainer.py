@@ -370,6 +370,10 @@ class MetaFusionTrainer:
         self.data_passes = 0
         #: Passes started by the meta phase over its own loader (see :meth:`fit`).
         self.meta_passes = 0
+        #: The generator of the meta phase's twin loader (made by the first ``fit``).
+        self.meta_loader_generator: torch.Generator | None = None
+        #: The meta phase's random state between meta phases (see tdfusion.trainer.streams).
+        self.meta_random_state: dict[str, Any] | None = None
         #: Shuffling seed of the DistributedSampler that fit() reads the data through.
         self.data_seed: int | None = None
 
@@ -445,7 +449,8 @@ class MetaFusionTrainer:
         ``torch.autograd.grad(trainer.meta_loss(...), G.parameters())`` is the hypergradient.
         :meth:`hypergradient` computes the same value in two cheaper phases; this method is the
         straightforward form, for checks and for custom outer objectives. Nothing is modified,
-        but the crop offsets (when ``fusion_crop`` is set) advance the trainer's generator.
+        but the crop offsets (when ``fusion_crop`` is set) advance the trainer's
+        ``meta_generator``.
         In a distributed run this is the objective of this rank's batches alone (no
         communication); :meth:`hypergradient` gives the one of the global batch.
 

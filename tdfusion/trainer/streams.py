@@ -1,0 +1,237 @@
+"""The random streams of the two phases of :func:`~tdfusion.trainer.loop.fit`.
+
+The fusion phase's batches, their order, their crops and every random number drawn while they
+are read and trained on must not depend on how many meta steps came before: then a run with
+``meta_steps=0`` (the fixed-loss ablation) is a controlled comparison with one that learns the
+loss. So the meta phase draws from streams of its own:
+
+- its batches from a twin of the loader (:func:`meta_phase_loader`), with its own shuffling
+  seed, its own pass count and its own generator (the seeds of its worker processes);
+- its crops from the trainer's ``meta_generator``;
+- everything drawn in this process while it runs (PyTorch's, Python's and NumPy's global
+  generators: dropout, random transforms read without workers; the generators of the
+  dataset's transforms) from a state of its own (:class:`MetaPhaseRandomness`), swapped in
+  when the phase starts and out when it ends.
+
+The states of all of them are in the checkpoints (:func:`loader_generators`,
+:func:`dataset_generators`), so that a resumed run goes on exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tdfusion.distributed import loader_with_sampler
+from tdfusion.trainer.checkpoint import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tdfusion.trainer.trainer import MetaFusionTrainer
+
+__all__ = [
+    "MetaPhaseRandomness",
+    "dataset_generators",
+    "loader_generators",
+    "meta_phase_loader",
+]
+
+#: Added to the data seed for the meta phase's twin loader (see :func:`meta_phase_loader`).
+META_SEED_OFFSET = 2**32
+
+
+def meta_phase_loader(trainer: MetaFusionTrainer, loader: Iterable[Any]) -> Iterable[Any]:
+    """The loader the meta phase draws its batches from: a twin of ``loader`` when possible.
+
+    A plain :class:`~torch.utils.data.DataLoader` around a ``DistributedSampler`` (what
+    :func:`~tdfusion.trainer.loop.shard_for_training` makes of a shuffling loader) or a
+    ``SequentialSampler`` gets a twin with the same data and settings, its own shuffling
+    seed and its own generator (``trainer.meta_loader_generator``, made once and kept in
+    checkpoints: the seeds of its workers), so the fusion phase's batches and their order do
+    not depend on ``meta_steps``. Any other loader is shared by the two phases.
+
+    Parameters
+    ----------
+    trainer : tdfusion.trainer.MetaFusionTrainer
+        Its ``data_seed`` seeds the twin.
+    loader : iterable
+        The fusion phase's loader (after ``shard_for_training``).
+
+    Returns
+    -------
+    iterable
+        The twin, or ``loader`` itself.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if type(loader) is not DataLoader or loader.batch_size is None:
+        return loader
+    if type(sampler) is DistributedSampler:
+        # DistributedSampler shuffles pass k by seed + k: an offset far beyond any pass
+        # count keeps the meta passes' shuffles apart from the fusion passes'.
+        seed = (sampler.seed + META_SEED_OFFSET) % 2**62
+        twin_sampler: Any = DistributedSampler(
+            loader.dataset,
+            num_replicas=sampler.num_replicas,
+            rank=sampler.rank,
+            shuffle=sampler.shuffle,
+            seed=seed,
+            drop_last=sampler.drop_last,
+        )
+    elif type(sampler) is SequentialSampler:
+        seed = ((trainer.data_seed or 0) + META_SEED_OFFSET) % 2**62
+        twin_sampler = SequentialSampler(loader.dataset)
+    else:
+        return loader
+    if trainer.meta_loader_generator is None:
+        trainer.meta_loader_generator = torch.Generator().manual_seed(seed)
+    return loader_with_sampler(loader, twin_sampler, trainer.meta_loader_generator)
+
+
+def loader_generators(loader: Any) -> list[torch.Generator | None]:
+    """A data loader's own generators, whose states a checkpoint carries to resume exactly.
+
+    Parameters
+    ----------
+    loader : Any
+        A data loader or any iterable.
+
+    Returns
+    -------
+    list of torch.Generator or None
+        The generators of the loader, its sampler and its batch sampler (``None`` where there
+        is none), in that order.
+    """
+    found: list[torch.Generator | None] = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        generator = getattr(owner, "generator", None)
+        found.append(generator if isinstance(generator, torch.Generator) else None)
+    return found
+
+
+def dataset_generators(loader: Any) -> list[torch.Generator]:
+    """The CPU generators held by a loader's dataset (its transforms'), in a fixed order.
+
+    Random transforms such as :class:`~tdfusion.data.RandomCrop` keep a generator; without
+    worker processes they draw from it in this process, so its state is part of where a run
+    stands. The dataset's attributes are searched a few levels deep (lists, tuples and dicts
+    of up to 64 items, objects' attributes); tensors, arrays and long containers (file lists)
+    are not entered.
+
+    Parameters
+    ----------
+    loader : Any
+        A data loader, or any iterable (which has no dataset: none are found).
+
+    Returns
+    -------
+    list of torch.Generator
+        Each generator once.
+
+    Example
+    -------
+    >>> from torch.utils.data import DataLoader
+    >>> from tdfusion.data import Compose, RandomCrop
+    >>> class Pairs(torch.utils.data.Dataset):
+    ...     def __init__(self):
+    ...         crop = RandomCrop(8, generator=torch.Generator().manual_seed(0))
+    ...         self.transform = Compose([crop])
+    ...     def __len__(self):
+    ...         return 2
+    ...     def __getitem__(self, index):
+    ...         return index
+    >>> len(dataset_generators(DataLoader(Pairs())))
+    1
+    """
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+
+    def visit(value: Any, depth: int) -> None:
+        if id(value) in seen or depth > _SEARCH_DEPTH:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Generator):
+            if value.device.type == "cpu":
+                found.append(value)
+            return
+        if isinstance(value, _NOT_SEARCHED):
+            return
+        if isinstance(value, (list, tuple)):
+            items: Iterable[Any] = value if len(value) <= _LONGEST_SEARCHED else ()
+        elif isinstance(value, dict):
+            items = value.values() if len(value) <= _LONGEST_SEARCHED else ()
+        else:
+            attributes = getattr(value, "__dict__", None)
+            items = list(attributes.values()) if isinstance(attributes, dict) else ()
+        for item in items:
+            visit(item, depth + 1)
+
+    visit(getattr(loader, "dataset", None), 0)
+    return found
+
+
+_SEARCH_DEPTH = 5
+_LONGEST_SEARCHED = 64
+_NOT_SEARCHED = (torch.Tensor, np.ndarray, str, bytes, int, float, complex, Path, type)
+
+
+class MetaPhaseRandomness:
+    """The random state the meta phase draws from in this process, kept apart from the
+    fusion phase's.
+
+    Used as ``with randomness:`` around each meta phase: on entry the fusion phase's state
+    (PyTorch's CPU and CUDA, Python's and NumPy's global generators, and ``generators``) is
+    put aside and the meta phase's put in place (seeded from the trainer's
+    ``meta_generator`` the first time); on exit the other way round. Its ``state`` between
+    phases is what checkpoints keep.
+
+    Parameters
+    ----------
+    trainer : tdfusion.trainer.MetaFusionTrainer
+        Its ``meta_random_state`` holds the meta phase's state between phases.
+    generators : list of torch.Generator
+        Further generators the phases share (the dataset's, :func:`dataset_generators`).
+    """
+
+    def __init__(self, trainer: MetaFusionTrainer, generators: list[torch.Generator]) -> None:
+        self.trainer = trainer
+        self.generators = generators
+        self._fusion_state: dict[str, Any] | None = None
+
+    def __enter__(self) -> MetaPhaseRandomness:
+        self._fusion_state = capture_rng_state(*self.generators)
+        state = self.trainer.meta_random_state
+        if state is None:
+            self._seed()
+        else:
+            restore_rng_state(state, *self.generators)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.trainer.meta_random_state = capture_rng_state(*self.generators)
+        assert self._fusion_state is not None
+        restore_rng_state(self._fusion_state, *self.generators)
+        self._fusion_state = None
+
+    def _seed(self) -> None:
+        """The meta phase's first state: every stream seeded from the trainer's seed."""
+        import random
+
+        copy = torch.Generator()
+        copy.set_state(self.trainer.meta_generator.get_state())
+        seed = int(torch.randint(2**62, (1,), generator=copy))
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global stream is the one shared)
+        torch.manual_seed(seed)  # the CUDA devices' too
+        for index, generator in enumerate(self.generators):
+            generator.manual_seed((seed + index + 1) % 2**62)
