@@ -104,9 +104,33 @@ class ResearchMechanics:
         return F.interpolate(image, size=self.task_size, mode="bilinear", align_corners=False)
 
     def meta_step(self, meta_train, meta_test) -> float:
-        a, b, target = meta_train
+        """One meta step: ``G``'s gradient, its normalised update, ``T`` reloaded from disk."""
         interim = os.path.join(self.folder, "interim_task.pth")
         torch.save(self.task.state_dict(), interim)
+        task_loss = self._generator_gradient(meta_train, meta_test)
+        with torch.no_grad():  # the normalised generator update
+            largest = max(float(p.grad.abs().max()) for p in self.generator.parameters())
+            if largest > 0:
+                for p in self.generator.parameters():
+                    p.add_(-self.lr * p.grad / largest)
+        self.task.load_state_dict(torch.load(interim, weights_only=True))
+        return task_loss
+
+    def hypergradient(self, meta_train, meta_test) -> dict[str, torch.Tensor]:
+        """``G``'s gradient as :meth:`meta_step` computes it, without the update (for checks).
+
+        ``T`` is put back as the meta step puts it back; its optimiser's state advances.
+        """
+        interim = os.path.join(self.folder, "interim_task.pth")
+        torch.save(self.task.state_dict(), interim)
+        self._generator_gradient(meta_train, meta_test)
+        self.task.load_state_dict(torch.load(interim, weights_only=True))
+        return {n: p.grad.detach().clone() for n, p in self.generator.named_parameters()}
+
+    def _generator_gradient(self, meta_train, meta_test) -> float:
+        """The inner step (F's fast weights, T's optimiser step) and the outer backward into
+        ``G``'s ``.grad``; returns the outer task loss."""
+        a, b, target = meta_train
         self.fusion_optimizer.zero_grad()
         self.task_optimizer.zero_grad()
         self.generator_optimizer.zero_grad()
@@ -130,10 +154,4 @@ class ResearchMechanics:
             fused_test = self.fuse(self._resize(test_a), self._resize(test_b))
             task_loss = self.task(fused_test, test_target)
             task_loss.backward()
-        with torch.no_grad():  # the normalised generator update
-            largest = max(float(p.grad.abs().max()) for p in self.generator.parameters())
-            if largest > 0:
-                for p in self.generator.parameters():
-                    p.add_(-self.lr * p.grad / largest)
-        self.task.load_state_dict(torch.load(interim, weights_only=True))
         return float(task_loss.detach())

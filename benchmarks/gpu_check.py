@@ -43,16 +43,18 @@ its times mean nothing and it prints no CUDA memory::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,7 +78,8 @@ PARTS: dict[str, int] = {
 DRY_RUN_LIMIT: dict[str, int] = {**{name: 120 for name in PARTS}, "steps-compiled": 600}
 HYPERGRADIENT_TOLERANCE = 1e-4
 #: The least cosine of a bf16 meta step's hypergradient with float32's (the same networks,
-#: batches and crop). In the MSRS setting on the CPU it was 0.9996-0.9998 over three batches.
+#: batches, crop and stochastic-depth masks, the reference without TF32). In the MSRS setting on
+#: the CPU it was 0.9994-0.9998 over three batches.
 BF16_COSINE_MIN = 0.99
 
 
@@ -230,9 +233,26 @@ def _bf16_cosine(trainer: Any, meta_train: Any, meta_test: Any, setting: Setting
     flat = []
     for t in (trainer, reference):
         t.meta_generator.set_state(state)
-        gradient = t.hypergradient(meta_train, meta_test)
+        # The same stochastic-depth masks in T (drawn from the global generators) on both
+        # sides, and a reference in true float32 (no TF32 convolutions or products), so that
+        # the cosine measures bf16's rounding alone.
+        torch.manual_seed(6)
+        with _without_tf32(t is reference):
+            gradient = t.hypergradient(meta_train, meta_test)
         flat.append(torch.cat([g.flatten().double() for g in gradient.values()]))
     return float(torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0))
+
+
+@contextlib.contextmanager
+def _without_tf32(active: bool = True) -> Iterator[None]:
+    """cuDNN's and cuBLAS's TF32 off for the block (when ``active``), as they were after it."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    if active:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _msrs_batches(
@@ -311,9 +331,14 @@ def check_fuse(setting: Setting = GPU) -> str:
     )
     figures = {}
     # accelerate() may change the network in place (channels-last on a GPU): it is built only
-    # once float32 has been timed, so that float32 runs the network as it was loaded.
-    for name in ("fp32", "bf16"):
-        model = net if name == "fp32" else accelerate(net, precision="bf16")
+    # once float32 has been timed, so that float32 runs the network as it was loaded. bf16 is
+    # compared with float32 under the same accelerate() layout, so that its difference is the
+    # precision's alone.
+    for name in ("fp32", "fp32-accelerated", "bf16"):
+        if name == "fp32":
+            model = net
+        else:
+            model = accelerate(net, precision="bf16" if name == "bf16" else "fp32")
         fuse_tensors(model, a, b)  # warm-up (cuDNN algorithm choice)
         setting.synchronize()
         setting.reset_peak_memory()
@@ -321,12 +346,16 @@ def check_fuse(setting: Setting = GPU) -> str:
         fused = fuse_tensors(model, a, b)
         setting.synchronize()
         figures[name] = (time.perf_counter() - start, setting.peak_memory(), fused)
-    difference = float((figures["bf16"][2] - figures["fp32"][2]).abs().max())
+    difference = float((figures["bf16"][2] - figures["fp32-accelerated"][2]).abs().max())
+    layout = float((figures["fp32-accelerated"][2] - figures["fp32"][2]).abs().max())
     height, width = setting.fuse_size
     return (
         f"PASS fuse-1280x1024: {width}x{height}, fp32 {figures['fp32'][0] * 1e3:.0f} ms "
-        f"(peak {figures['fp32'][1]}), bf16 {figures['bf16'][0] * 1e3:.0f} ms "
-        f"(peak {figures['bf16'][1]}), bf16 max diff {difference:.1e}; {source}"
+        f"(peak {figures['fp32'][1]}), fp32 accelerate() "
+        f"{figures['fp32-accelerated'][0] * 1e3:.0f} ms (peak {figures['fp32-accelerated'][1]}, "
+        f"max diff {layout:.1e}), bf16 accelerate() {figures['bf16'][0] * 1e3:.0f} ms "
+        f"(peak {figures['bf16'][1]}), bf16 max diff from fp32 accelerate() {difference:.1e}; "
+        f"{source}"
     )
 
 
@@ -444,9 +473,12 @@ def check_nccl(timeout: float, setting: Setting = GPU) -> str:
             scratch,
             *([] if setting.cuda else ["--dry-run"]),
         ]
-        completed = subprocess.run(
-            command, env=environment, capture_output=True, text=True, timeout=timeout
-        )
+        # A margin under the part's own limit, so that torchrun's end is reported here and
+        # its processes are gone before the parent's limit could strike.
+        try:
+            completed = run_in_own_group(command, environment, max(timeout - 10, timeout * 0.8))
+        except subprocess.TimeoutExpired:
+            return f"FAIL nccl-torchrun: torchrun did not finish within {timeout - 10:.0f} s"
         if completed.returncode != 0:
             tail = (completed.stdout + completed.stderr).strip().splitlines()[-5:]
             return (
@@ -498,6 +530,37 @@ def run_part(name: str, timeout: float, setting: Setting = GPU) -> str:
         return f"FAIL {name}: {type(error).__name__}: {str(error).strip()[:300]}"
 
 
+def run_in_own_group(
+    command: list[str], environment: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a process group of its own; on ``timeout`` kill the whole group.
+
+    ``subprocess.run(timeout=...)`` kills only its direct child: the processes that a child
+    started (torchrun's workers) would live on and hold the GPU through the next parts.
+
+    Raises
+    ------
+    subprocess.TimeoutExpired
+        After the group was killed.
+    """
+    process = subprocess.Popen(
+        command,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_part_in_child(name: str, timeout: float, setting: Setting = GPU) -> str:
     """One part in a fresh process under ``timeout`` seconds; its result line."""
     environment = {**os.environ}
@@ -506,9 +569,7 @@ def run_part_in_child(name: str, timeout: float, setting: Setting = GPU) -> str:
     if not setting.cuda:
         command.append("--dry-run")
     try:
-        completed = subprocess.run(
-            command, env=environment, capture_output=True, text=True, timeout=timeout
-        )
+        completed = run_in_own_group(command, environment, timeout)
     except subprocess.TimeoutExpired:
         return f"FAIL {name}: did not finish within {timeout:.0f} s"
     lines = [

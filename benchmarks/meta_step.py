@@ -46,7 +46,11 @@ on both sides; ``default`` runs each side as it runs by default, the research co
 glibc's default and ours with freed memory kept (own-process timings only: one process cannot
 hold both settings).
 
-The last lines (one per kind of work) print the ratios this benchmark claims.
+Before it times anything, each kind of work checks that the two sides compute the same thing:
+our hypergradient and the research code's on the same batches, crop and weights must agree
+(cosine at least 0.9999, relative difference at most 1e-2, in float32; stochastic depth off),
+or the benchmark stops. The last lines (one per kind of work) print the ratios this benchmark
+claims.
 """
 
 from __future__ import annotations
@@ -114,6 +118,71 @@ def build(mode: str, batches, work: str = "tdfusion"):
     if mode in ("ours-meta", "ours-meta-lean", "ours-meta-bf16"):
         return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
     return lambda i: trainer.fusion_step(batches[i % 4])
+
+
+#: The least cosine, and the largest relative difference, between our hypergradient and the
+#: research code's on the same batches and crop, both in float32 (the float64 test of the
+#: research preset agrees to 1e-14).
+AGREEMENT_COSINE_MIN = 0.9999
+AGREEMENT_RELATIVE_MAX = 1e-2
+
+
+def without_drop_path(task: torch.nn.Module) -> torch.nn.Module:
+    """``task`` with its stochastic depth off (SegFormer's ``DropPath``), so that two
+    implementations that draw their random numbers in different orders compute the same."""
+    for module in task.modules():
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    return task
+
+
+def agreement(data: Path, threads: int, work: str) -> dict:
+    """Our hypergradient against the research code's on the same batches, crop and weights.
+
+    The benchmark's two sides must compute the same thing for their times to compare. In
+    ``tdfusion`` work the baseline's ``T'`` is a step of ``T``'s Adam while ours is an SGD
+    step, so the check builds ours with ``task_inner_optimizer="task_optimizer_persistent"``
+    (the research code's ``T'``) and otherwise its defaults. Stochastic depth is off in both.
+    """
+    from _research_mechanics import ResearchMechanics
+
+    from tdfusion import MetaFusionTrainer
+    from tdfusion.nets import LossGenerator, ReFusionNet
+    from tdfusion.tasks import SegmentationTask
+
+    torch.set_num_threads(threads)
+    research = work == "research"
+    batches = make_batches(data, 2, work)
+    gradients = []
+    for side in ("ours", "research-code"):
+        torch.manual_seed(0)
+        fusion, generator = ReFusionNet(), LossGenerator()
+        task = without_drop_path(SegmentationTask(9, pad=not research, align_corners=research))
+        options = {} if research else {"task_inner_optimizer": "task_optimizer_persistent"}
+        trainer = MetaFusionTrainer.from_preset(
+            "research" if research else "default",
+            fusion,
+            task,
+            generator,
+            fusion_crop=256,
+            task_size=(240, 320),
+            device="cpu",
+            **options,
+        )
+        if side == "ours":
+            gradient = trainer.hypergradient(batches[0], batches[1])
+        else:
+            weighting = "squared" if research else "linear"
+            runner = ResearchMechanics(
+                fusion, generator, task, weighting=weighting, network="research"
+            )
+            runner.crop_rng.set_state(trainer.meta_generator.get_state())  # the same crop
+            gradient = runner.hypergradient(batches[0], batches[1])
+        gradients.append(torch.cat([gradient[n].flatten().double() for n in sorted(gradient)]))
+    ours, theirs = gradients
+    cosine = float(torch.nn.functional.cosine_similarity(ours, theirs, dim=0))
+    relative = float((ours - theirs).norm() / theirs.norm())
+    return {"cosine": cosine, "relative": relative}
 
 
 def child(mode: str, steps: int, data: Path, threads: int, work: str) -> dict:
@@ -203,6 +272,21 @@ def report(work: str, args: argparse.Namespace) -> list[str]:
             ("research-code", research_steps),
         )
     }
+    agreed = run_child("agreement", 0, *common)
+    agrees = (
+        agreed["cosine"] >= AGREEMENT_COSINE_MIN and agreed["relative"] <= AGREEMENT_RELATIVE_MAX
+    )
+    print(
+        f"hypergradient agreement, {work} work, ours vs the research code (same batches, crop "
+        f"and weights, float32): cosine {agreed['cosine']:.6f}, relative difference "
+        f"{agreed['relative']:.1e} ({'agree' if agrees else 'DISAGREE'}: at least "
+        f"{AGREEMENT_COSINE_MIN} and at most {AGREEMENT_RELATIVE_MAX:.0e})"
+    )
+    if not agrees:
+        raise SystemExit(
+            f"the two sides of the {work} work do not compute the same hypergradient: "
+            "their times do not compare"
+        )
     ours_meta, lean = own["ours-meta"], own["ours-meta-lean"]
     research, research_code = own["research-meta"], own["research-code"]
     for mode, result in own.items():
@@ -222,7 +306,8 @@ def report(work: str, args: argparse.Namespace) -> list[str]:
     )
     ours_name = "ours (research preset)" if work == "research" else "ours (default)"
     memory = (
-        f"peak memory over {len(ours_meta['rss']) - 1} meta steps ours "
+        f"peak memory (ours over {len(ours_meta['rss']) - 1} meta steps, the baselines over "
+        f"{len(research['rss']) - 1}) ours "
         f"{ours_meta['peak']:.2f} GiB vs research code {research_code['peak']:.2f} GiB "
         f"({ours_meta['peak'] / research_code['peak']:.2f}), research mechanics "
         f"{research['peak']:.2f} GiB ({ours_meta['peak'] / research['peak']:.2f}); lean "
@@ -324,6 +409,9 @@ def main() -> None:
     if args.child == "timing":
         torch.set_num_threads(args.threads)
         print(json.dumps(time_side_by_side(args.steps, args.data, args.work, args.bf16)))
+        return
+    if args.child == "agreement":
+        print(json.dumps(agreement(args.data, args.threads, args.work)))
         return
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.data, args.threads, args.work)))

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,31 @@ def test_failures_set_the_exit_status_and_are_counted(gpu_check):
     assert gpu_check.summary(["PASS a", "FAIL b: x", "FAIL c"])[1] == 1
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_timed_out_part_takes_the_processes_it_started_with_it(gpu_check, tmp_path):
+    # A child that starts a grandchild (as torchrun starts its workers) and hangs.
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.run_in_own_group([sys.executable, "-c", code], {**os.environ}, timeout=5)
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # the kill is sent; the process may take a moment to go
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{grandchild}/stat") as stat:  # a zombie is gone but for its entry
+            if stat.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the grandchild {grandchild} outlived the timeout")
+
+
 def test_parts_get_their_limit_and_skip_once_the_budget_is_spent(gpu_check, capsys):
     calls = []
 
@@ -65,10 +91,10 @@ def test_parts_get_their_limit_and_skip_once_the_budget_is_spent(gpu_check, caps
 
 
 def test_a_part_that_overruns_its_limit_is_a_failure(gpu_check, monkeypatch):
-    def overrun(*args, timeout, **kwargs):
-        raise subprocess.TimeoutExpired(args[0], timeout)
+    def overrun(command, environment, timeout):
+        raise subprocess.TimeoutExpired(command, timeout)
 
-    monkeypatch.setattr(gpu_check.subprocess, "run", overrun)
+    monkeypatch.setattr(gpu_check, "run_in_own_group", overrun)
     line = gpu_check.run_part_in_child("steps-fp32", 42)
     assert line == "FAIL steps-fp32: did not finish within 42 s"
 

@@ -42,7 +42,7 @@ class DemoSettings:
       with an earlier version of the bundled weights, twelve fusion steps at ``alpha = 1``
       pulled the pretrained network's VIF from 0.405 to 0.39 in both arms, and at
       ``alpha = 2`` the heavier gradient term kept it (0.403 fixed, 0.402 learned); with the
-      current weights the demo goes from 0.468 to 0.456 (fixed) and 0.461 (learned), so
+      current weights the demo goes from 0.468 to 0.456 (fixed) and 0.457 (learned), so
       both arms start from and keep the pretrained image quality. The learned weights act on
       the intensity term only; ``alpha`` sets how much that term counts against the edges,
       equally in both arms.
