@@ -77,6 +77,11 @@ def peak_mebibytes(function: Callable[..., object], arguments: Sequence[np.ndarr
         tracemalloc.stop()
 
 
+#: The largest relative difference allowed between the two evaluators' values (both compute in
+#: float64; they agree to about 1e-15).
+AGREEMENT_TOLERANCE = 1e-9
+
+
 def largest_relative_difference(first: dict[str, float], second: dict[str, float]) -> float:
     """The largest relative difference between two metric dictionaries."""
     return max(
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     reference_evaluate(fused, infrared, visible)  # warm-up: imports, caches, page faults
     evaluate(fused, infrared, visible)
 
-    reference_times, tdfusion_times = [], []
+    reference_times, tdfusion_times, differences = [], [], []
     for name, *images in pairs:
         # Alternate the two so that both see the same background load.
         timings = [
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         reference_times.append(statistics.median(reference for reference, _ in timings))
         tdfusion_times.append(statistics.median(ours for _, ours in timings))
         difference = largest_relative_difference(evaluate(*images), reference_evaluate(*images))
+        differences.append(difference)
         fused = images[0]
         print(
             f"{name} {fused.shape[1]}x{fused.shape[0]}: reference {reference_times[-1]:.3f} s, "
@@ -123,8 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"metrics: reference {reference_median:.2f} s/pair, tdfusion {tdfusion_median:.3f} s/pair, "
-        f"speed-up {reference_median / tdfusion_median:.1f}x"
+        f"speed-up {reference_median / tdfusion_median:.1f}x (largest relative difference "
+        f"{max(differences):.1e}, at most {AGREEMENT_TOLERANCE:.0e})"
     )
+    if max(differences) > AGREEMENT_TOLERANCE:
+        raise SystemExit(
+            f"the two evaluators disagree (largest relative difference {max(differences):.1e}): "
+            "their times do not compare"
+        )
 
 
 if __name__ == "__main__":
