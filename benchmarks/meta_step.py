@@ -88,7 +88,6 @@ def make_batches(data: Path, count: int, work: str = "tdfusion"):
 def build(mode: str, batches, work: str = "tdfusion"):
     """One variant, freshly initialised from the same seed: returns ``step(i)``."""
     torch.manual_seed(0)
-    from tdfusion import MetaFusionTrainer
     from tdfusion.nets import LossGenerator, ReFusionNet
     from tdfusion.tasks import SegmentationTask
 
@@ -105,19 +104,27 @@ def build(mode: str, batches, work: str = "tdfusion"):
         network = "research" if mode == "research-code" else "tdfusion"
         runner = ResearchMechanics(fusion, generator, task, weighting=weighting, network=network)
         return lambda i: runner.meta_step(batches[i % 4], batches[(i + 1) % 4])
-    trainer = MetaFusionTrainer.from_preset(
-        "research" if research else "default",
+    precision = "bf16" if mode.endswith("-bf16") else "fp32"
+    trainer = our_trainer(fusion, task, generator, work, precision=precision)
+    if mode in ("ours-meta", "ours-meta-lean", "ours-meta-bf16"):
+        return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
+    return lambda i: trainer.fusion_step(batches[i % 4])
+
+
+def our_trainer(fusion, task, generator, work: str, **options):
+    """Our trainer in the benchmark's setting, for one kind of work (its preset)."""
+    from tdfusion import MetaFusionTrainer
+
+    return MetaFusionTrainer.from_preset(
+        "research" if work == "research" else "default",
         fusion,
         task,
         generator,
         fusion_crop=256,
         task_size=(240, 320),
         device="cpu",
-        precision="bf16" if mode.endswith("-bf16") else "fp32",
+        **options,
     )
-    if mode in ("ours-meta", "ours-meta-lean", "ours-meta-bf16"):
-        return lambda i: trainer.meta_step(batches[i % 4], batches[(i + 1) % 4])
-    return lambda i: trainer.fusion_step(batches[i % 4])
 
 
 #: The least cosine, and the largest relative difference, between our hypergradient and the
@@ -146,7 +153,6 @@ def agreement(data: Path, threads: int, work: str) -> dict:
     """
     from _research_mechanics import ResearchMechanics
 
-    from tdfusion import MetaFusionTrainer
     from tdfusion.nets import LossGenerator, ReFusionNet
     from tdfusion.tasks import SegmentationTask
 
@@ -159,16 +165,7 @@ def agreement(data: Path, threads: int, work: str) -> dict:
         fusion, generator = ReFusionNet(), LossGenerator()
         task = without_drop_path(SegmentationTask(9, pad=not research, align_corners=research))
         options = {} if research else {"task_inner_optimizer": "task_optimizer_persistent"}
-        trainer = MetaFusionTrainer.from_preset(
-            "research" if research else "default",
-            fusion,
-            task,
-            generator,
-            fusion_crop=256,
-            task_size=(240, 320),
-            device="cpu",
-            **options,
-        )
+        trainer = our_trainer(fusion, task, generator, work, **options)
         if side == "ours":
             gradient = trainer.hypergradient(batches[0], batches[1])
         else:
