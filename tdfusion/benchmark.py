@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdfusion._progress import bar_options
 from tdfusion.errors import CheckpointError, DataError
 
 __all__ = [
@@ -319,7 +320,7 @@ def fuse_dataset(
     from tdfusion.inference import fuse_tensors
 
     images, targets = [], []
-    for index in tqdm(range(len(dataset)), desc=description, disable=not progress, leave=False):
+    for index in tqdm(range(len(dataset)), desc=description, leave=False, **bar_options(progress)):
         a, b = dataset.read_pair(index)
         a, b = a[None].to(device), b[None].to(device)
         if isinstance(fuse, nn.Module):
@@ -390,7 +391,7 @@ def train_and_score(
     count = len(train.names)
     last = math.nan
     task.train()
-    for _ in tqdm(range(settings.epochs), desc="task", disable=not progress, leave=False):
+    for _ in tqdm(range(settings.epochs), desc="task", leave=False, **bar_options(progress)):
         permutation = torch.randperm(count, generator=order).tolist()
         losses = []
         for start in range(0, count, settings.batch_size):

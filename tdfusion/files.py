@@ -117,6 +117,20 @@ def _scan_images(
     return images, ambiguous
 
 
+def _describe_mixed(paths: Mapping[str, Path]) -> str:
+    """One line for sources of which some are files and others are not: they must be all files
+    (one pair) or all folders."""
+
+    def kind(path: Path) -> str:
+        if path.is_file():
+            return "is a file"
+        return "is a folder" if path.is_dir() else "does not exist"
+
+    kinds = ", ".join(f"{role} {path} {kind(path)}" for role, path in paths.items())
+    every = "both" if len(paths) == 2 else "all"
+    return f"{kinds}: give {every} as image files (one pair) or {every} as folders"
+
+
 def _describe_ambiguous(role: str, folder: str | Path, stem: str, files: Sequence[Path]) -> str:
     names = " and ".join(path.name for path in files)
     count = "two" if len(files) == 2 else str(len(files))
@@ -279,6 +293,8 @@ def pair_folders_reporting(
                     f"{role} file {path} is not an image ({', '.join(suffixes)} expected)"
                 )
         return [(next(iter(paths.values())).stem, paths)], []
+    if any(path.is_file() for path in paths.values()):
+        raise DataError(_describe_mixed(paths))
     scans = {role: _scan_images(path, role, suffixes) for role, path in paths.items()}
     skipped: list[tuple[str, str]] = []
     dropped: set[str] = set()
@@ -555,6 +571,9 @@ def output_lock(
     ------
     OutputInUseError
         If another process (or another block of this one) holds the lock.
+    DataError
+        If ``folder`` cannot be created or written into (a file in its path, no permission);
+        the message names the folder and the reason.
 
     Example
     -------
@@ -562,7 +581,10 @@ def output_lock(
     ...     pass  # write into fused/
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(_unusable_folder(folder, "create", error)) from None
     lock_file = folder / (f".{_fit_name(name, len('..lock'))}.lock" if name else LOCK_NAME)
     try:
         import fcntl
@@ -570,7 +592,10 @@ def output_lock(
         yield lock_file
         return
     target = f"{folder / name}" if name else f"output folder {folder}"
-    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise DataError(_unusable_folder(folder, "write into", error)) from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -586,6 +611,16 @@ def output_lock(
         yield lock_file
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def _unusable_folder(folder: Path, action: str, error: OSError) -> str:
+    """One line: why the output ``folder`` cannot be created or written into (``action``),
+    from ``error``, naming the file in its path that is not a folder when there is one."""
+    reason = error.strerror or type(error).__name__
+    blocking = next((parent for parent in folder.parents if parent.is_file()), None)
+    if blocking is not None:
+        reason = f"{blocking} is a file, not a folder"
+    return f"cannot {action} the output folder {folder}: {reason}; choose another folder"
 
 
 def missing_folders(folder: str | os.PathLike[str]) -> list[Path]:
@@ -607,13 +642,19 @@ def missing_folders(folder: str | os.PathLike[str]) -> list[Path]:
 def remove_unused_folders(created: Sequence[Path], out: Path, own_files: Collection[str]) -> None:
     """After a failed start, remove the folders a run created (``created``, innermost first,
     as :func:`missing_folders` lists them) when ``out`` holds nothing but the ``own_files`` the
-    run itself wrote before failing; those files go too."""
-    if not created or not {path.name for path in out.iterdir()} <= set(own_files):
+    run itself wrote before failing; those files go too. Folders that were never made (``out``
+    could not be created) are passed over."""
+    if not created:
         return
-    for name in own_files:
-        (out / name).unlink(missing_ok=True)
+    if out.is_dir():
+        if not {path.name for path in out.iterdir()} <= set(own_files):
+            return
+        for name in own_files:
+            (out / name).unlink(missing_ok=True)
     for folder in created:
         try:
             folder.rmdir()
+        except FileNotFoundError:  # creating it failed
+            continue
         except OSError:  # not empty: something else was put there meanwhile
             return

@@ -245,3 +245,21 @@ def test_writing_through_a_symbolic_link_updates_the_target_and_keeps_the_link(t
     dangling.symlink_to(tmp_path / "store" / "new" / "next.pt")  # target not there yet
     atomic_save({"step": 3}, dangling)
     assert dangling.is_symlink() and torch.load(tmp_path / "store" / "new" / "next.pt")["step"] == 3
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_data_error_and_leaves_nothing(tmp_path):
+    from tdfusion.files import missing_folders, remove_unused_folders
+
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    with pytest.raises(DataError, match=r"cannot create the output folder .*afile is a file"):
+        with output_lock(out):
+            pass
+    remove_unused_folders(missing_folders(out), out, {".tdfusion.lock"})  # nothing to remove
+    assert (tmp_path / "afile").read_text() == "x"
+    new = tmp_path / "new" / "deeper"
+    created = missing_folders(new)
+    new.mkdir(parents=True)
+    (new / ".tdfusion.lock").write_text("")
+    remove_unused_folders(created, new, {".tdfusion.lock"})
+    assert not (tmp_path / "new").exists()

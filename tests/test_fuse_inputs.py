@@ -1,8 +1,11 @@
-"""Fusing: inputs are never overwritten, and what ``--skip-bad`` skips (single files too)."""
+"""Fusing: which inputs and outputs are accepted, inputs never overwritten, what ``--skip-bad``
+skips (single files too)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +136,109 @@ def test_pair_folders_drops_ambiguous_stems_only_when_skipping(tmp_path):
     assert skipped[0][0] == "b" and "b.JPG and b.png" in skipped[0][1]
     assert skipped[1][0] == "unpaired" and "c.png has no visible counterpart" in skipped[1][1]
     assert len(skipped) == 2  # the infrared b.png is not reported as unpaired too
+
+
+def cli_arguments(ir, vis, out, weights, *extra) -> list[str]:
+    return ["fuse", "--ir", str(ir), "--vis", str(vis), "--out", str(out),
+            "--weights", str(weights), "--device", "cpu", *extra]  # fmt: skip
+
+
+def test_an_output_below_a_file_gets_one_line_naming_the_file(tmp_path, weights_file, capsys):
+    save_pair(tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    out = tmp_path / "afile" / "sub"
+    assert main(cli_arguments(tmp_path / "ir", tmp_path / "vi", out, weights_file)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert error.startswith(f"tdfusion fuse: error: cannot create the output folder {out}: ")
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in error
+    assert (tmp_path / "afile").read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_that_cannot_be_created_gets_one_line(tmp_path, weights_file, capsys):
+    save_pair(tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    out = "/proc/tdfusion-cannot-be-created"
+    assert main(cli_arguments(tmp_path / "ir", tmp_path / "vi", out, weights_file)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert f"cannot create the output folder {out}: " in error
+
+
+def test_fuse_folders_raises_a_data_error_for_an_output_below_a_file(tmp_path, model):
+    save_pair(tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"afile is a file, not a folder"):
+        fuse_folders(model, tmp_path / "ir", tmp_path / "vi", tmp_path / "afile" / "a" / "b",
+                     progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("role", ["ir", "vis"])
+def test_fuse_refuses_a_float_image_in_0_1_as_evaluate_does(tmp_path, weights_file, capsys, role):
+    save_pair(tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    float_path = tmp_path / ("ir" if role == "ir" else "vi") / "a.png"
+    luma = np.asarray(Image.open(float_path).convert("L"), dtype=np.float32) / 255
+    float_path.unlink()
+    Image.fromarray(luma).save(float_path.with_suffix(".tif"))
+    out = tmp_path / "out"
+    assert main(cli_arguments(tmp_path / "ir", tmp_path / "vi", out, weights_file)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert "a.tif is a floating-point image with values in [" in error
+    assert "multiply it by 255" in error
+    assert not out.exists()
+
+
+def test_a_float_image_on_the_0_255_scale_is_still_fused(tmp_path, model):
+    save_pair(tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    luma = np.asarray(Image.open(tmp_path / "ir" / "a.png"), dtype=np.float32)
+    Image.fromarray(luma).save(tmp_path / "a.tif")
+    from tdfusion.inference import fuse_files
+
+    as_float = fuse_files(model, tmp_path / "a.tif", tmp_path / "vi" / "a.png")
+    as_png = fuse_files(model, tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    assert np.array_equal(as_float, as_png)
+
+
+@pytest.mark.parametrize("file_role", ["infrared", "visible"])
+def test_a_file_and_a_folder_are_refused_as_a_mix(tmp_path, file_role):
+    save_pair(tmp_path / "dir" / "a.png", tmp_path / "dir2" / "a.png")
+    file, folder = tmp_path / "dir" / "a.png", tmp_path / "dir2"
+    sources = {"infrared": folder, "visible": folder, file_role: file}
+    with pytest.raises(DataError) as caught:
+        pair_folders(sources)
+    message = str(caught.value)
+    folder_role = "visible" if file_role == "infrared" else "infrared"
+    assert f"{file_role} {file} is a file" in message
+    assert f"{folder_role} {folder} is a folder" in message
+    assert "give both as image files (one pair) or both as folders" in message
+    assert "does not exist or is not a folder" not in message
+
+
+def test_the_fuse_cli_names_a_file_and_folder_mix(tmp_path, weights_file, capsys):
+    save_pair(tmp_path / "dir" / "a.png", tmp_path / "dir2" / "a.png")
+    arguments = cli_arguments(tmp_path / "dir" / "a.png", tmp_path / "dir2", tmp_path / "out",
+                              weights_file)  # fmt: skip
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert "is a file" in error and "is a folder" in error and "both as folders" in error
+
+
+@pytest.mark.parametrize("disabled", [True, False])
+def test_tqdm_disable_hides_the_fuse_progress_bar(tmp_path, weights_file, disabled):
+    save_pair(tmp_path / "ir" / "a.png", tmp_path / "vi" / "a.png")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TQDM")}
+    if disabled:
+        environment["TQDM_DISABLE"] = "1"
+    arguments = cli_arguments(tmp_path / "ir", tmp_path / "vi", tmp_path / "out", weights_file)
+    done = subprocess.run(
+        [sys.executable, "-m", "tdfusion", *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("fusing:" in done.stderr) is not disabled, done.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -108,6 +110,7 @@ def test_tiled_and_whole_outputs_agree_closely_with_trained_weights(shared_data)
     assert seam_step(difference) < 0.05
 
 
+@pytest.mark.filterwarnings("ignore:fusing a .* in tiles of:UserWarning")
 def test_large_images_are_tiled_automatically():
     calls = []
 
@@ -120,6 +123,7 @@ def test_large_images_are_tiled_automatically():
     assert len(calls) > 1 and all(shape[-2] * shape[-1] <= 100 * 100 for shape in calls)
 
 
+@pytest.mark.filterwarnings("ignore:fusing a .* in tiles of:UserWarning")
 @pytest.mark.parametrize(
     ("height", "width", "max_side", "overlap"),
     [(257, 257, 256, 32), (300, 130, 128, 16), (129, 1000, 128, 32), (65, 65, 64, 63)],
@@ -605,3 +609,120 @@ def test_compiled_model_is_used_once_compiling_works(monkeypatch):
     assert torch.all(fuse_tensors(fast, a, b) == 0.5)
     assert torch.all(fuse_tensors(fast, a, b) == 0.5)
     assert fast.compiled is True and calls == [{"mode": "x"}]
+
+
+def never_called(a, b):
+    raise AssertionError("the network ran")
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "message"),
+    [
+        (32, 32, "tile 32 must be at least twice overlap 32 (tiles would advance by 0 pixel(s))"),
+        (40, 32, "tile 40 must be at least twice overlap 32"),
+        (0, 32, "tile must be a positive integer, got 0"),
+        (-8, 0, "tile must be a positive integer, got -8"),
+        (64, -1, "overlap must be at least 0, got -1"),
+        (None, -1, "overlap must be at least 0, got -1"),
+    ],
+)
+def test_fuse_tensors_refuses_the_tiles_the_cli_refuses(tile, overlap, message):
+    a = torch.rand(1, 1, 40, 48)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fuse_tensors(never_called, a, a, tile=tile, overlap=overlap)
+
+
+def test_the_cli_and_the_api_refuse_a_tile_in_the_same_words(tmp_path, capsys):
+    write_pair(tmp_path, "one")
+    with pytest.raises(SystemExit):
+        main(fuse_arguments(tmp_path, tmp_path / "w.pt", "--tile", "40"))
+    advance = "(tiles would advance by 8 pixel(s)); use a larger"
+    cli_message = capsys.readouterr().err
+    assert f"--tile 40 must be at least twice --overlap 32 {advance} --tile or a" in cli_message
+    with pytest.raises(ValueError) as caught:
+        fuse_tensors(never_called, torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), tile=40)
+    assert str(caught.value) == (
+        f"tile 40 must be at least twice overlap 32 {advance} tile or a smaller overlap"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 32}, "tile 32 must be at least twice overlap 32"),
+        ({"tile": 0}, "tile must be a positive integer, got 0"),
+        ({"overlap": -1}, "overlap must be at least 0, got -1"),
+        ({"batch": 0}, "batch must be at least 1; got 0"),
+        ({"batch": -2}, "batch must be at least 1; got -2"),
+    ],
+)
+def test_fuse_folders_refuses_bad_options_before_anything_is_written(tmp_path, options, message):
+    write_pair(tmp_path, "one")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fuse_folders(never_called, tmp_path / "ir", tmp_path / "vi", tmp_path / "out",
+                     progress=False, **options)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_sources_on_the_0_255_scale_are_refused_naming_the_maximum():
+    a, b = torch.rand(1, 1, 16, 20), torch.rand(1, 1, 16, 20)
+    b[0, 0, 3, 4] = 1.0
+    with pytest.raises(
+        ValueError, match=r"second source has values up to 255; .*must be in \[0, 1\]"
+    ):
+        fuse_tensors(never_called, a, b * 255)
+    with pytest.raises(ValueError, match=r"first source has values up to 1\.01;"):
+        fuse_tensors(never_called, a.clamp(max=0.5) + 0.51, b)
+    fused = fuse_tensors(lambda x, y: (x + y) / 2, a, b.clamp(max=1.0) + 5e-4)  # rounding is fine
+    assert fused.shape == a.shape
+
+
+def test_reading_images_never_gives_sources_above_1(tmp_path):
+    from tdfusion.data.io import read_luma
+
+    white = np.full((4, 5, 3), 255, dtype=np.uint8)
+    Image.fromarray(white).save(tmp_path / "white.png")
+    Image.fromarray(np.full((4, 5), 65535, dtype=np.uint16)).save(tmp_path / "white16.png")
+    for name in ("white.png", "white16.png"):
+        assert read_luma(tmp_path / name)[0].max() <= 1.0
+
+
+def test_load_fusion_model_refuses_an_unknown_device_in_one_line():
+    from tdfusion.inference import load_fusion_model
+
+    with pytest.raises(
+        ValueError, match=r"^unknown device 'gpu'; expected cpu, cuda, cuda:N or mps$"
+    ):
+        load_fusion_model(device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_load_fusion_model_refuses_cuda_without_a_gpu_in_one_line():
+    from tdfusion.inference import load_fusion_model
+
+    with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available on this machine"):
+        load_fusion_model(device="cuda")
+
+
+def test_automatic_tiling_warns_once_naming_the_size_and_the_tile():
+    a = torch.rand(1, 1, 140, 150)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            fuse_tensors(lambda x, y: x, a, a, max_pixels=100 * 100)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("fusing a 150x140 image (more than 10000 pixels) in tiles of ")
+    assert "differs from the whole image's" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fuse_tensors(lambda x, y: x, a, a, tile=64, max_pixels=100 * 100)  # asked: no warning
+        fuse_tensors(lambda x, y: x, a, a)  # under the budget: no warning
+
+
+def test_the_tile_help_says_that_tiling_changes_the_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["fuse", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Tiling changes the output" in text and "up to 16 grey levels" in text
+    assert "more than 2048x2048 pixels are tiled automatically" in text

@@ -151,3 +151,26 @@ def test_the_inference_api_defaults_to_the_bundled_weights():
         model.state_dict().items(), reference.state_dict().items()
     ):
         assert torch.equal(value, expected), key
+
+
+def test_a_folder_named_like_bundled_weights_does_not_hide_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tdfusion-ivif").mkdir()  # only a file of that name would take precedence
+    assert ReFusionNet.from_pretrained("tdfusion-ivif").config == (
+        ReFusionNet.from_pretrained(bundled_path("tdfusion-ivif")).config
+    )
+    ir, vis = sample_folders()
+    name = sorted(p.name for p in ir.iterdir())[0]
+    for weights in ([], ["--weights", "tdfusion-ivif"]):
+        out = tmp_path / f"fused{len(weights)}"
+        arguments = ["fuse", "--ir", str(ir / name), "--vis", str(vis / name), "--out", str(out)]
+        assert main([*arguments, "--device", "cpu", *weights]) == 0, capsys.readouterr().err
+        assert (out / name).is_file()
+
+
+def test_a_folder_is_named_as_a_folder_not_as_missing(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        ReFusionNet.from_pretrained(tmp_path)
+    message = str(caught.value)
+    assert f"checkpoint {str(tmp_path)!r} is a folder, not a checkpoint file" in message
+    assert "not found" not in message

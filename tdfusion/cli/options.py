@@ -151,8 +151,9 @@ def device(text: str) -> str:
 
 
 def weights_file(text: str) -> Path:
-    """An argparse type: a weights file (a directory is refused; a missing file is looked up
-    later in the weights folders, see :func:`tdfusion.nets.pretrained.resolve_checkpoint_path`).
+    """An argparse type: a weights file (a directory is refused, unless it has the name of bundled
+    weights, which are meant; a missing file is looked up later in the weights folders, see
+    :func:`tdfusion.nets.pretrained.resolve_checkpoint_path`).
 
     Parameters
     ----------
@@ -166,6 +167,10 @@ def weights_file(text: str) -> Path:
     """
     path = Path(text)
     if path.is_dir():
+        from tdfusion.nets.bundled import bundled_path
+
+        if bundled_path(text) is not None:
+            return path  # the bundled weights, as resolve_checkpoint_path finds them
         raise argparse.ArgumentTypeError(
             f"{text} is a directory; expected a weights file (.pt or .pth)"
         )
@@ -343,12 +348,12 @@ def apply_malloc_option(args: argparse.Namespace) -> bool:
 
 
 def _tile_exceeds_overlap(args: argparse.Namespace) -> str | None:
-    if args.tile is not None and args.tile < 2 * args.overlap:
-        return (
-            f"--tile {args.tile} must be at least twice --overlap {args.overlap} (tiles would "
-            f"advance by {max(args.tile - args.overlap, 0)} pixel(s)); use a larger --tile or a "
-            "smaller --overlap"
-        )
+    from tdfusion.inference.tiling import check_tile_options  # the API's check, the same words
+
+    try:
+        check_tile_options(args.tile, args.overlap, names=("--tile", "--overlap"))
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -364,8 +369,12 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
         "--tile",
         type=positive_int,
         default=None,
-        help="fuse in overlapping tiles of this size, at least twice --overlap (automatic for "
-        "very large images or when memory runs out)",
+        help="fuse in overlapping tiles of this size, at least twice --overlap. Tiling changes "
+        "the output, since each tile is fused with its own channel-attention statistics "
+        "(measured: up to 16 grey levels of 255, 5.3 on average, on a 1280x1024 LLVIP pair "
+        "with --tile 512 and the bundled weights). Without --tile, images of more than "
+        "2048x2048 pixels are tiled automatically (with a warning naming the tile), and so is "
+        "an image for which memory runs out (tiles of 512)",
     )
     parser.add_argument(
         "--overlap", type=non_negative_int, default=32, help="tile overlap in pixels (default 32)"

@@ -17,6 +17,7 @@ __all__ = [
     "read_image",
     "read_luma",
     "read_luma_pair",
+    "refuse_unit_range_float",
     "rgb_to_ycrcb",
     "write_image",
     "ycrcb_to_rgb",
@@ -98,6 +99,36 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
     ):
         array = array[..., 0]
     return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=dtype)
+
+
+def refuse_unit_range_float(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Raise if ``path`` is a floating-point image whose values (``image``) are all at most 1.
+
+    Such a file is almost surely a [0, 1] image: read on the 0..255 scale, as
+    :func:`read_image` reads float images, it would be fused or scored as black, silently. Its
+    values are not rescaled either, since a float image on the 0..255 scale that is that dark
+    cannot be told apart.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file ``image`` was read from (its header is read again for its mode).
+    image : numpy.ndarray
+        Its pixels, as :func:`read_image` returned them.
+
+    Raises
+    ------
+    DataError
+        Naming the file and its range, and saying to multiply it by 255.
+    """
+    with Image.open(path) as opened:  # reads the header only; read_image has checked the file
+        floating = opened.mode.startswith("F")
+    if floating and image.size and float(image.max()) <= 1.0:
+        raise DataError(
+            f"image {path} is a floating-point image with values in [{float(image.min()):g}, "
+            f"{float(image.max()):g}]; tdfusion reads float images on the 0..255 scale, so "
+            "multiply it by 255 (or save it as an 8- or 16-bit image)"
+        )
 
 
 def _holds_sixteen_bit(image: Image.Image) -> bool:
@@ -201,7 +232,8 @@ def read_luma(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | No
     Raises
     ------
     DataError
-        If the file cannot be read.
+        If the file cannot be read, or it is a floating-point image whose values are all at
+        most 1 (a [0, 1] image, read as near black: see :func:`refuse_unit_range_float`).
 
     Example
     -------
@@ -213,6 +245,7 @@ def read_luma(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | No
     (76.245, (2, 3, 2))
     """
     image = read_image(path)
+    refuse_unit_range_float(path, image)
     if image.ndim == 2:
         return image / np.float32(255.0), None
     ycrcb = rgb_to_ycrcb(image)

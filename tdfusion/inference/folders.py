@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from tdfusion._progress import bar_options
 from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.errors import DataError
 from tdfusion.files import (
@@ -34,6 +35,7 @@ from tdfusion.inference.acceleration import Precision
 from tdfusion.inference.colour import merge_chroma
 from tdfusion.inference.fuse import _fuse_lumas, _with_options, min_max_stretch
 from tdfusion.inference.pipeline import run_overlapped
+from tdfusion.inference.tiling import check_tile_options
 
 __all__ = ["DEFAULT_PREFETCH", "FolderReport", "fuse_folders"]
 
@@ -153,12 +155,17 @@ def fuse_folders(
         If another process is writing into ``out_dir`` (an :func:`~tdfusion.files.output_lock`
         is held while writing).
     ValueError
-        If ``prefetch`` is negative or an option is unknown.
+        If ``prefetch`` is negative, ``batch`` below 1, ``tile`` below 1 or below twice
+        ``overlap``, ``overlap`` negative (as ``tdfusion fuse`` refuses them), or an option is
+        unknown.
     """
     from tqdm.auto import tqdm
 
     if prefetch < 0:
         raise ValueError(f"prefetch must be at least 0; got {prefetch}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1; got {batch}")
+    check_tile_options(tile, overlap)
     start = time.perf_counter()
     model = _with_options(model, precision, channels_last, compile)
     out = Path(out_dir).resolve()
@@ -179,7 +186,7 @@ def fuse_folders(
     report.skipped.extend(skipped)
     if not skip_bad and prefetch == 0:
         _check_pairs(pairs, out_dir)
-    chunks = [pairs[first : first + max(1, batch)] for first in range(0, len(pairs), max(1, batch))]
+    chunks = [pairs[first : first + batch] for first in range(0, len(pairs), batch)]
 
     def fuse(read: _Read) -> _FusedChunk:
         loaded, skipped = read
@@ -191,7 +198,7 @@ def fuse_folders(
     def finish(fused_chunk: _FusedChunk) -> None:
         skipped, fused, size = fused_chunk
         if not bars:
-            bar = tqdm(total=len(pairs), desc="fusing", unit="pair", disable=not progress)
+            bar = tqdm(total=len(pairs), desc="fusing", unit="pair", **bar_options(progress))
             # tqdm's clock is time.time: count its elapsed time and rate from the folder's start
             bar.start_t = bar.last_print_t = time.time() - (time.perf_counter() - start)
             bars.append(bar)

@@ -7,7 +7,53 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["balanced_tile", "blend_window", "fuse_in_tiles", "tile_starts"]
+__all__ = ["balanced_tile", "blend_window", "check_tile_options", "fuse_in_tiles", "tile_starts"]
+
+
+def check_tile_options(
+    tile: int | None, overlap: int, *, names: tuple[str, str] = ("tile", "overlap")
+) -> None:
+    """Check a tile size and overlap as ``tdfusion fuse`` and the inference API take them.
+
+    A tile must be at least twice the overlap: with less, neighbouring tiles advance by
+    ``tile - overlap`` pixels only (by one pixel for a tile of 32 and the default overlap of
+    32), thousands of forward passes for one image.
+
+    Parameters
+    ----------
+    tile : int, optional
+        Tile size (at least 1), or ``None`` (no tiling asked for).
+    overlap : int
+        Overlap of neighbouring tiles (at least 0).
+    names : (str, str)
+        How the message calls the two (``("--tile", "--overlap")`` on the command line).
+
+    Raises
+    ------
+    ValueError
+        In one line, naming the values and what to change.
+
+    Example
+    -------
+    >>> check_tile_options(512, 32)
+    >>> check_tile_options(32, 32)
+    Traceback (most recent call last):
+    ...
+    ValueError: tile 32 must be at least twice overlap 32 (tiles would advance by 0 pixel(s)); ...
+    """
+    tile_name, overlap_name = names
+    if overlap < 0:
+        raise ValueError(f"{overlap_name} must be at least 0, got {overlap}")
+    if tile is None:
+        return
+    if tile < 1:
+        raise ValueError(f"{tile_name} must be a positive integer, got {tile}")
+    if tile < 2 * overlap:
+        raise ValueError(
+            f"{tile_name} {tile} must be at least twice {overlap_name} {overlap} (tiles would "
+            f"advance by {max(tile - overlap, 0)} pixel(s)); use a larger {tile_name} or a "
+            f"smaller {overlap_name}"
+        )
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tdfusion._progress import bar_options
 from tdfusion.data.io import read_luma_pair, write_image
 from tdfusion.devices import images_for
 from tdfusion.errors import DataError
@@ -138,7 +139,7 @@ def save_weight_maps(
             f"bytes ({len(too_long)} pair(s)); shorten the file names"
         )
     with output_lock(out, purpose="writing weight maps"):
-        for stem, files in tqdm(pairs, desc="weight maps", unit="pair", disable=not progress):
+        for stem, files in tqdm(pairs, desc="weight maps", unit="pair", **bar_options(progress)):
             luma_a, luma_b, _, _ = read_luma_pair(files["infrared"], files["visible"])
             a, b = images_for(generator, [luma_a]), images_for(generator, [luma_b])
             weight_a = loss_weights(generator, a, b)[0, 0].float().cpu().numpy()

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from tdfusion.data.io import read_image
-from tdfusion.errors import DataError
+from tdfusion.data.io import read_image, refuse_unit_range_float
 from tdfusion.files import IMAGE_SUFFIXES, list_images, pair_folders
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "pair_by_stem", "read_luma"]
@@ -45,28 +43,11 @@ def read_luma(path: str | Path) -> np.ndarray:
         whose values are all at most 1 (the message says to multiply it by 255).
     """
     image = read_image(path, dtype=np.float64)
-    _refuse_unit_range_float(path, image)
+    refuse_unit_range_float(path, image)
     if image.ndim == 3:
         red, green, blue = _LUMA_WEIGHTS
         image = red * image[..., 0] + green * image[..., 1] + blue * image[..., 2]
     return np.clip(np.rint(image), 0, 255)
-
-
-def _refuse_unit_range_float(path: str | Path, image: np.ndarray) -> None:
-    """Raise if ``path`` is a floating-point image whose values (``image``) are all <= 1.
-
-    Such a file is almost surely a [0, 1] image: on the 0..255 scale the metrics use it would
-    be scored as black, silently. Its values are not rescaled either, since a float image on
-    the 0..255 scale that is that dark cannot be told apart.
-    """
-    with Image.open(path) as opened:  # reads the header only; read_image has checked the file
-        floating = opened.mode.startswith("F")
-    if floating and image.size and float(image.max()) <= 1.0:
-        raise DataError(
-            f"image {path} is a floating-point image with values in [{float(image.min()):g}, "
-            f"{float(image.max()):g}]; the metrics read float images on the 0..255 scale, so "
-            "multiply it by 255 (or save it as an 8- or 16-bit image) and evaluate again"
-        )
 
 
 def pair_by_stem(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tdfusion._progress import bar_options
 from tdfusion.errors import DataError
 from tdfusion.metrics._io import pair_by_stem, read_luma
 from tdfusion.metrics.evaluation import METRIC_NAMES, evaluate
@@ -101,7 +102,7 @@ def evaluate_many(
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     work = [tuple(Path(path) for path in triple) for triple in triples]
-    with tqdm(total=len(work), desc="evaluate", unit="image", disable=not progress) as bar:
+    with tqdm(total=len(work), desc="evaluate", unit="image", **bar_options(progress)) as bar:
         if jobs == 1 or len(work) <= 1:
             return [_advance(bar, _evaluate_triple(triple)) for triple in work]
         # Fresh interpreters rather than fork(): the parent may hold threads (torch, BLAS).

@@ -208,7 +208,8 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     Raises
     ------
     FileNotFoundError
-        Listing every place looked at; nothing is downloaded.
+        Listing every place looked at, or saying that ``name`` is a folder, not a checkpoint
+        file; nothing is downloaded.
 
     Example
     -------
@@ -216,7 +217,7 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     PosixPath('weights/ReFusion_IVIF.pth')
     """
     bundled = bundled_path(os.fspath(name))
-    if bundled is not None and not Path(name).exists():
+    if bundled is not None and not Path(name).is_file():  # a folder of that name is no file
         if not bundled.is_file():
             raise FileNotFoundError(
                 f"the bundled weights {os.fspath(name)!r} are missing from this installation "
@@ -227,6 +228,11 @@ def resolve_checkpoint_path(name: str | os.PathLike[str]) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    if candidates[0].is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {os.fspath(name)!r} is a folder, not a checkpoint file; pass the path "
+            "of a weights file (.pt or .pth)"
+        )
     looked = ", ".join(str(candidate) for candidate in candidates)
     raise FileNotFoundError(
         f"checkpoint {os.fspath(name)!r} not found; looked in: {looked}. tdfusion downloads "
@@ -560,7 +566,7 @@ class PretrainedMixin:
         Raises
         ------
         FileNotFoundError
-            When the file is not found.
+            When the file is not found, or ``path`` is a folder.
         CheckpointError
             When the file is unreadable, of an unknown kind, for another architecture, or
             its keys or shapes do not fit (the message names them).

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from tdfusion._progress import bar_options
 from tdfusion.distributed import shuffles_plainly
 from tdfusion.errors import CheckpointError, DataError, DistributedError, OutputInUseError
 from tdfusion.files import output_lock
@@ -497,9 +498,9 @@ class _Phases:
         bar = tqdm(
             total=total,
             desc=f"epoch {trainer.epoch + 1}/{self.epochs} {label}",
-            disable=not self.progress,
             leave=False,
             dynamic_ncols=True,
+            **bar_options(self.progress),
         )
         with bar:
             for step_index, step in enumerate(steps):
