@@ -3,12 +3,17 @@ their order and their crops do not depend on how many meta steps were taken."""
 
 from __future__ import annotations
 
+import functools
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from test_trainer import make_trainer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from tdfusion.trainer.checkpoint import load_checkpoint
+from tdfusion.trainer.streams import SEARCH_LIMIT, dataset_generators, loader_generators
 
 
 def numbered_loader(seed: int = 5, pairs: int = 6) -> DataLoader:
@@ -84,7 +89,7 @@ def test_a_checkpoint_without_the_meta_streams_still_resumes(tmp_path):
         numbered_loader(), epochs=1, meta_steps=2, checkpoint=tmp_path / "new.pt", progress=False
     )
     state = load_checkpoint(tmp_path / "new.pt")
-    assert state["data"]["meta_passes"] == 2 and len(state["rng"]["meta_generators"]) == 4
+    assert state["data"]["meta_passes"] == 2 and len(state["rng"]["meta_generators"]) == 5
     del state["rng"]["meta_generators"], state["data"]["meta_passes"]
     torch.save(state, tmp_path / "old.pt")
     resumed = make_trainer("module", fusion_crop=8, seed=3)
@@ -136,7 +141,19 @@ def augmented_loader(num_workers: int = 0, shuffle: bool = True) -> DataLoader:
     )
 
 
-def fusion_batches(meta_steps: int, **loader_options) -> list[torch.Tensor]:
+def shared_loader(kind: str) -> DataLoader:
+    """Loaders that fit cannot rebuild as a twin, whose order comes from generators of their
+    own: both phases read them."""
+    dataset = AugmentedPairs()
+    generator = torch.Generator().manual_seed(5)
+    if kind == "batch-sampler":
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), 2, drop_last=False)
+        return DataLoader(dataset, batch_sampler=batches)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=6, generator=generator)
+    return DataLoader(dataset, batch_size=2, sampler=sampler)
+
+
+def fusion_batches(meta_steps: int, shared: str | None = None, **loader_options):
     trainer = make_trainer("module", fusion_crop=8, seed=3)
     seen = []
     fusion_step = trainer.fusion_step
@@ -147,7 +164,8 @@ def fusion_batches(meta_steps: int, **loader_options) -> list[torch.Tensor]:
 
     trainer.fusion_step = recording
     torch.manual_seed(1)
-    trainer.fit(augmented_loader(**loader_options), epochs=2, meta_steps=meta_steps, progress=False)
+    loader = augmented_loader(**loader_options) if shared is None else shared_loader(shared)
+    trainer.fit(loader, epochs=2, meta_steps=meta_steps, progress=False)
     return seen
 
 
@@ -160,6 +178,15 @@ def test_the_fusion_phase_augments_alike_with_and_without_meta_steps(loader_opti
     """Random transforms drawn in this process (or in workers) by the meta phase must not
     shift the fusion phase's."""
     without, with_meta = fusion_batches(0, **loader_options), fusion_batches(3, **loader_options)
+    assert len(without) == len(with_meta) == 6
+    for expected, seen in zip(without, with_meta):
+        assert torch.equal(seen, expected)
+
+
+@pytest.mark.parametrize("kind", ["batch-sampler", "sampler"])
+def test_a_shared_loader_with_generators_of_its_own_keeps_the_phases_apart(kind):
+    """Read by both phases, such a loader's order generators are swapped per phase too."""
+    without, with_meta = fusion_batches(0, shared=kind), fusion_batches(3, shared=kind)
     assert len(without) == len(with_meta) == 6
     for expected, seen in zip(without, with_meta):
         assert torch.equal(seen, expected)
@@ -205,3 +232,96 @@ def test_two_fits_of_one_trainer_continue_like_one(tmp_path):
     expected = parameters_after(straight)
     for key, value in parameters_after(twice).items():
         assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.parametrize("loader", [augmented_loader, lambda: shared_loader("batch-sampler")])
+def test_resume_is_exact_with_a_custom_batch_sampler(tmp_path, loader):
+    """The generator of a custom batch sampler's sampler is in the checkpoint too."""
+    torch.manual_seed(123)
+    straight = make_trainer("module", fusion_crop=8, seed=11)
+    straight.fit(loader(), epochs=3, meta_steps=2, progress=False)
+    torch.manual_seed(123)
+    first = make_trainer("module", fusion_crop=8, seed=11)
+    first.fit(loader(), epochs=1, meta_steps=2, checkpoint=tmp_path / "c.pt", progress=False)
+    torch.manual_seed(999)
+    resumed = make_trainer("module", fusion_crop=8, seed=0)
+    resumed.fit(loader(), epochs=3, meta_steps=2, resume=tmp_path / "c.pt", progress=False)
+    expected = parameters_after(straight)
+    for key, value in parameters_after(resumed).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_loader_generators_lists_each_generator_once_in_fixed_places():
+    generator = torch.Generator()
+    dataset = TensorDataset(torch.zeros(4))
+    sampler = RandomSampler(dataset, generator=generator)
+    plain = DataLoader(dataset, batch_size=2, sampler=sampler)
+    # the default batch sampler holds the same sampler: its generator is listed once
+    assert loader_generators(plain) == [None, generator, None, None]
+    custom = DataLoader(dataset, batch_sampler=BatchSampler(sampler, 2, drop_last=False))
+    assert loader_generators(custom) == [None, None, None, generator]
+
+
+class _Slotted:
+    __slots__ = ("__hidden", "visible")
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.__hidden = generator
+        self.visible = 1
+
+
+def _random_shift(image, generator):
+    return image
+
+
+def _closure_over(generator):
+    def transform(image):
+        return image + torch.rand(1, generator=generator)
+
+    return transform
+
+
+class _Holder:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, **attributes) -> None:
+        self.__dict__.update(attributes)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index):
+        return index
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["partial", "closure", "slots", "long-list", "deep", "bound-method"],
+)
+def test_dataset_generators_finds_generators_where_transforms_keep_them(where):
+    generator = torch.Generator()
+    held = {
+        "partial": lambda: functools.partial(_random_shift, generator=generator),
+        "closure": lambda: _closure_over(generator),
+        "slots": lambda: _Slotted(generator),
+        "long-list": lambda: [_Holder(None) for _ in range(100)] + [_Holder(generator)],
+        "deep": lambda: functools.reduce(lambda inner, _: _Holder(inner), range(9), generator),
+        "bound-method": lambda: _Holder(generator).__init__,
+    }[where]()
+    found = dataset_generators(DataLoader(_Dataset(transform=held)))
+    assert len(found) == 1 and found[0] is generator
+
+
+def test_dataset_generators_reads_long_file_lists_quietly_and_warns_at_its_limit():
+    files = {f"{i:06d}": (Path(f"ir/{i}.png"), Path(f"vi/{i}.png")) for i in range(30_000)}
+    generator = torch.Generator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = dataset_generators(DataLoader(_Dataset(files=files, transform=[generator])))
+    assert found == [generator]
+    records = [_Holder(i) for i in range(SEARCH_LIMIT + 10)]
+    with pytest.warns(UserWarning, match="stopped after"):
+        dataset_generators(DataLoader(_Dataset(records=records)))

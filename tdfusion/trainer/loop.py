@@ -140,7 +140,9 @@ def fit(
     global generators and the dataset's transforms draw from the meta phase's own state. So
     the fusion phase's batches, their order, crops, augmentations and dropout masks are the
     same whatever ``meta_steps`` is, and ``meta_steps=0`` is a controlled ablation. A loader
-    that cannot be rebuilt is shared by both phases.
+    that cannot be rebuilt (a custom batch sampler, a sampler other than a shuffling, in-order
+    or distributed one) is shared by both phases, its own generators swapped per phase like
+    the global ones.
 
     In a distributed run every rank calls ``fit`` with the same arguments. A plain
     :class:`~torch.utils.data.DataLoader` is rebuilt around a
@@ -271,11 +273,14 @@ def _train(
         raise DataError(_NO_BATCHES)
     meta_loader = meta_phase_loader(trainer, train_loader)
     shared_generators = dataset_generators(train_loader)
-    # Saved after the loader's own three, so that older checkpoints' positions still fit.
-    generators = [*loader_generators(train_loader), *shared_generators]
+    own_generators = loader_generators(train_loader)
+    # Saved after the loader's own, so that older checkpoints' positions still fit.
+    generators = [*own_generators, *shared_generators]
     meta_generators = [trainer.meta_generator]
     if meta_loader is not train_loader:
         meta_generators += loader_generators(meta_loader)
+    else:  # one loader for both phases: its order and worker seeds are swapped per phase too
+        shared_generators = _distinct([*shared_generators, *own_generators])
     if resume_rng is not None:
         restore_rng_state(resume_rng, trainer.generator, *generators)
         restore_generators(resume_rng.get("meta_generators") or [], *meta_generators)
@@ -380,6 +385,15 @@ def shard_for_training(
             "fewer processes or a smaller batch size"
         )
     return loader
+
+
+def _distinct(generators: Sequence[torch.Generator | None]) -> list[torch.Generator]:
+    """The generators in ``generators``, each once, in order, without ``None``."""
+    found: list[torch.Generator] = []
+    for generator in generators:
+        if generator is not None and not any(generator is known for known in found):
+            found.append(generator)
+    return found
 
 
 def _data_seed(trainer: MetaFusionTrainer, loader: Any) -> int:

@@ -19,6 +19,10 @@ The states of all of them are in the checkpoints (:func:`loader_generators`,
 
 from __future__ import annotations
 
+import functools
+import types
+import warnings
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +56,11 @@ def meta_phase_loader(trainer: MetaFusionTrainer, loader: Iterable[Any]) -> Iter
     ``SequentialSampler`` gets a twin with the same data and settings, its own shuffling
     seed and its own generator (``trainer.meta_loader_generator``, made once and kept in
     checkpoints: the seeds of its workers), so the fusion phase's batches and their order do
-    not depend on ``meta_steps``. Any other loader is shared by the two phases.
+    not depend on ``meta_steps``. Any other loader is shared by the two phases; its own
+    generators (:func:`loader_generators`) are then swapped per phase by
+    :class:`MetaPhaseRandomness`, so that its order does not depend on ``meta_steps``
+    either (when it draws from no generator of its own, it draws from the global ones,
+    which are swapped anyway).
 
     Parameters
     ----------
@@ -104,13 +112,22 @@ def loader_generators(loader: Any) -> list[torch.Generator | None]:
     Returns
     -------
     list of torch.Generator or None
-        The generators of the loader, its sampler and its batch sampler (``None`` where there
-        is none), in that order.
+        The generators of the loader, its sampler, its batch sampler and the batch sampler's
+        sampler (a custom ``batch_sampler``'s), in that order; ``None`` where there is none
+        or where the generator is one listed before (the positions stay fixed).
     """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (
+        loader,
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    )
     found: list[torch.Generator | None] = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+    for owner in owners:
         generator = getattr(owner, "generator", None)
-        found.append(generator if isinstance(generator, torch.Generator) else None)
+        known = any(generator is earlier for earlier in found)
+        found.append(generator if isinstance(generator, torch.Generator) and not known else None)
     return found
 
 
@@ -119,9 +136,13 @@ def dataset_generators(loader: Any) -> list[torch.Generator]:
 
     Random transforms such as :class:`~tdfusion.data.RandomCrop` keep a generator; without
     worker processes they draw from it in this process, so its state is part of where a run
-    stands. The dataset's attributes are searched a few levels deep (lists, tuples and dicts
-    of up to 64 items, objects' attributes); tensors, arrays and long containers (file lists)
-    are not entered.
+    stands. The search starts at the dataset and enters objects' attributes (``__dict__`` and
+    ``__slots__``), lists, tuples, sets and dicts, ``functools.partial`` objects (function,
+    arguments, keywords), functions' closures and defaults, and bound methods; tensors,
+    arrays, strings, numbers, paths, classes and modules are not entered. It stops after
+    ``SEARCH_LIMIT`` (20,000) objects (a dataset that holds more, e.g. a list of per-image
+    records, is searched in part) and then warns, since a generator it did not find is
+    neither saved in checkpoints nor kept apart from the meta phase.
 
     Parameters
     ----------
@@ -150,34 +171,102 @@ def dataset_generators(loader: Any) -> list[torch.Generator]:
     """
     found: list[torch.Generator] = []
     seen: set[int] = set()
-
-    def visit(value: Any, depth: int) -> None:
-        if id(value) in seen or depth > _SEARCH_DEPTH:
-            return
+    # Breadth first, so that a long container deep down cannot use up the search before the
+    # transforms near the top are reached.
+    queue: deque[Any] = deque([getattr(loader, "dataset", None)])
+    while queue:
+        value = queue.popleft()
+        if id(value) in seen or value is None:
+            continue
+        if len(seen) >= SEARCH_LIMIT:
+            warnings.warn(
+                f"the search of the dataset for random generators stopped after {SEARCH_LIMIT} "
+                "objects: a torch.Generator held beyond them (by a transform) is not saved in "
+                "checkpoints, so a resumed run may not go on exactly, and the meta phase may "
+                "draw from it. Keep the dataset's transforms near its top (e.g. in a "
+                "'transform' attribute)",
+                stacklevel=3,
+            )
+            break
         seen.add(id(value))
         if isinstance(value, torch.Generator):
             if value.device.type == "cpu":
                 found.append(value)
-            return
-        if isinstance(value, _NOT_SEARCHED):
-            return
-        if isinstance(value, (list, tuple)):
-            items: Iterable[Any] = value if len(value) <= _LONGEST_SEARCHED else ()
-        elif isinstance(value, dict):
-            items = value.values() if len(value) <= _LONGEST_SEARCHED else ()
-        else:
-            attributes = getattr(value, "__dict__", None)
-            items = list(attributes.values()) if isinstance(attributes, dict) else ()
-        for item in items:
-            visit(item, depth + 1)
-
-    visit(getattr(loader, "dataset", None), 0)
+            continue
+        queue.extend(part for part in _parts(value) if not _plain(part))
     return found
 
 
-_SEARCH_DEPTH = 5
-_LONGEST_SEARCHED = 64
-_NOT_SEARCHED = (torch.Tensor, np.ndarray, str, bytes, int, float, complex, Path, type)
+#: How many objects :func:`dataset_generators` looks at before it stops and warns.
+SEARCH_LIMIT = 20_000
+_NOT_SEARCHED = (
+    torch.Tensor,
+    np.ndarray,
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    bool,
+    Path,
+    type,
+    types.ModuleType,
+)
+
+
+def _parts(value: Any) -> list[Any]:
+    """The objects ``value`` holds that :func:`dataset_generators` searches next."""
+    if isinstance(value, _NOT_SEARCHED):
+        return []
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, functools.partial):
+        return [value.func, *value.args, *value.keywords.values()]
+    if isinstance(value, types.MethodType):
+        return [value.__self__, value.__func__]
+    if isinstance(value, types.FunctionType):
+        cells = [cell.cell_contents for cell in value.__closure__ or () if _filled(cell)]
+        return [*cells, *(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
+    parts: list[Any] = []
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict):
+        parts.extend(attributes.values())
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            if name.startswith("__") and not name.endswith("__"):  # stored name-mangled
+                name = f"_{cls.__name__.lstrip('_')}{name}"
+            if hasattr(value, name):
+                parts.append(getattr(value, name))
+    return parts
+
+
+def _plain(value: Any) -> bool:
+    """Plain data (a path, a number, a short tuple or dict of them: a file list's entries),
+    which holds no generator and is not counted against ``SEARCH_LIMIT``."""
+    if isinstance(value, _NOT_SEARCHED):
+        return True
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) <= 16
+        and all(isinstance(item, _NOT_SEARCHED) for item in value)
+    )
+
+
+def _filled(cell: Any) -> bool:
+    """Whether a closure cell holds a value (a cell of a name not yet bound is empty)."""
+    try:
+        cell.cell_contents  # noqa: B018 (reading it is the test)
+    except ValueError:
+        return False
+    return True
 
 
 class MetaPhaseRandomness:
@@ -195,7 +284,8 @@ class MetaPhaseRandomness:
     trainer : tdfusion.trainer.MetaFusionTrainer
         Its ``meta_random_state`` holds the meta phase's state between phases.
     generators : list of torch.Generator
-        Further generators the phases share (the dataset's, :func:`dataset_generators`).
+        Further generators the phases share: the dataset's (:func:`dataset_generators`), and
+        the loader's own when both phases read one loader.
     """
 
     def __init__(self, trainer: MetaFusionTrainer, generators: list[torch.Generator]) -> None:
