@@ -99,6 +99,43 @@ def test_a_part_that_overruns_its_limit_is_a_failure(gpu_check, monkeypatch):
     assert line == "FAIL steps-fp32: did not finish within 42 s"
 
 
+def test_compiled_steps_still_compiling_at_their_limit_are_skipped_not_failed(
+    gpu_check, monkeypatch
+):
+    printed = {"steps-compiled": "", "steps-fp32": ""}
+
+    def overrun(command, environment, timeout):
+        name = command[command.index("--part") + 1]
+        raise subprocess.TimeoutExpired(command, timeout, output=printed[name])
+
+    monkeypatch.setattr(gpu_check, "run_in_own_group", overrun)
+    assert gpu_check.run_part_in_child("steps-compiled", 42).startswith(
+        "SKIP steps-compiled: the first (compiling) steps did not finish within 42 s"
+    )
+    assert gpu_check.run_part_in_child("steps-fp32", 42).startswith("FAIL")
+    # once compiled, a part that overruns is a failure like any other
+    printed["steps-compiled"] = f"{gpu_check.WARMED_UP} steps-compiled 80.0 s\n"
+    assert gpu_check.run_part_in_child("steps-compiled", 42) == (
+        "FAIL steps-compiled: did not finish within 42 s"
+    )
+
+
+def test_part_limit_replaces_every_part_limit(gpu_check, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(
+        gpu_check, "run_part_in_child", lambda name, timeout: calls.append(timeout) or "SKIP x"
+    )
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        gpu_check.torch.cuda,
+        "get_device_properties",
+        lambda index: type("P", (), {"total_memory": 2**30})(),
+    )
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda index: "stand-in")
+    gpu_check.main(["--only", "steps-compiled", "--part-limit", "300", "--budget", "500"])
+    assert calls == [300]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without CUDA")
 def test_the_dry_run_runs_every_part_on_the_cpu():
     # Everything but the compiled steps (inductor compiles for minutes on the CPU): the same
