@@ -20,7 +20,7 @@ def numbered_loader(seed: int = 5, pairs: int = 6) -> DataLoader:
     """Pairs whose first pixel is their index, so a batch says which pairs it holds."""
     generator = torch.Generator().manual_seed(0)
     a = torch.rand(pairs, 1, 12, 12, generator=generator, dtype=torch.float64)
-    a[:, 0, 0, 0] = torch.arange(pairs, dtype=torch.float64) / 10
+    a[:, 0, 0, 0] = torch.arange(pairs, dtype=torch.float64) / 100
     b = torch.rand(pairs, 1, 12, 12, generator=generator, dtype=torch.float64)
     masks = torch.randint(0, 3, (pairs, 12, 12), generator=generator)
     return DataLoader(
@@ -37,7 +37,7 @@ def record_fusion_steps(trainer) -> list[tuple[list[int], bytes]]:
     fusion_step = trainer.fusion_step
 
     def recording(batch):
-        pairs = (batch[0][:, 0, 0, 0] * 10).round().long().tolist()
+        pairs = (batch[0][:, 0, 0, 0] * 100).round().long().tolist()
         seen.append((pairs, bytes(trainer.generator.get_state().numpy())))
         return fusion_step(batch)
 
@@ -57,6 +57,26 @@ def test_fusion_phase_sees_the_same_batches_and_crops_with_and_without_meta_step
     assert [p for p, _ in seen_with[:3]] != [p for p, _ in seen_with[3:]]
     assert with_meta.meta_passes == 8 and without_meta.meta_passes == 0  # a meta step a pass
     assert with_meta.data_passes == without_meta.data_passes == 2
+
+
+def test_the_meta_phase_reads_its_own_order_not_the_fusion_phase_s():
+    pairs = 24
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    fusion_seen = record_fusion_steps(trainer)
+    meta_seen = []
+    meta_step = trainer.meta_step
+
+    def recording(meta_train, meta_test):
+        for batch in (meta_train, meta_test):
+            meta_seen.append((batch[0][:, 0, 0, 0] * 100).round().long().tolist())
+        return meta_step(meta_train, meta_test)
+
+    trainer.meta_step = recording
+    trainer.fit(numbered_loader(pairs=pairs), epochs=1, meta_steps=6, progress=False)
+    fusion_order = [pair for pairs_seen, _ in fusion_seen for pair in pairs_seen]
+    meta_order = [pair for batch in meta_seen for pair in batch]
+    assert sorted(meta_order) == sorted(fusion_order) == list(range(pairs))  # one pass each
+    assert meta_order != fusion_order
 
 
 def test_meta_steps_draw_crops_from_their_own_generator():

@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 #: Added to the data seed for the meta phase's twin loader (see :func:`meta_phase_loader`).
-META_SEED_OFFSET = 2**32
+#: PyTorch's CPU generator keeps only the low 32 bits of a seed, so the offset lies in them:
+#: the twin's pass k would meet the fusion passes' shuffle only after about 2.6e9 passes.
+META_SEED_OFFSET = 0x9E3779B9
 
 
 def meta_phase_loader(trainer: MetaFusionTrainer, loader: Iterable[Any]) -> Iterable[Any]:
@@ -80,8 +82,9 @@ def meta_phase_loader(trainer: MetaFusionTrainer, loader: Iterable[Any]) -> Iter
     if type(loader) is not DataLoader or loader.batch_size is None:
         return loader
     if type(sampler) is DistributedSampler:
-        # DistributedSampler shuffles pass k by seed + k: an offset far beyond any pass
-        # count keeps the meta passes' shuffles apart from the fusion passes'.
+        # DistributedSampler shuffles pass k by seed + k: an offset (in the low 32 bits the
+        # generator keeps) far beyond any pass count keeps the meta passes' shuffles apart
+        # from the fusion passes'.
         seed = (sampler.seed + META_SEED_OFFSET) % 2**62
         twin_sampler: Any = DistributedSampler(
             loader.dataset,
