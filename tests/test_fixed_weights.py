@@ -58,3 +58,29 @@ def test_trainer_with_fixed_weights_trains_f_and_refuses_meta_steps():
         trainer.meta_step((a, b, None), (b, a, None))
     # The checkpoint round trip works without a generator optimiser.
     trainer.load_state_dict(trainer.state_dict())
+
+
+def test_the_loss_generator_of_a_fixed_weights_checkpoint_is_refused_by_name(tmp_path, capsys):
+    from tdfusion.cli import main
+    from tdfusion.errors import CheckpointError
+    from tdfusion.nets import LossGenerator
+
+    trainer = MetaFusionTrainer(
+        ReFusionNet(dim=8),
+        lambda fused, target: fused.mean() * 0.0,
+        FixedLossWeights("max_intensity"),
+        device="cpu",
+    )
+    path = tmp_path / "checkpoint.pt"
+    trainer.save(path)
+    with pytest.raises(CheckpointError, match="fixed loss weights .rule 'max_intensity'."):
+        LossGenerator.from_pretrained(path)
+    # the trainer itself still loads, fixed weights and all
+    loaded = MetaFusionTrainer.load(path, ReFusionNet(dim=8), trainer.task_loss)
+    assert isinstance(loaded.loss_generator, FixedLossWeights)
+    # the command line says it in one line
+    pairs = tmp_path / "pairs"
+    arguments = ["weights", "--checkpoint", str(path), "--ir", str(pairs), "--vis", str(pairs)]
+    assert main([*arguments, "--out", str(tmp_path / "maps")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "fixed loss weights" in error[0]

@@ -345,3 +345,26 @@ def test_dataset_generators_reads_long_file_lists_quietly_and_warns_at_its_limit
     records = [_Holder(i) for i in range(SEARCH_LIMIT + 10)]
     with pytest.warns(UserWarning, match="stopped after"):
         dataset_generators(DataLoader(_Dataset(records=records)))
+
+
+def test_the_progress_bar_shows_the_means_up_to_the_last_step(monkeypatch):
+    from tqdm.auto import tqdm
+
+    import tdfusion.trainer.loop as loop
+
+    drawn: list[tuple[int, str]] = []
+
+    class Recording(tqdm):  # what each update draws: the count and the losses beside it
+        def update(self, n=1):
+            result = super().update(n)
+            drawn.append((self.n, self.postfix or ""))
+            return result
+
+    monkeypatch.setattr(loop, "tqdm", Recording)
+    trainer = make_trainer("module", fusion_crop=8, seed=3)
+    trainer.fit(numbered_loader(), epochs=1, meta_steps=0, progress=True)
+    count, postfix = drawn[-1]
+    means = trainer.history[-1]
+    assert count == 3
+    assert f"fusion_loss={means['fusion_loss']:.4g}" in postfix
+    assert f"task_loss={means['task_loss']:.4g}" in postfix

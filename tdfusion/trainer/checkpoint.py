@@ -121,7 +121,7 @@ def model_entry(
     Raises
     ------
     CheckpointError
-        If the checkpoint holds no such network.
+        If the checkpoint holds no such network, or its loss weights were a fixed rule.
     """
     models = payload.get("models")
     if not isinstance(models, Mapping) or role not in models:
@@ -131,6 +131,13 @@ def model_entry(
         )
     model_configs = payload.get("model_configs")
     description = model_configs.get(role) if isinstance(model_configs, Mapping) else None
+    if isinstance(description, Mapping) and description.get("arch") == _FIXED_WEIGHTS_ARCH:
+        rule = (description.get("config") or {}).get("rule")
+        raise CheckpointError(
+            f"trainer checkpoint {os.fspath(file)} was trained with fixed loss weights (rule "
+            f"{rule!r}), not a learned loss generator: it has no {role!r} network to load "
+            "(take the weight maps of a run with meta steps)"
+        )
     return models[role], description
 
 

@@ -537,11 +537,13 @@ class _Phases:
                 trainer.global_step += 1
                 for callback in self.callbacks:
                     callback.on_step_end(trainer, record)
-                bar.update(1)
+                # The running means, set before the update that draws them (set after it,
+                # they showed one step late, and the last step's never).
                 if taken:
                     bar.set_postfix(
                         {k: f"{sums[k] / taken:.4g}" for k in shown if k in sums}, refresh=False
                     )
+                bar.update(1)
         prefix = "meta_" if phase == "meta" else ""
         summary = {f"{prefix}{k}": v / taken if taken else math.nan for k, v in sums.items()}
         summary[f"{phase}_steps"] = count
