@@ -50,7 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     add_source_folder_options(parser)
-    parser.add_argument("--out", required=True, type=output_folder, help="output folder (created)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=output_folder,
+        help="output folder (created); a file of the same name already there is replaced",
+    )
     parser.add_argument(
         "--weights",
         type=weights_file,
