@@ -18,6 +18,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from tdfusion.recipe_tables import DATASETS, TASKS, no_task, read_transform
 __all__ = [
     "PRESETS",
     "RECIPES",
+    "NothingToTrainWarning",
     "Recipe",
     "build_dataset",
     "build_task",
@@ -462,7 +466,8 @@ def load_recipe(
     Parameters
     ----------
     name : str, optional
-        A key of :data:`RECIPES`; optional when the config file names one (``"name"``).
+        A key of :data:`RECIPES`; optional when the config file names one (``"name"``),
+        which must then be the same.
     config : str or os.PathLike, optional
         JSON file of settings.
     **overrides
@@ -477,10 +482,10 @@ def load_recipe(
     Raises
     ------
     DataError
-        If the config file cannot be read or is not a JSON object, or names an unknown
-        recipe, preset or setting, or a setting's value has the wrong type, lies outside its
-        range or does not go with the others (see :meth:`Recipe.validate`; the message names
-        the setting, its value and what it may be).
+        If the config file cannot be read or is not a JSON object, names an unknown
+        recipe, preset or setting or another recipe than ``name``, or a setting's value has
+        the wrong type, lies outside its range or does not go with the others (see
+        :meth:`Recipe.validate`; the message names the setting, its value and what it may be).
     """
     settings: dict[str, Any] = {}
     if config is not None:
@@ -495,6 +500,11 @@ def load_recipe(
         unknown = set(settings) - {"name"} - {field.name for field in dataclasses.fields(Recipe)}
         if unknown:
             raise DataError(f"recipe config {config}: {unknown_settings_message(unknown, Recipe)}")
+    if name is not None and "name" in settings and settings["name"] != name:
+        raise DataError(
+            f'recipe {name!r} and the "name" of recipe config {config} '
+            f"({settings['name']!r}) disagree; give one of them, or the same name in both"
+        )
     name = name or settings.get("name")
     if not isinstance(name, str) or name not in RECIPES:
         raise DataError(
@@ -521,13 +531,24 @@ def _known(table: Mapping[str, Any], name: str, what: str, recipe: Recipe) -> An
     return table[name]
 
 
-def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str = "train"):
+def build_dataset(
+    recipe: Recipe,
+    data_root: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    check_files: bool = False,
+):
     """The recipe's dataset (full-size images; the trainer crops and resizes).
 
     Segmentation masks are resized to ``task_size`` (nearest), matching the task input; with
     ``data_crop`` every pair is cropped (and flipped, and darkened, blurred or made noisy as
     the recipe's augmentation settings say) when it is read; with ``stride`` every
     ``stride``-th pair is kept.
+
+    With ``check_files`` the header of every kept pair's two images is read once here
+    (:meth:`~tdfusion.data.PairedImageDataset.check_files`: sizes and formats, no pixel is
+    decoded), so that an unreadable file or a pair of two sizes is refused before training
+    rather than when an epoch reaches it; :func:`train` does so.
 
     Parameters
     ----------
@@ -537,6 +558,8 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
         Dataset root in its standard layout.
     split : str
         ``"train"`` or ``"test"``.
+    check_files : bool
+        Read every kept pair's image headers and refuse unreadable files and size mismatches.
 
     Returns
     -------
@@ -547,8 +570,9 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     ------
     DataError
         If the root does not hold the dataset (the message names what is missing and the
-        layout expected, from :data:`tdfusion.data.layouts.LAYOUTS`), or the recipe's settings
-        are invalid (:meth:`Recipe.validate`).
+        layout expected, from :data:`tdfusion.data.layouts.LAYOUTS`), the recipe's settings
+        are invalid (:meth:`Recipe.validate`), or, with ``check_files``, an image header cannot
+        be read or the two images of a pair differ in size (the message names the files).
     """
     from tdfusion.data.datasets import keep_every
     from tdfusion.data.layouts import LAYOUTS
@@ -560,7 +584,11 @@ def build_dataset(recipe: Recipe, data_root: str | os.PathLike[str], split: str 
     except DataError as error:
         layout = LAYOUTS[recipe.dataset].description.format(split=split)
         raise DataError(f"{error}; a {recipe.dataset} data root holds {layout}") from None
-    return keep_every(dataset, recipe.stride)
+    dataset = keep_every(dataset, recipe.stride)
+    check = getattr(dataset, "check_files", None)
+    if check_files and check is not None:  # a reader of another kind is checked as it reads
+        check()
+    return dataset
 
 
 def build_task(recipe: Recipe) -> Any:
@@ -684,7 +712,8 @@ def build_trainer(
 #: Recipe settings a resumed run may change: how long it trains and how it computes, not what
 #: it computes (precision, compile and channels_last are the trainer's speed options, which a
 #: resumed ``fit`` accepts with a warning; gradient checkpointing leaves outputs and gradients
-#: unchanged). Every other setting of ``out/recipe.json`` must match the recipe resuming it.
+#: unchanged). Every other setting of ``out/recipe.json`` must match the recipe resuming it,
+#: but for ``init_weights`` (see :data:`NOT_COMPARED_ON_RESUME`).
 RESUMABLE_CHANGES = (
     "epochs",
     "num_workers",
@@ -694,8 +723,37 @@ RESUMABLE_CHANGES = (
     "grad_checkpointing",
 )
 
+#: Recipe settings a resumed run neither compares nor changes in ``out/recipe.json``: the
+#: weights a run started from are not read again (the checkpoint replaces them), so a
+#: resuming run may name other ones, or none, and the file keeps those the run started from.
+NOT_COMPARED_ON_RESUME = ("init_weights",)
+
 #: Files of an earlier run that ``train(resume=False)`` deletes before it trains.
 _EARLIER_RUN_FILES = ("checkpoint.pt", "fusion_model.pt", "loss_generator.pt")
+
+
+class NothingToTrainWarning(UserWarning):
+    """:func:`train` resumed a run already at (or past) the recipe's ``epochs``: nothing was
+    trained and nothing in the output folder was written.
+
+    Parameters
+    ----------
+    out : pathlib.Path
+        The output folder.
+    epoch : int
+        Epochs its checkpoint has trained.
+    epochs : int
+        The recipe's ``epochs``.
+    """
+
+    def __init__(self, out: Path, epoch: int, epochs: int) -> None:
+        super().__init__(
+            f"nothing to train: {out} is at epoch {epoch}, epochs={epochs}; pass a larger "
+            "epochs to train further"
+        )
+        self.out = out
+        self.epoch = epoch
+        self.epochs = epochs
 
 
 def train(
@@ -714,11 +772,22 @@ def train(
     ``out/loss_generator.pt`` (``save_pretrained`` files for ``tdfusion fuse`` and
     ``tdfusion weights``).
 
+    The training data are checked before anything is written into ``out``: the dataset is
+    built with ``check_files=True`` (:func:`build_dataset`), which reads the header of every
+    image. A file that fails only when its pixels are decoded (a truncated JPEG) stops training
+    when an epoch reaches it, with a :class:`~tdfusion.errors.DataError` naming it; the run
+    resumes from ``out/checkpoint.pt`` (the last finished epoch) once the file is fixed.
+
     A run resumed from ``out/checkpoint.pt`` must have the recipe of ``out/recipe.json``,
     except for the settings of ``RESUMABLE_CHANGES``: ``epochs`` (train further),
     ``num_workers`` and the execution settings ``precision``, ``compile``, ``channels_last``
-    and ``grad_checkpointing``. ``out/recipe.json`` is rewritten only once that check passes.
-    A resumed run does not read ``recipe.init_weights`` (the checkpoint replaces them).
+    and ``grad_checkpointing``. ``init_weights`` is not compared: a resumed run does not read
+    it (the checkpoint replaces the weights), and ``out/recipe.json`` keeps the weights the run
+    started from. ``out/recipe.json`` is rewritten only once that check passes. A checkpoint
+    without ``out/recipe.json`` beside it is not resumed, since its settings cannot be checked.
+    A run whose checkpoint is already at ``epochs`` (or past it) trains nothing and writes
+    nothing: it warns (:class:`NothingToTrainWarning`) and returns the trainer with the
+    checkpoint loaded.
 
     With ``resume=False`` the earlier run's ``out/checkpoint.pt``, ``out/fusion_model.pt``
     and ``out/loss_generator.pt`` are deleted (and its rows of ``out/training_log.csv``
@@ -756,10 +825,13 @@ def train(
         :func:`~tdfusion.files.output_lock` on it while training).
     DataError
         If the recipe's settings are invalid (:meth:`Recipe.validate`), its ``fusion_crop`` is
-        larger than the training images, the data root does not hold the dataset, or the run
-        would resume ``out/checkpoint.pt`` with a recipe that differs from ``out/recipe.json`` in a
-        setting outside ``RESUMABLE_CHANGES`` (the message lists them; ``out`` is left
-        as it was). A run that fails before training leaves no output folder it created.
+        larger than the training images, the data root does not hold the dataset, an image
+        header cannot be read or a pair's images differ in size (nothing is written into
+        ``out`` then), an image cannot be decoded during training, or the run would resume
+        ``out/checkpoint.pt`` without ``out/recipe.json`` or with a recipe that differs from it
+        in a setting outside ``RESUMABLE_CHANGES`` and ``NOT_COMPARED_ON_RESUME`` (the message
+        lists them; ``out`` is left as it was). A run that fails before training leaves no
+        output folder it created.
     """
     recipe.validate()
     out = Path(out)
@@ -769,12 +841,29 @@ def train(
     resume_from = checkpoint if resume and checkpoint.is_file() else None
     trainer = build_trainer(recipe, device, resume_from=resume_from)
     strategy = trainer.strategy
+    # A resume with other settings is refused before the data are read (and again under the
+    # output folder's lock); the data are read (every image's header) before anything is
+    # written into out.
+    refusal = strategy.broadcast_object(
+        _recipe_changes(out / "recipe.json", recipe, checkpoint)
+        if strategy.is_main and resume_from is not None
+        else None
+    )
+    if refusal is not None:
+        raise DataError(refusal)
+    dataset = build_dataset(recipe, data_root, "train", check_files=True)
+    _check_fusion_crop(recipe, dataset)
+    if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
+        raise DataError(
+            f"{data_root}: {len(dataset)} training pair(s) found; a meta step needs two batches "
+            f"of {recipe.batch_size}"
+        )
     created = missing_folders(out)
     with contextlib.ExitStack() as stack:
         if strategy.is_main:
             stack.enter_context(output_lock(out, purpose="training"))
         try:
-            _train_into(recipe, trainer, data_root, out, resume, progress, resume_from is not None)
+            _train_into(recipe, trainer, dataset, out, resume, progress, resume_from is not None)
         except BaseException:
             stack.close()
             if strategy.is_main:
@@ -784,22 +873,34 @@ def train(
     return trainer
 
 
-def _recipe_changes(saved: Path, recipe: Recipe, checkpoint: Path) -> str | None:
-    """Why ``recipe`` may not resume ``checkpoint``, whose run ``saved`` describes; ``None``
-    when it may (or when there is no ``saved`` file to compare with)."""
-    if not saved.is_file():
-        return None
+def _saved_recipe(saved: Path, checkpoint: Path) -> dict[str, Any] | str:
+    """The settings ``saved`` holds, or why ``checkpoint`` may not be resumed without them."""
     advice = "pass --no-resume (resume=False) to start over in that folder or choose a new --out"
+    if not saved.is_file():
+        return (
+            f"{checkpoint} has no {saved.name} beside it, so this run's settings cannot be "
+            f"checked against those it was trained with; put that run's {saved.name} back to "
+            f"resume, or {advice}"
+        )
     try:
         old = json.loads(saved.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{saved} cannot be read ({error}), so resuming {checkpoint} is unsafe; {advice}"
-    if not isinstance(old, Mapping):
+    if not isinstance(old, dict):
         return f"{saved} holds no recipe, so resuming {checkpoint} is unsafe; {advice}"
+    return old
+
+
+def _recipe_changes(saved: Path, recipe: Recipe, checkpoint: Path) -> str | None:
+    """Why ``recipe`` may not resume ``checkpoint``, whose run ``saved`` describes; ``None``
+    when it may."""
+    old = _saved_recipe(saved, checkpoint)
+    if isinstance(old, str):
+        return old
     new = json.loads(json.dumps(recipe.to_dict()))  # tuples as the saved file has them: lists
     changes = []
     for field in dataclasses.fields(Recipe):
-        if field.name in RESUMABLE_CHANGES:
+        if field.name in RESUMABLE_CHANGES or field.name in NOT_COMPARED_ON_RESUME:
             continue
         if field.name in old:
             before = old[field.name]
@@ -816,8 +917,53 @@ def _recipe_changes(saved: Path, recipe: Recipe, checkpoint: Path) -> str | None
         f"{checkpoint} was trained with the recipe of {saved}, and this run's differs: "
         f"{', '.join(changes)}. A resumed run may change only epochs, num_workers and the "
         "execution settings precision, compile, channels_last and grad_checkpointing; rerun "
-        f"with the saved settings to resume, or {advice}"
+        "with the saved settings to resume, or pass --no-resume (resume=False) to start over "
+        "in that folder or choose a new --out"
     )
+
+
+def _recipe_file(recipe: Recipe, saved: Path, resuming: bool) -> str:
+    """The ``recipe.json`` text of a run; a resumed one keeps the saved ``init_weights`` (the
+    weights the run started from), which it does not compare."""
+    settings = recipe.to_dict()
+    if resuming:
+        old = _saved_recipe(saved, saved.parent / "checkpoint.pt")
+        if isinstance(old, dict):
+            for name in NOT_COMPARED_ON_RESUME:
+                settings[name] = old.get(name, settings[name])
+    return json.dumps(settings, indent=2) + "\n"
+
+
+def _checkpoint_epoch(checkpoint: Path) -> int | None:
+    """The epoch ``checkpoint`` has reached, read without loading its tensors (memory-mapped);
+    ``None`` when it cannot be read so (``fit`` then reads it and says what is wrong)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        return None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+#: The last line of the message a ``DataLoader`` gives an error raised in a worker process
+#: (the worker's traceback comes first): ``tdfusion.errors.DataError: cannot read image ...``.
+_WORKER_ERROR_LINE = re.compile(r"^[\w.]+: (?P<message>.+)$")
+
+
+def _stopped_message(error: DataError, checkpoint: Path, epoch: int) -> str:
+    """One line for a data error that stopped training: the original message (a worker's
+    traceback dropped) and, when there is one, the checkpoint a rerun resumes from."""
+    lines = str(error).strip().splitlines() or [""]
+    message = lines[0]
+    if len(lines) > 1 and "Original Traceback" in str(error):  # raised in a loader worker
+        match = _WORKER_ERROR_LINE.match(lines[-1])
+        message = match["message"] if match else lines[-1]
+    if checkpoint.is_file():
+        message += (
+            f"; training stopped, {checkpoint} (epoch {epoch}) is kept: fix the data and rerun "
+            "the same command to resume from it"
+        )
+    return message
 
 
 def _remove_earlier_run(out: Path) -> None:
@@ -829,7 +975,7 @@ def _remove_earlier_run(out: Path) -> None:
 def _train_into(
     recipe: Recipe,
     trainer,
-    data_root,
+    dataset,
     out: Path,
     resume: bool,
     progress: bool,
@@ -839,6 +985,7 @@ def _train_into(
 
     from tdfusion.data import DetectionPairDataset, SwapSources, detection_collate
     from tdfusion.trainer import CSVLogger
+    from tdfusion.trainer.checkpoint import load_checkpoint
 
     strategy = trainer.strategy
     main_process = strategy.is_main
@@ -863,13 +1010,13 @@ def _train_into(
         )
         if refusal is not None:
             raise DataError(refusal)
-    dataset = build_dataset(recipe, data_root, "train")
-    _check_fusion_crop(recipe, dataset)
-    if len(dataset) < 2 * recipe.batch_size and recipe.meta_steps > 0:
-        raise DataError(
-            f"{data_root}: {len(dataset)} training pair(s) found; a meta step needs two batches "
-            f"of {recipe.batch_size}"
-        )
+        done = strategy.broadcast_object(_checkpoint_epoch(checkpoint) if main_process else None)
+        if done is not None and done >= recipe.epochs:
+            # Nothing to train: recipe.json, the checkpoint and the weights stay as they are.
+            trainer.load_state_dict(load_checkpoint(checkpoint), source=checkpoint)
+            if main_process:
+                warnings.warn(NothingToTrainWarning(out, done, recipe.epochs), stacklevel=3)
+            return trainer
     # Box lists differ in length from sample to sample; masks and names stack as usual.
     collate = detection_collate if isinstance(dataset, DetectionPairDataset) else default_collate
     loader = DataLoader(
@@ -884,17 +1031,27 @@ def _train_into(
     if main_process:
         if not resume:
             _remove_earlier_run(out)
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    trainer.fit(
-        loader,
-        epochs=recipe.epochs,
-        meta_steps=recipe.meta_steps,
-        fusion_steps=recipe.fusion_steps,
-        checkpoint=checkpoint,
-        resume=checkpoint if resume_from else None,
-        callbacks=[CSVLogger(out / "training_log.csv")],
-        progress=progress,
-    )
+        (out / "recipe.json").write_text(
+            _recipe_file(recipe, out / "recipe.json", bool(resume_from))
+        )
+    stopped = None
+    try:
+        trainer.fit(
+            loader,
+            epochs=recipe.epochs,
+            meta_steps=recipe.meta_steps,
+            fusion_steps=recipe.fusion_steps,
+            checkpoint=checkpoint,
+            resume=checkpoint if resume_from else None,
+            callbacks=[CSVLogger(out / "training_log.csv")],
+            progress=progress,
+        )
+    except DataError as error:  # an image that fails only when decoded, mid-epoch
+        stopped = _stopped_message(error, checkpoint, trainer.epoch)
+    if stopped is not None:
+        # Raised without the loader's error attached: its traceback holds the loader, whose
+        # worker processes (which share the lock of out) would live on with it.
+        raise DataError(stopped)
     if main_process:
         trainer.fusion_model.save_pretrained(out / "fusion_model.pt")
         if recipe.loss_weights == "learned":

@@ -591,3 +591,61 @@ def test_32_bit_integer_images_are_clipped_not_scaled_and_16_bit_scaled(tmp_path
     deep = np.array([[0, 65535]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.tif")
     assert read_image(tmp_path / "deep.tif", np.float64).tolist() == [[0.0, 255.0]]
+
+
+# ------------------------------------------------------- header check before training
+def _pair_folders(tmp_path, sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]]):
+    """Folders ir/ and vi/ with one JPEG pair per name, of the given (H, W) sizes."""
+    for side in ("ir", "vi"):
+        (tmp_path / side).mkdir()
+    for name, (size_ir, size_vi) in sizes.items():
+        ir_image = Image.fromarray(np.full(size_ir, 90, dtype=np.uint8))
+        ir_image.save(tmp_path / "ir" / f"{name}.jpg")
+        Image.fromarray(np.full((*size_vi, 3), 90, dtype=np.uint8)).save(
+            tmp_path / "vi" / f"{name}.jpg"
+        )
+    return PairedImageDataset(tmp_path / "ir", tmp_path / "vi")
+
+
+def test_check_files_refuses_a_pair_of_two_sizes_naming_both_files(tmp_path):
+    dataset = _pair_folders(tmp_path, {"a": ((20, 30), (20, 30)), "b": ((20, 30), (22, 30))})
+    with pytest.raises(DataError) as refused:
+        dataset.check_files()
+    message = str(refused.value)
+    assert message.startswith("1 of 2 image pairs cannot be used: size mismatch")
+    ir, vi = tmp_path / "ir" / "b.jpg", tmp_path / "vi" / "b.jpg"
+    assert f"{ir} is 30x20 but {vi} is 30x22" in message
+    assert "a.jpg" not in message and len(message.splitlines()) == 1
+
+
+def test_check_files_names_unreadable_headers_and_counts_them(tmp_path):
+    dataset = _pair_folders(tmp_path, {name: ((20, 30), (20, 30)) for name in "abcde"})
+    for name in "bcde":
+        (tmp_path / "vi" / f"{name}.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError) as refused:
+        dataset.check_files()
+    message = str(refused.value)
+    assert message.startswith("4 of 5 image pairs cannot be used: cannot read image")
+    assert str(tmp_path / "vi" / "b.jpg") in message and message.endswith("; and 1 more")
+    assert len(message.splitlines()) == 1
+
+
+def test_check_files_reads_headers_only_and_agrees_with_the_reader(tmp_path, monkeypatch):
+    dataset = _pair_folders(tmp_path, {"a": ((48, 64), (48, 64)), "b": ((32, 48), (32, 48))})
+    # Turned by its EXIF orientation, a stored 32x48 pair's visible image is displayed 48x32.
+    _exif_rotated_jpeg(tmp_path / "vi" / "b.jpg", np.full((32, 48, 3), 90, dtype=np.uint8))
+    # A truncated JPEG has a sound header: the check passes it, the reader refuses it.
+    noise = np.random.default_rng(0).integers(0, 255, (48, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "ir" / "a.jpg")
+    whole = (tmp_path / "ir" / "a.jpg").read_bytes()
+    (tmp_path / "ir" / "a.jpg").write_bytes(whole[: len(whole) // 2])
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("check_files decoded pixels")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "load", no_decoding)
+        dataset.check_files()
+    assert dataset.read_pair(1)[0].shape == (1, 32, 48)
+    with pytest.raises(DataError, match=r"cannot read image .*a\.jpg: image file is truncated"):
+        dataset.read_pair(0)

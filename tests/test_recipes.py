@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -251,3 +252,51 @@ def test_read_transform_darkens_as_the_recipe_says():
     for _ in range(5):
         out_a, out_b, _ = transform((a, a.clone(), "x"))
         assert float(out_a.max()) < 0.8 and float(out_b.max()) < 0.8
+
+
+def _listed_recipes() -> list[str]:
+    """The recipe names ``tdfusion train --help`` lists (the choices of ``--recipe``)."""
+    from tdfusion.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    (recipe,) = [a for a in commands.choices["train"]._actions if a.dest == "recipe"]
+    return list(recipe.choices)
+
+
+@pytest.mark.parametrize("name", _listed_recipes())
+def test_smoke_runs_every_listed_recipe(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/<earlier stage>/fusion_model.pt here
+    out = tmp_path / "run"
+    arguments = ["train", "--recipe", name, "--smoke", "--device", "cpu", "--fusion-steps", "1"]
+    code = main([*arguments, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "trained" in captured.out and (out / "fusion_model.pt").is_file()
+    saved = json.loads((out / "recipe.json").read_text())
+    if RECIPES[name].init_weights is None:
+        assert "smoke run" not in captured.out and saved["init_weights"] is None
+    else:  # a later stage: the earlier stage's weights are absent, the bundled ones stand in
+        assert (
+            f"smoke run: init_weights {RECIPES[name].init_weights!r} not found (an earlier stage "
+            "writes it); starting from the bundled 'tdfusion-ivif' weights\n"
+        ) in captured.out
+        assert saved["init_weights"] == "tdfusion-ivif"
+
+
+def test_a_smoke_stage_starts_from_the_earlier_stage_s_weights_when_they_exist(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    arguments = ["--smoke", "--device", "cpu", "--fusion-steps", "1"]
+    first = ["train", "--recipe", "roadscene-pretrain", "--out", "runs/roadscene-pretrain"]
+    assert main([*first, *arguments]) == 0
+    second = ["train", "--recipe", "roadscene-finetune", "--out", "runs/roadscene-finetune"]
+    capsys.readouterr()
+    assert main([*second, *arguments]) == 0
+    assert "smoke run" not in capsys.readouterr().out
+    saved = json.loads(Path("runs/roadscene-finetune/recipe.json").read_text())
+    assert saved["init_weights"] == "runs/roadscene-pretrain/fusion_model.pt"
+    # An explicit --init-weights that is absent is still an error.
+    code = main([*second, *arguments, "--no-resume", "--init-weights", "absent.pt"])
+    assert code == 2 and "init_weights: checkpoint 'absent.pt' not found" in capsys.readouterr().err

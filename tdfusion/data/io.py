@@ -17,8 +17,10 @@ __all__ = [
     "read_image",
     "read_luma",
     "read_luma_pair",
+    "read_size",
     "refuse_unit_range_float",
     "rgb_to_ycrcb",
+    "size_mismatch_message",
     "write_image",
     "ycrcb_to_rgb",
 ]
@@ -99,6 +101,91 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
     ):
         array = array[..., 0]
     return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=dtype)
+
+
+def read_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """The size of an image as :func:`read_image` reads it, from the file's header alone.
+
+    Nothing is decoded: Pillow reads the header (format, mode, size and, for JPEG and TIFF,
+    the EXIF orientation). A file whose header is sound but whose pixel data are damaged (a
+    truncated JPEG) passes; :func:`read_image` refuses it when it reads it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Image file.
+
+    Returns
+    -------
+    (int, int)
+        ``(width, height)`` as displayed (a quarter-turn EXIF orientation swaps them).
+
+    Raises
+    ------
+    DataError
+        If the file is missing, its header cannot be read, or the image is empty; the message
+        names the file.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> Image.fromarray(np.zeros((2, 3), dtype=np.uint8)).save("small.png")
+    >>> read_size("small.png")
+    (3, 2)
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = _header_orientation(image)
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except _DECODE_ERRORS as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+    if width == 0 or height == 0:
+        raise DataError(f"image {path} is empty ({width}x{height} pixels)")
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+
+
+# EXIF orientations that turn the image by a quarter (as ImageOps.exif_transpose applies them).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image, from what its header holds (1: none)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        # Pillow's PNG reader decodes the whole image to look for an eXIf chunk after the
+        # pixels; writers put it before them, where the header read has found it already.
+        return 1
+    orientation = image.getexif().get(0x0112, 1)
+    return orientation if isinstance(orientation, int) else 1
+
+
+def size_mismatch_message(
+    path_a: str | os.PathLike[str],
+    size_a: tuple[int, int],
+    path_b: str | os.PathLike[str],
+    size_b: tuple[int, int],
+) -> str:
+    """The message for the two sources of a pair whose sizes differ.
+
+    Parameters
+    ----------
+    path_a, path_b : str or os.PathLike
+        The two files.
+    size_a, size_b : (int, int)
+        Their ``(width, height)``, as displayed.
+
+    Returns
+    -------
+    str
+        One line naming both files and their sizes.
+    """
+    return (
+        f"size mismatch within a pair: {path_a} is {size_a[0]}x{size_a[1]} but {path_b} is "
+        f"{size_b[0]}x{size_b[1]} (width x height, as displayed: EXIF orientation applied)"
+    )
 
 
 def refuse_unit_range_float(path: str | os.PathLike[str], image: np.ndarray) -> None:
@@ -276,11 +363,8 @@ def read_luma_pair(
     luma_a, chroma_a = read_luma(path_a)
     luma_b, chroma_b = read_luma(path_b)
     if luma_a.shape != luma_b.shape:
-        raise DataError(
-            f"size mismatch within a pair: {path_a} is {luma_a.shape[1]}x{luma_a.shape[0]} but "
-            f"{path_b} is {luma_b.shape[1]}x{luma_b.shape[0]} (width x height, as displayed: "
-            "EXIF orientation applied)"
-        )
+        size_a, size_b = (luma_a.shape[1], luma_a.shape[0]), (luma_b.shape[1], luma_b.shape[0])
+        raise DataError(size_mismatch_message(path_a, size_a, path_b, size_b))
     return luma_a, luma_b, chroma_a, chroma_b
 
 
