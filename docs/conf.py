@@ -64,6 +64,7 @@ tdfusion_api_packages = [
     "tdfusion.recipes",
     "tdfusion.recipe_tables",
     "tdfusion.recipe_checks",
+    "tdfusion.recipe_runs",
     "tdfusion.demo",
     "tdfusion.benchmark",
     "tdfusion.metrics",
