@@ -18,7 +18,6 @@ __all__ = [
     "read_luma",
     "read_luma_pair",
     "read_size",
-    "refuse_unit_range_float",
     "rgb_to_ycrcb",
     "size_mismatch_message",
     "write_image",
@@ -67,7 +66,8 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
     ------
     DataError
         If the file is missing, unreadable, not an image, empty, or holds NaN or infinite
-        values (float TIFFs); the message names the file.
+        values (float TIFFs), or is a floating-point image whose values are all at most 1 (a
+        [0, 1] image, which would read as near black); the message names the file.
 
     Example
     -------
@@ -81,6 +81,7 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
     try:
         with Image.open(path) as image:
             image.load()
+            floating = image.mode.startswith("F")
             array = _to_array(image)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
@@ -100,7 +101,17 @@ def read_image(path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
         and np.array_equal(array[..., 1], array[..., 2])
     ):
         array = array[..., 0]
-    return np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=dtype)
+    array = np.ascontiguousarray(np.clip(array, 0.0, 255.0), dtype=dtype)
+    if floating and float(array.max()) <= 1.0:
+        # Almost surely a [0, 1] image: read on the 0..255 scale it would be fused or scored as
+        # black, silently; nor is it rescaled, since a float image on the 0..255 scale that is
+        # that dark cannot be told apart.
+        raise DataError(
+            f"image {path} is a floating-point image with values in [{float(array.min()):g}, "
+            f"{float(array.max()):g}]; tdfusion reads float images on the 0..255 scale, so "
+            "multiply it by 255 (or save it as an 8- or 16-bit image)"
+        )
+    return array
 
 
 def read_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -186,36 +197,6 @@ def size_mismatch_message(
         f"size mismatch within a pair: {path_a} is {size_a[0]}x{size_a[1]} but {path_b} is "
         f"{size_b[0]}x{size_b[1]} (width x height, as displayed: EXIF orientation applied)"
     )
-
-
-def refuse_unit_range_float(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Raise if ``path`` is a floating-point image whose values (``image``) are all at most 1.
-
-    Such a file is almost surely a [0, 1] image: read on the 0..255 scale, as
-    :func:`read_image` reads float images, it would be fused or scored as black, silently. Its
-    values are not rescaled either, since a float image on the 0..255 scale that is that dark
-    cannot be told apart.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The file ``image`` was read from (its header is read again for its mode).
-    image : numpy.ndarray
-        Its pixels, as :func:`read_image` returned them.
-
-    Raises
-    ------
-    DataError
-        Naming the file and its range, and saying to multiply it by 255.
-    """
-    with Image.open(path) as opened:  # reads the header only; read_image has checked the file
-        floating = opened.mode.startswith("F")
-    if floating and image.size and float(image.max()) <= 1.0:
-        raise DataError(
-            f"image {path} is a floating-point image with values in [{float(image.min()):g}, "
-            f"{float(image.max()):g}]; tdfusion reads float images on the 0..255 scale, so "
-            "multiply it by 255 (or save it as an 8- or 16-bit image)"
-        )
 
 
 def _holds_sixteen_bit(image: Image.Image) -> bool:
@@ -320,7 +301,7 @@ def read_luma(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | No
     ------
     DataError
         If the file cannot be read, or it is a floating-point image whose values are all at
-        most 1 (a [0, 1] image, read as near black: see :func:`refuse_unit_range_float`).
+        most 1 (a [0, 1] image, read as near black: see :func:`read_image`).
 
     Example
     -------
@@ -332,7 +313,6 @@ def read_luma(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | No
     (76.245, (2, 3, 2))
     """
     image = read_image(path)
-    refuse_unit_range_float(path, image)
     if image.ndim == 2:
         return image / np.float32(255.0), None
     ycrcb = rgb_to_ycrcb(image)

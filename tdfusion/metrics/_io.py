@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tdfusion.data.io import read_image, refuse_unit_range_float
+from tdfusion.data.io import read_image
 from tdfusion.files import IMAGE_SUFFIXES, list_images, pair_folders
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "pair_by_stem", "read_luma"]
@@ -43,7 +43,6 @@ def read_luma(path: str | Path) -> np.ndarray:
         whose values are all at most 1 (the message says to multiply it by 255).
     """
     image = read_image(path, dtype=np.float64)
-    refuse_unit_range_float(path, image)
     if image.ndim == 3:
         red, green, blue = _LUMA_WEIGHTS
         image = red * image[..., 0] + green * image[..., 1] + blue * image[..., 2]
