@@ -272,7 +272,7 @@ def _train(
     if _is_empty(train_loader):
         raise DataError(_NO_BATCHES)
     meta_loader = meta_phase_loader(trainer, train_loader)
-    shared_generators = dataset_generators(train_loader)
+    shared_generators: list[torch.Generator | None] = [*dataset_generators(train_loader)]
     own_generators = loader_generators(train_loader)
     # Saved after the loader's own, so that older checkpoints' positions still fit.
     generators = [*own_generators, *shared_generators]
@@ -280,7 +280,7 @@ def _train(
     if meta_loader is not train_loader:
         meta_generators += loader_generators(meta_loader)
     else:  # one loader for both phases: its order and worker seeds are swapped per phase too
-        shared_generators = _distinct([*shared_generators, *own_generators])
+        shared_generators += own_generators
     if resume_rng is not None:
         restore_rng_state(resume_rng, trainer.generator, *generators)
         restore_generators(resume_rng.get("meta_generators") or [], *meta_generators)
@@ -385,15 +385,6 @@ def shard_for_training(
             "fewer processes or a smaller batch size"
         )
     return loader
-
-
-def _distinct(generators: Sequence[torch.Generator | None]) -> list[torch.Generator]:
-    """The generators in ``generators``, each once, in order, without ``None``."""
-    found: list[torch.Generator] = []
-    for generator in generators:
-        if generator is not None and not any(generator is known for known in found):
-            found.append(generator)
-    return found
 
 
 def _data_seed(trainer: MetaFusionTrainer, loader: Any) -> int:

@@ -23,7 +23,7 @@ import functools
 import types
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tdfusion.distributed import loader_with_sampler
+from tdfusion.trainer.batches import independent_generator
 from tdfusion.trainer.checkpoint import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -286,14 +287,20 @@ class MetaPhaseRandomness:
     ----------
     trainer : tdfusion.trainer.MetaFusionTrainer
         Its ``meta_random_state`` holds the meta phase's state between phases.
-    generators : list of torch.Generator
+    generators : sequence of torch.Generator or None
         Further generators the phases share: the dataset's (:func:`dataset_generators`), and
-        the loader's own when both phases read one loader.
+        the loader's own when both phases read one loader. Each is swapped once (``None``
+        entries and repeats are dropped).
     """
 
-    def __init__(self, trainer: MetaFusionTrainer, generators: list[torch.Generator]) -> None:
+    def __init__(
+        self, trainer: MetaFusionTrainer, generators: Sequence[torch.Generator | None]
+    ) -> None:
         self.trainer = trainer
-        self.generators = generators
+        self.generators: list[torch.Generator] = []
+        for generator in generators:
+            if generator is not None and not any(generator is known for known in self.generators):
+                self.generators.append(generator)
         self._fusion_state: dict[str, Any] | None = None
 
     def __enter__(self) -> MetaPhaseRandomness:
@@ -320,9 +327,7 @@ class MetaPhaseRandomness:
         """The meta phase's first state: every stream seeded from the trainer's seed."""
         import random
 
-        copy = torch.Generator()
-        copy.set_state(self.trainer.meta_generator.get_state())
-        seed = int(torch.randint(2**62, (1,), generator=copy))
+        seed = independent_generator(self.trainer.meta_generator).initial_seed()
         random.seed(seed)
         np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global stream is the one shared)
         torch.manual_seed(seed)  # the CUDA devices' too
